@@ -1,0 +1,222 @@
+"""Routing of tokens to experts with DeepSpeed's semantics, computed straight into sparse form.
+
+`route_deepspeed` reproduces DeepSpeed's top1/top2/topk gating decision for decision (including its random
+draws, so a seeded run matches), but returns per-choice (expert, slot, gate) triples instead of [S, E, C]
+combine tensors. `Gate` is the module that owns the router weight `wg` and calls it.
+
+Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import noise
+from .routing import Routing
+
+# Maps this rank's capacity to the capacity every rank of the expert-parallel group uses.
+CapacityAgreement = Callable[[int], int]
+
+NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
+
+
+def _same_capacity(capacity: int) -> int:
+    return capacity
+
+
+def deepspeed_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int, min_capacity: int) -> int:
+    """ceil(S / E * capacity_factor * k), at least min_capacity, rounded exactly as DeepSpeed rounds it (fp32)."""
+    capacity = torch.ceil((num_tokens / num_experts) * torch.tensor(capacity_factor * k))
+    return max(int(capacity), int(min_capacity))
+
+
+def _sparse(probs_SE: torch.Tensor, choice_SK: torch.Tensor, kept_SE: torch.Tensor, location_SE: torch.Tensor,
+            gates_SE: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reads each choice's (location, gate) out of dense [S, E] tables; dropped choices get (-1, 0)."""
+    kept_SK = kept_SE.gather(1, choice_SK).bool()
+    locations_SK = torch.where(kept_SK, location_SE.gather(1, choice_SK), torch.full_like(choice_SK, -1))
+    gates_SK = gates_SE.gather(1, choice_SK)
+    return locations_SK, gates_SK
+
+
+def _only_used(wanted_SE: torch.Tensor, used_S: Optional[torch.Tensor]) -> torch.Tensor:
+    """Clears the choices of tokens that `used_token` marks unused (zero)."""
+    if used_S is None:
+        return wanted_SE
+    return wanted_SE * (used_S != 0).to(wanted_SE.dtype).unsqueeze(1)
+
+
+def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_rts, rsample, used_S, agree):
+    S, E = probs_SE.shape
+    if rsample:
+        choice_S = torch.argmax(logits_SE + noise.gumbel(logits_SE.shape, logits_SE.device), dim=1)
+    else:
+        choice_S = torch.argmax(probs_SE, dim=1)
+    wanted_SE = F.one_hot(choice_S, num_classes=E)
+    wanted_SE = _only_used(wanted_SE, used_S)
+    counts_E = wanted_SE.sum(dim=0)
+    if drop_tokens:
+        capacity = deepspeed_capacity(S, E, capacity_factor, 1, min_capacity)
+    else:
+        capacity = min(int(counts_E.max()), S)
+    capacity = agree(capacity)
+
+    # Random token selection: among the tokens that want an expert, keep a random `capacity` of them.
+    score_SE = wanted_SE * noise.uniform(wanted_SE.shape, probs_SE.device) if use_rts else wanted_SE
+    top_CE = torch.topk(score_SE, k=min(capacity, S), dim=0)[1]
+    kept_SE = wanted_SE * torch.zeros_like(wanted_SE).scatter_(0, top_CE, 1)
+    location_SE = torch.cumsum(kept_SE, dim=0) - 1
+
+    me_E = probs_SE.mean(dim=0)
+    ce_E = wanted_SE.float().mean(dim=0)
+    l_aux = torch.sum(me_E * ce_E) * E
+
+    choice_SK = choice_S.unsqueeze(1)
+    locations_SK, gates_SK = _sparse(probs_SE, choice_SK, kept_SE, location_SE, probs_SE * kept_SE)
+    return choice_SK, locations_SK, gates_SK, capacity, counts_E, l_aux
+
+
+def _top2(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, second_expert_sampling, used_S, agree):
+    S, E = probs_SE.shape
+    first_S = torch.argmax(probs_SE, dim=1)
+    first_SE = F.one_hot(first_S, num_classes=E)
+    if second_expert_sampling:
+        logits_SE = logits_SE + noise.gumbel(logits_SE.shape, logits_SE.device)
+    second_S = torch.argmax(logits_SE.masked_fill(first_SE.bool(), float("-inf")), dim=1)
+    second_SE = _only_used(F.one_hot(second_S, num_classes=E), used_S)
+    first_SE = _only_used(first_SE, used_S)
+
+    # Second choices queue behind every first choice of the same expert.
+    location1_SE = torch.cumsum(first_SE, dim=0) - 1
+    location2_SE = torch.cumsum(second_SE, dim=0) - 1 + first_SE.sum(dim=0, keepdim=True)
+
+    me_E = probs_SE.mean(dim=0)
+    ce_E = first_SE.float().mean(dim=0)
+    l_aux = torch.mean(me_E * ce_E) * E * E
+
+    counts_E = (first_SE + second_SE).sum(dim=0)
+    if drop_tokens:
+        capacity = deepspeed_capacity(S, E, capacity_factor, 2, min_capacity)
+    else:
+        capacity = int(counts_E.max())
+    capacity = agree(capacity)
+
+    kept1_SE = first_SE * (location1_SE < capacity)
+    kept2_SE = second_SE * (location2_SE < capacity)
+    gate1_S = (probs_SE * kept1_SE).sum(dim=1)
+    gate2_S = (probs_SE * kept2_SE).sum(dim=1)
+    denom_S = torch.clamp(gate1_S + gate2_S, min=torch.finfo(probs_SE.dtype).eps)
+    gates_SK = torch.stack([gate1_S / denom_S, gate2_S / denom_S], dim=1)
+
+    choice_SK = torch.stack([first_S, second_S], dim=1)
+    kept_SK = torch.stack([kept1_SE.sum(dim=1), kept2_SE.sum(dim=1)], dim=1).bool()
+    location_SK = torch.stack([location1_SE.gather(1, first_S.unsqueeze(1))[:, 0],
+                               location2_SE.gather(1, second_S.unsqueeze(1))[:, 0]], dim=1)
+    locations_SK = torch.where(kept_SK, location_SK, torch.full_like(location_SK, -1))
+    return choice_SK, locations_SK, gates_SK, capacity, counts_E, l_aux
+
+
+def _topk(probs_SE, k, capacity_factor, min_capacity, drop_tokens, used_S, agree):
+    S, E = probs_SE.shape
+    top_gate_SK, choice_SK = torch.topk(probs_SE, k=k, dim=1)
+    wanted_SE = torch.zeros_like(probs_SE, dtype=torch.bool).scatter_(1, choice_SK, True)
+    wanted_SE = _only_used(wanted_SE, used_S)
+    counts_E = wanted_SE.sum(dim=0)
+
+    me_E = probs_SE.mean(dim=0)
+    ce_E = wanted_SE.float().mean(dim=0)
+    l_aux = torch.mean(me_E * ce_E) * E * E / k
+
+    if drop_tokens:
+        capacity = agree(deepspeed_capacity(S, E, capacity_factor, k, min_capacity))
+        # Each expert keeps the `capacity` choices with the highest gate values.
+        scores_SE = torch.zeros_like(probs_SE).scatter(1, choice_SK, top_gate_SK)
+        _, top_CE = torch.topk(scores_SE, k=min(capacity, S), dim=0, sorted=False)
+        kept_SE = wanted_SE & torch.zeros_like(wanted_SE).scatter_(0, top_CE, True)
+    else:
+        capacity = agree(int(counts_E.max()))
+        kept_SE = wanted_SE
+    location_SE = torch.cumsum(kept_SE, dim=0) - 1
+
+    gates_SE = probs_SE * kept_SE
+    denom_S1 = torch.clamp(gates_SE.sum(dim=-1, keepdim=True), min=torch.finfo(gates_SE.dtype).eps)
+    gates_SE = gates_SE / denom_S1
+    locations_SK, gates_SK = _sparse(probs_SE, choice_SK, kept_SE, location_SE, gates_SE)
+    return choice_SK, locations_SK, gates_SK, capacity, counts_E, l_aux
+
+
+def route_deepspeed(logits_SE: torch.Tensor,
+                    k: int = 1,
+                    capacity_factor: float = 1.0,
+                    min_capacity: int = 4,
+                    drop_tokens: bool = True,
+                    use_rts: bool = False,
+                    rsample: bool = False,
+                    second_expert_sampling: bool = False,
+                    used_token_S: Optional[torch.Tensor] = None,
+                    agree_capacity: Optional[CapacityAgreement] = None) -> Tuple[Routing, torch.Tensor]:
+    """DeepSpeed's gating decision for fp32 logits [S, E]; returns (routing, l_aux).
+
+    k=1 keeps a random (use_rts) or topk-chosen subset of an overflowing expert's tokens, k=2 queues second
+    choices behind first ones, k>2 keeps the highest-scoring choices per expert (DeepSpeed's 'probs' policy).
+    `used_token_S` (nonzero = used) removes tokens from routing for every k.
+    """
+    agree = agree_capacity or _same_capacity
+    probs_SE = F.softmax(logits_SE, dim=1)
+    if k == 1:
+        parts = _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_rts, rsample,
+                      used_token_S, agree)
+    elif k == 2:
+        parts = _top2(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, second_expert_sampling,
+                      used_token_S, agree)
+    else:
+        parts = _topk(probs_SE, k, capacity_factor, min_capacity, drop_tokens, used_token_S, agree)
+    choice_SK, locations_SK, gates_SK, capacity, counts_E, l_aux = parts
+    routing = Routing(indices_SK=choice_SK, locations_SK=locations_SK, gates_SK=gates_SK, capacity=int(capacity),
+                      counts_E=counts_E.to(torch.int64), probs_SE=probs_SE)
+    return routing, l_aux
+
+
+class Gate(nn.Module):
+    """The router: owns `wg` (named as DeepSpeed's TopKGate names it) and turns tokens into a Routing."""
+
+    def __init__(self, model_dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.0,
+                 eval_capacity_factor: float = 1.0, min_capacity: int = 4, noisy_gate_policy: Optional[str] = None,
+                 drop_tokens: bool = True, use_rts: bool = True, top2_2nd_expert_sampling: bool = True) -> None:
+        super().__init__()
+        self.wg = nn.Linear(model_dim, num_experts, bias=False)
+        self.k = k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.noisy_gate_policy = noisy_gate_policy
+        self.drop_tokens = drop_tokens
+        self.use_rts = use_rts
+        self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
+
+    def logits(self, x_SM: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits [S, E], whatever the model dtype or an enclosing autocast."""
+        with torch.autocast(device_type=x_SM.device.type, enabled=False):
+            x_SM = x_SM.float()
+            if self.noisy_gate_policy == "Jitter" and self.training:
+                x_SM = noise.multiplicative_jitter(x_SM)
+            return F.linear(x_SM, self.wg.weight.float())
+
+    def forward(self, x_SM: torch.Tensor, used_token_S: Optional[torch.Tensor] = None,
+                agree_capacity: Optional[CapacityAgreement] = None) -> Tuple[Routing, torch.Tensor]:
+        logits_SE = self.logits(x_SM)
+        with torch.autocast(device_type=x_SM.device.type, enabled=False):
+            return route_deepspeed(
+                logits_SE,
+                k=self.k,
+                capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
+                min_capacity=self.min_capacity,
+                drop_tokens=self.drop_tokens,
+                use_rts=self.use_rts,
+                rsample=self.noisy_gate_policy == "RSample" and self.training,
+                second_expert_sampling=self.top2_2nd_expert_sampling,
+                used_token_S=used_token_S,
+                agree_capacity=agree_capacity)

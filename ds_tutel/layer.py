@@ -1,0 +1,139 @@
+"""`ds_tutel.MoE`: a drop-in for `deepspeed.moe.layer.MoE` that routes sparsely.
+
+The class subclasses DeepSpeed's MoE (the engine finds MoE layers by isinstance) and keeps its constructor,
+return value, attribute names and parameter names; only the computation inside `deepspeed_moe` is ours.
+
+Shape legend: S tokens, M model dim, E experts, W expert-parallel ranks, L local experts (E = W * L), C capacity.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import deepspeed.moe.layer as ds_layer
+import torch
+import torch.nn.functional as F
+from deepspeed.utils import groups
+from torch import nn
+
+from . import comm
+from .dispatch import decode, encode
+from .experts import Experts
+from .gating import NOISY_GATE_POLICIES, Gate
+from .routing import Routing
+from .validation import check_constructor, check_forward_input, check_parallel_setup
+
+
+class MOELayer(nn.Module):
+    """gate -> encode -> all-to-all -> experts -> all-to-all -> decode, in DeepSpeed's module layout."""
+
+    def __init__(self, gate: Gate, experts: Experts, ep_group_name: str, ep_size: int, num_local_experts: int) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+        self.ep_group = None
+        self.ep_group_name = ep_group_name
+        self.ep_size = ep_size
+        self.num_local_experts = num_local_experts
+        self.l_aux: Optional[torch.Tensor] = None
+        self.exp_counts: Optional[torch.Tensor] = None
+        self.last_routing: Optional[Routing] = None
+        # Read by DeepSpeed's engine when it prints its wall-clock breakdown.
+        self.wall_clock_breakdown = False
+        self.time_falltoall = self.time_salltoall = self.time_moe = 0.0
+
+    def _set_ep_group(self, ep_group) -> None:
+        if self.ep_group is not None and ep_group is not self.ep_group:
+            raise RuntimeError(f"MoE layer already has an expert-parallel group ({self.ep_group_name})")
+        self.ep_group = ep_group
+
+    def _agree_capacity(self, device: torch.device):
+        if self.ep_size == 1:
+            return None
+        return lambda capacity: comm.agree_max(capacity, self.ep_group, device)
+
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        M = hidden_states.shape[-1]
+        x_SM = hidden_states.reshape(-1, M)
+        used_S = None if used_token is None else used_token.reshape(-1)
+        routing, self.l_aux = self.gate(x_SM, used_S, self._agree_capacity(x_SM.device))
+        self.exp_counts = routing.counts_E.detach()
+        self.last_routing = routing
+
+        C = routing.capacity
+        buf_ECM = encode(x_SM, routing)
+        buf_ECM = comm.all_to_all(buf_ECM, self.ep_group)
+        out_WLCM = self.experts(buf_ECM.view(self.ep_size, self.num_local_experts, C, M))
+        out_ECM = comm.all_to_all(out_WLCM.reshape(-1, C, M), self.ep_group)
+        y_SM = decode(out_ECM, routing)
+        return y_SM.reshape(hidden_states.shape)
+
+
+class MoE(ds_layer.MoE):
+    """Drop-in for `deepspeed.moe.layer.MoE` (same arguments, returns, parameter names and engine behaviour).
+
+    Arguments are DeepSpeed's; `use_tutel` is accepted for compatibility and ignored (this layer is the
+    Tutel-style implementation).
+    """
+
+    def __init__(self,
+                 hidden_size: int,
+                 expert: nn.Module,
+                 num_experts: int = 1,
+                 ep_size: int = 1,
+                 k: int = 1,
+                 capacity_factor: float = 1.0,
+                 eval_capacity_factor: float = 1.0,
+                 min_capacity: int = 4,
+                 use_residual: bool = False,
+                 noisy_gate_policy: Optional[str] = None,
+                 drop_tokens: bool = True,
+                 use_rts: bool = True,
+                 use_tutel: bool = False,
+                 enable_expert_tensor_parallelism: bool = False,
+                 top2_2nd_expert_sampling: bool = True) -> None:
+        check_constructor(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=k,
+                          capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                          min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy,
+                          allowed_policies=NOISY_GATE_POLICIES)
+        # DeepSpeed's own __init__ would build its layer only for us to replace it: initialise nn.Module directly.
+        nn.Module.__init__(self)
+        self.hidden_size = hidden_size
+        self.use_residual = use_residual
+        self.enable_expert_tensor_parallelism = enable_expert_tensor_parallelism
+        self.ep_size = ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ep_size
+        self.k = k
+
+        gate = Gate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
+                    noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling)
+        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
+        self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
+        if use_residual:
+            self.mlp = expert
+            self.coefficient = nn.Linear(hidden_size, 2)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Creates (or reuses) DeepSpeed's expert-parallel groups for this layer's ep_size."""
+        check_parallel_setup(self.ep_size, groups.mpu, self.enable_expert_tensor_parallelism)
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+
+    def forward(self,
+                hidden_states: torch.Tensor,
+                used_token: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (output shaped like hidden_states, l_aux, exp_counts) as DeepSpeed's layer does."""
+        check_forward_input(hidden_states, self.hidden_size, used_token)
+        if self.ep_size > 1 and self.deepspeed_moe.ep_group is None:
+            raise RuntimeError(
+                f"MoE layer with ep_size={self.ep_size} has no expert-parallel group: pass the model to "
+                "deepspeed.initialize(...) or call layer.set_deepspeed_parallelism() after "
+                "deepspeed.init_distributed()")
+        output = self.deepspeed_moe(hidden_states, used_token)
+        if self.use_residual:
+            output_mlp = self.mlp(hidden_states)
+            if isinstance(output_mlp, tuple):
+                output_mlp = output_mlp[0]
+            coef = F.softmax(self.coefficient(hidden_states), dim=-1)
+            output = output * coef[..., 0:1] + output_mlp * coef[..., 1:]
+        return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
