@@ -17,6 +17,7 @@ from torch import nn
 
 from . import comm
 from .dispatch import decode, encode
+from .exchange import exchange_and_compute
 from .experts import Experts
 from .gating import NOISY_GATE_POLICIES, Gate
 from .routing import Routing
@@ -26,8 +27,11 @@ from .validation import check_constructor, check_forward_input, check_parallel_s
 class MOELayer(nn.Module):
     """gate -> encode -> all-to-all -> experts -> all-to-all -> decode, in DeepSpeed's module layout."""
 
-    def __init__(self, gate: Gate, experts: Experts, ep_group_name: str, ep_size: int, num_local_experts: int) -> None:
+    def __init__(self, gate: Gate, experts: Experts, ep_group_name: str, ep_size: int, num_local_experts: int,
+                 a2a_algorithm: str = "flat", a2a_ffn_overlap_degree: int = 1) -> None:
         super().__init__()
+        self.a2a_algorithm = a2a_algorithm
+        self.a2a_ffn_overlap_degree = a2a_ffn_overlap_degree
         self.gate = gate
         self.experts = experts
         self.ep_group = None
@@ -59,11 +63,9 @@ class MOELayer(nn.Module):
         self.exp_counts = routing.counts_E.detach()
         self.last_routing = routing
 
-        C = routing.capacity
         buf_ECM = encode(x_SM, routing)
-        buf_ECM = comm.all_to_all(buf_ECM, self.ep_group)
-        out_WLCM = self.experts(buf_ECM.view(self.ep_size, self.num_local_experts, C, M))
-        out_ECM = comm.all_to_all(out_WLCM.reshape(-1, C, M), self.ep_group)
+        out_ECM = exchange_and_compute(buf_ECM, self.experts, self.ep_group, self.num_local_experts,
+                                       algorithm=self.a2a_algorithm, overlap_degree=self.a2a_ffn_overlap_degree)
         y_SM = decode(out_ECM, routing)
         return y_SM.reshape(hidden_states.shape)
 
@@ -71,8 +73,12 @@ class MOELayer(nn.Module):
 class MoE(ds_layer.MoE):
     """Drop-in for `deepspeed.moe.layer.MoE` (same arguments, returns, parameter names and engine behaviour).
 
-    Arguments are DeepSpeed's; `use_tutel` is accepted for compatibility and ignored (this layer is the
-    Tutel-style implementation).
+    Positional arguments are DeepSpeed's; `use_tutel` is accepted for compatibility and ignored (this layer is
+    the Tutel-style implementation). Keyword-only arguments add Tutel's features; their defaults keep
+    DeepSpeed's behaviour:
+      a2a_algorithm: "flat" | "2dh" | "auto", the all-to-all over the expert-parallel group.
+      a2a_ffn_overlap_degree: split the dispatched buffer into this many capacity chunks so that the
+        all-to-all of one chunk overlaps the experts of another.
     """
 
     def __init__(self,
@@ -90,7 +96,10 @@ class MoE(ds_layer.MoE):
                  use_rts: bool = True,
                  use_tutel: bool = False,
                  enable_expert_tensor_parallelism: bool = False,
-                 top2_2nd_expert_sampling: bool = True) -> None:
+                 top2_2nd_expert_sampling: bool = True,
+                 *,
+                 a2a_algorithm: str = "flat",
+                 a2a_ffn_overlap_degree: int = 1) -> None:
         check_constructor(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=k,
                           capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                           min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy,
@@ -109,7 +118,8 @@ class MoE(ds_layer.MoE):
         gate = Gate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                     noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling)
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
-        self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
+        self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
+                                      a2a_algorithm=a2a_algorithm, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree)
         if use_residual:
             self.mlp = expert
             self.coefficient = nn.Linear(hidden_size, 2)
