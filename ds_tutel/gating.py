@@ -8,17 +8,14 @@ Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import noise
-from .routing import Routing
-
-# Maps this rank's capacity to the capacity every rank of the expert-parallel group uses.
-CapacityAgreement = Callable[[int], int]
+from .routing import CapacityAgreement, Routing
 
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 

@@ -64,8 +64,12 @@ class MOELayer(nn.Module):
         self.last_routing = routing
 
         buf_ECM = encode(x_SM, routing)
-        out_ECM = exchange_and_compute(buf_ECM, self.experts, self.ep_group, self.num_local_experts,
-                                       algorithm=self.a2a_algorithm, overlap_degree=self.a2a_ffn_overlap_degree)
+        if self.ep_size == 1:
+            # No exchange at all: a None group would mean the whole world to torch.distributed.
+            out_ECM = self.experts(buf_ECM.unsqueeze(0)).squeeze(0)
+        else:
+            out_ECM = exchange_and_compute(buf_ECM, self.experts, self.ep_group, self.num_local_experts,
+                                           algorithm=self.a2a_algorithm, overlap_degree=self.a2a_ffn_overlap_degree)
         y_SM = decode(out_ECM, routing)
         return y_SM.reshape(hidden_states.shape)
 

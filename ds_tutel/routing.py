@@ -5,8 +5,12 @@ Shape legend: S tokens, E experts, K choices per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+# Maps this rank's capacity to the capacity every rank of the expert-parallel group uses (their maximum).
+CapacityAgreement = Callable[[int], int]
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""Tutel's routing semantics: any top-k, fixed / dropless / bounded capacity, batch-prioritized routing.
+
+Choices queue for their expert in priority order: all first choices (k = 0) of all tokens, then all second
+choices, and so on; inside one k, tokens in position order, or by descending top-1 score with batch-prioritized
+routing (ties keep position order). A choice whose place in its expert's queue is >= capacity is dropped
+(location -1, gate 0). Gates are the top-k softmax values, optionally renormalised to sum to 1 per token
+before dropping, as Tutel does.
+
+Shape legend: S tokens, E experts, K choices per token, J = K * S choices in priority order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .routing import CapacityAgreement, Routing
+
+
+def padded_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """Tutel's fixed capacity: k * int(|cf| * ceil(S / E))."""
+    per_expert = -(-num_tokens // num_experts)
+    return k * int(abs(capacity_factor) * per_expert)
+
+
+def tutel_capacity(counts_E: torch.Tensor, num_tokens: int, k: int, capacity_factor: float, min_capacity: int,
+                   agree: CapacityAgreement) -> int:
+    """cf > 0: padded capacity (at least min_capacity); 0: dropless (largest count over the group);
+    cf < 0: min(largest count over the group, |cf| x padded capacity)."""
+    E = counts_E.shape[0]
+    if capacity_factor > 0:
+        return agree(max(padded_capacity(num_tokens, E, k, capacity_factor), min_capacity))
+    largest = agree(int(counts_E.max()) if counts_E.numel() else 0)
+    if capacity_factor == 0:
+        return largest
+    return min(largest, agree(padded_capacity(num_tokens, E, k, capacity_factor)))
+
+
+def queue_positions(indices_J: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """For choices listed in priority order, each one's place in its expert's queue (0, 1, ...)."""
+    order_J = torch.sort(indices_J, stable=True).indices
+    counts_E = torch.bincount(indices_J, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+    sorted_expert_J = indices_J[order_J]
+    place_sorted_J = torch.arange(indices_J.numel(), device=indices_J.device) - starts_E[sorted_expert_J]
+    positions_J = torch.empty_like(place_sorted_J)
+    positions_J[order_J] = place_sorted_J
+    return positions_J
+
+
+def route_tutel(logits_SE: torch.Tensor,
+                k: int = 1,
+                capacity_factor: float = 1.0,
+                min_capacity: int = 0,
+                batch_prioritized_routing: bool = False,
+                normalize_gate: bool = True,
+                used_token_S: Optional[torch.Tensor] = None,
+                agree_capacity: Optional[CapacityAgreement] = None) -> Routing:
+    """Tutel-style routing of fp32 logits [S, E] (see the module docstring for the exact rules)."""
+    agree = agree_capacity or (lambda c: c)
+    S, E = logits_SE.shape
+    probs_SE = F.softmax(logits_SE, dim=1)
+    top_SK, indices_SK = torch.topk(probs_SE, k=k, dim=1)
+    gates_SK = top_SK
+    if normalize_gate:
+        gates_SK = gates_SK / torch.clamp(gates_SK.sum(dim=1, keepdim=True), min=torch.finfo(gates_SK.dtype).eps)
+
+    used_S = torch.ones(S, dtype=torch.bool, device=logits_SE.device) if used_token_S is None else used_token_S != 0
+    if batch_prioritized_routing:
+        token_order_S = torch.sort(-top_SK[:, 0].detach(), stable=True).indices
+    else:
+        token_order_S = torch.arange(S, device=logits_SE.device)
+    # Priority order: k-major, tokens in token_order_S; unused tokens queue at a sentinel expert E.
+    ordered_KS = indices_SK[token_order_S].t().masked_fill(~used_S[token_order_S].unsqueeze(0), E)
+    positions_KS = queue_positions(ordered_KS.reshape(-1), E + 1).view(k, S)
+    positions_SK = torch.empty_like(indices_SK)
+    positions_SK[token_order_S] = positions_KS.t()
+
+    counts_E = torch.bincount(indices_SK[used_S].reshape(-1), minlength=E)
+    capacity = tutel_capacity(counts_E, S, k, capacity_factor, min_capacity, agree)
+    kept_SK = (positions_SK < capacity) & used_S.unsqueeze(1)
+    locations_SK = torch.where(kept_SK, positions_SK, torch.full_like(positions_SK, -1))
+    gates_SK = gates_SK * kept_SK
+    return Routing(indices_SK=indices_SK, locations_SK=locations_SK, gates_SK=gates_SK, capacity=int(capacity),
+                   counts_E=counts_E, probs_SE=probs_SE)
