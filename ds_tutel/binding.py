@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 from . import fabric
-from .machine import Machine, TopologyError, format_cpulist, get_machine, parse_cpulist, TOPOLOGY_NAMES
+from .machine import Machine, NumaNode, TopologyError, format_cpulist, get_machine, parse_cpulist, TOPOLOGY_NAMES
 
 DEVICES = ("auto", "gpu", "cpu")
 BINDING_ENV = "DS_TUTEL_BINDING"  # the applied binding, as JSON, for the script to read or report
@@ -58,9 +58,13 @@ def default_nproc(machine: Machine, device: str) -> int:
     return max(1, sum(1 for n in machine.numa_nodes if n.cpus))
 
 
-def _split(cpus: Sequence[int], parts: int) -> List[Tuple[int, ...]]:
-    size = len(cpus) // parts
-    return [tuple(cpus[i * size:(i + 1) * size]) for i in range(parts)]
+def _split(node: NumaNode, parts: int) -> List[Tuple[int, ...]]:
+    """`parts` equal, disjoint shares of a node: whole cores (SMT siblings together) while there are enough."""
+    units: Sequence[Tuple[int, ...]] = node.cores
+    if len(units) < parts:  # more ranks than cores: share out hardware threads instead
+        units = [(c,) for c in node.cpus]
+    size = len(units) // parts
+    return [tuple(sorted(c for unit in units[i * size:(i + 1) * size] for c in unit)) for i in range(parts)]
 
 
 def _plan_cpu(machine: Machine, nproc: int, gpus: Sequence[Optional[int]]) -> List[Slot]:
@@ -81,7 +85,7 @@ def _plan_cpu(machine: Machine, nproc: int, gpus: Sequence[Optional[int]]) -> Li
         if len(ranks) > len(node.cpus):
             raise TopologyError(f"NUMA node {node.id} of {machine.name} has {len(node.cpus)} CPUs but would get "
                                 f"{len(ranks)} ranks")
-        for r, share in zip(ranks, _split(node.cpus, len(ranks))):
+        for r, share in zip(ranks, _split(node, len(ranks))):
             slots.append(Slot(r, gpus[r], node.id, share, None))
     return slots
 
@@ -112,7 +116,7 @@ def plan_node(machine: Machine, nproc: int, device: str, gpus: Optional[Sequence
         if len(ranks) > len(node.cpus):
             raise TopologyError(f"NUMA node {node_id} of {machine.name} has {len(node.cpus)} CPUs for "
                                 f"{len(ranks)} GPU ranks")
-        for r, share in zip(ranks, _split(node.cpus, len(ranks))):
+        for r, share in zip(ranks, _split(node, len(ranks))):
             nic = machine.nic_for_gpu(used[r])
             slots[r] = Slot(r, used[r], node_id, share, nic.name if nic else None)
     return [slots[r] for r in range(nproc)]

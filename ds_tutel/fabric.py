@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from typing import Dict, Mapping, MutableMapping, Optional, Tuple
 
@@ -159,7 +160,7 @@ def render_env_file(fabric: str, machine: Machine) -> str:
         value = s.value
         if value == TOPO_FILE_PLACEHOLDER:
             value = '$(dirname "${BASH_SOURCE[0]}")/nccl-topo.xml'
-        out.append(f"# {s.why}")
+        out.extend("# " + line for line in textwrap.wrap(s.why, 110))
         out.append(f'export {s.name}="${{{s.name}:-{value}}}"')
         out.append("")
     return "\n".join(out)

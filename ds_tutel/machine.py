@@ -31,7 +31,11 @@ class TopologyError(ValueError):
 @dataclass(frozen=True)
 class NumaNode:
     id: int
-    cpus: Tuple[int, ...]
+    cores: Tuple[Tuple[int, ...], ...]  # each physical core's hardware threads (SMT siblings)
+
+    @property
+    def cpus(self) -> Tuple[int, ...]:
+        return tuple(sorted(c for core in self.cores for c in core))
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ def ndv4() -> Machine:
     2-3 on node 0, 4-5 on node 3, 6-7 on node 2 (Azure's published CPU masks for these VMs). NICs follow PCI
     order, mlx5_i beside GPU i.
     """
-    nodes = tuple(NumaNode(n, tuple(range(24 * n, 24 * (n + 1)))) for n in range(4))
+    nodes = tuple(NumaNode(n, tuple((c,) for c in range(24 * n, 24 * (n + 1)))) for n in range(4))
     gpu_numa = (1, 1, 0, 0, 3, 3, 2, 2)
     gpu_pci = ("0001", "0002", "0003", "0004", "000b", "000c", "000d", "000e")
     gpus = tuple(Gpu(i, f"{gpu_pci[i]}:00:00.0", gpu_numa[i]) for i in range(8))
@@ -148,6 +152,16 @@ def _read(path: str) -> Optional[str]:
 
 def _pci_sort_key(address: str) -> Tuple[int, ...]:
     return tuple(int(x, 16) for x in re.split(r"[:.]", address))
+
+
+def _group_cores(root: str, cpus: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
+    """Groups CPUs into physical cores by their SMT siblings (a CPU alone where sysfs does not say)."""
+    cores: Dict[Tuple[int, ...], List[int]] = {}
+    for cpu in cpus:
+        text = _read(os.path.join(root, f"devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"))
+        siblings = parse_cpulist(text) if text else (cpu,)
+        cores.setdefault(siblings, []).append(cpu)
+    return tuple(tuple(threads) for _, threads in sorted(cores.items(), key=lambda kv: min(kv[1])))
 
 
 def parse_nvidia_smi_topo(text: str) -> Dict[int, int]:
@@ -205,12 +219,12 @@ def read_machine(root: str = "/sys", nvidia_smi_topo: Optional[Callable[[], Opti
             cpus = parse_cpulist(_read(os.path.join(node_dir, entry, "cpulist")) or "")
             if online is not None:
                 cpus = tuple(c for c in cpus if c in online)
-            nodes.append(NumaNode(int(m.group(1)), cpus))
+            nodes.append(NumaNode(int(m.group(1)), _group_cores(root, cpus)))
     if not nodes:  # a kernel without NUMA support: one node holding every online CPU
         if not online:
             raise TopologyError(f"cannot read CPUs from {root}: no devices/system/node/node*/cpulist "
                                 "and no devices/system/cpu/online")
-        nodes = [NumaNode(0, tuple(sorted(online)))]
+        nodes = [NumaNode(0, _group_cores(root, tuple(sorted(online))))]
     nodes.sort(key=lambda n: n.id)
     single_node = nodes[0].id if len(nodes) == 1 else None
 
