@@ -11,11 +11,14 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import noise
+from . import losses, noise
+from .options import RouterOptions
 from .routing import CapacityAgreement, Routing
+from .tutel_gating import route_tutel
 
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 
@@ -177,14 +180,53 @@ def route_deepspeed(logits_SE: torch.Tensor,
     return routing, l_aux
 
 
+def route(logits_SE: torch.Tensor,
+          k: int = 1,
+          capacity_factor: float = 1.0,
+          capacity_mode: str = "deepspeed",
+          batch_prioritized_routing: bool = False,
+          normalize_gate: bool = True,
+          min_capacity: int = 4,
+          drop_tokens: bool = True,
+          use_rts: bool = False,
+          used_token_S: Optional[torch.Tensor] = None,
+          selection_scores_SE: Optional[torch.Tensor] = None,
+          agree_capacity: Optional[CapacityAgreement] = None) -> Routing:
+    """The routing of one batch from gate logits [S, E]; the layer uses this same function.
+
+    capacity_mode="deepspeed" follows DeepSpeed's gates (use_rts draws random numbers; drop_tokens=False is
+    dropless); "tutel" follows Tutel's (capacity_factor > 0 fixed, 0 dropless, < 0 bounded; optional
+    batch-prioritized routing and gate normalisation; selection_scores_SE may steer the choice).
+    """
+    logits_SE = logits_SE.float()
+    if capacity_mode == "deepspeed":
+        if batch_prioritized_routing or selection_scores_SE is not None:
+            raise ValueError("batch_prioritized_routing and selection scores need capacity_mode='tutel'")
+        routing, _ = route_deepspeed(logits_SE, k=k, capacity_factor=capacity_factor, min_capacity=min_capacity,
+                                     drop_tokens=drop_tokens, use_rts=use_rts, used_token_S=used_token_S,
+                                     agree_capacity=agree_capacity)
+        return routing
+    if capacity_mode == "tutel":
+        return route_tutel(logits_SE, k=k, capacity_factor=capacity_factor, min_capacity=min_capacity,
+                           batch_prioritized_routing=batch_prioritized_routing, normalize_gate=normalize_gate,
+                           used_token_S=used_token_S, agree_capacity=agree_capacity,
+                           selection_scores_SE=selection_scores_SE)
+    raise ValueError(f"capacity_mode must be 'deepspeed' or 'tutel', got {capacity_mode!r}")
+
+
 class Gate(nn.Module):
-    """The router: owns `wg` (named as DeepSpeed's TopKGate names it) and turns tokens into a Routing."""
+    """The router: owns `wg` (named as DeepSpeed's TopKGate names it) and turns tokens into a Routing.
+
+    DeepSpeed's arguments come first; `options` adds Tutel's routing features (defaults change nothing).
+    """
 
     def __init__(self, model_dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.0,
                  eval_capacity_factor: float = 1.0, min_capacity: int = 4, noisy_gate_policy: Optional[str] = None,
-                 drop_tokens: bool = True, use_rts: bool = True, top2_2nd_expert_sampling: bool = True) -> None:
+                 drop_tokens: bool = True, use_rts: bool = True, top2_2nd_expert_sampling: bool = True,
+                 options: Optional[RouterOptions] = None) -> None:
         super().__init__()
         self.wg = nn.Linear(model_dim, num_experts, bias=False)
+        self.num_experts = num_experts
         self.k = k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
@@ -193,27 +235,73 @@ class Gate(nn.Module):
         self.drop_tokens = drop_tokens
         self.use_rts = use_rts
         self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
+        self.options = options or RouterOptions()
+        if self.options.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
 
     def logits(self, x_SM: torch.Tensor) -> torch.Tensor:
         """fp32 router logits [S, E], whatever the model dtype or an enclosing autocast."""
+        opts = self.options
         with torch.autocast(device_type=x_SM.device.type, enabled=False):
             x_SM = x_SM.float()
-            if self.noisy_gate_policy == "Jitter" and self.training:
-                x_SM = noise.multiplicative_jitter(x_SM)
+            if self.training:
+                if opts.input_dropout > 0:
+                    x_SM = F.dropout(x_SM, p=opts.input_dropout, training=True)
+                if opts.input_jitter > 0:
+                    x_SM = noise.multiplicative_jitter(x_SM, opts.input_jitter)
+                if self.noisy_gate_policy == "Jitter":
+                    x_SM = noise.multiplicative_jitter(x_SM)
             return F.linear(x_SM, self.wg.weight.float())
 
     def forward(self, x_SM: torch.Tensor, used_token_S: Optional[torch.Tensor] = None,
-                agree_capacity: Optional[CapacityAgreement] = None) -> Tuple[Routing, torch.Tensor]:
+                agree_capacity: Optional[CapacityAgreement] = None, capacity_factor: Optional[float] = None,
+                k: Optional[int] = None) -> Tuple[Routing, torch.Tensor]:
+        """Routes tokens [S, M]; capacity_factor and k override the configured ones for this call only."""
+        opts = self.options
+        k = self.k if k is None else k
+        if capacity_factor is None:
+            capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         logits_SE = self.logits(x_SM)
         with torch.autocast(device_type=x_SM.device.type, enabled=False):
-            return route_deepspeed(
-                logits_SE,
-                k=self.k,
-                capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
-                min_capacity=self.min_capacity,
-                drop_tokens=self.drop_tokens,
-                use_rts=self.use_rts,
-                rsample=self.noisy_gate_policy == "RSample" and self.training,
-                second_expert_sampling=self.top2_2nd_expert_sampling,
-                used_token_S=used_token_S,
-                agree_capacity=agree_capacity)
+            noisy_SE = logits_SE
+            if opts.gate_noise > 0 and self.training:
+                noisy_SE = logits_SE + torch.randn_like(logits_SE) * (opts.gate_noise / self.num_experts)
+            if opts.capacity_mode == "deepspeed":
+                routing, l_aux = route_deepspeed(
+                    noisy_SE, k=k, capacity_factor=capacity_factor, min_capacity=self.min_capacity,
+                    drop_tokens=self.drop_tokens, use_rts=self.use_rts,
+                    rsample=self.noisy_gate_policy == "RSample" and self.training,
+                    second_expert_sampling=self.top2_2nd_expert_sampling, used_token_S=used_token_S,
+                    agree_capacity=agree_capacity)
+            else:
+                scores_SE = None
+                if noisy_SE is not logits_SE or opts.expert_bias:
+                    scores_SE = F.softmax(noisy_SE, dim=1)
+                    if opts.expert_bias:
+                        scores_SE = scores_SE + self.expert_bias
+                routing = route_tutel(logits_SE, k=k, capacity_factor=capacity_factor,
+                                      min_capacity=self.min_capacity,
+                                      batch_prioritized_routing=opts.batch_prioritized_routing,
+                                      normalize_gate=opts.normalize_gate, used_token_S=used_token_S,
+                                      agree_capacity=agree_capacity, selection_scores_SE=scores_SE)
+                l_aux = losses.gshard_loss(routing.probs_SE, routing.indices_SK)
+            if opts.aux_loss == "switch":
+                l_aux = losses.switch_loss(routing.probs_SE, routing.indices_SK)
+            elif opts.aux_loss == "none":
+                l_aux = torch.zeros((), device=logits_SE.device)
+            if opts.z_loss_coef > 0:
+                l_aux = l_aux + opts.z_loss_coef * losses.z_loss(logits_SE)
+            if opts.expert_bias and self.training:
+                self._update_expert_bias(routing.counts_E)
+        return routing, l_aux
+
+    @torch.no_grad()
+    def _update_expert_bias(self, counts_E: torch.Tensor) -> None:
+        """Moves each expert's selection bias up if it was under-loaded, down if over-loaded (sign rule).
+
+        The counts are summed over all ranks first so that every replica of the gate keeps the same bias.
+        """
+        load_E = counts_E.float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(load_E)
+        self.expert_bias += self.options.expert_bias_rate * torch.sign(load_E.mean() - load_E)

@@ -7,7 +7,8 @@ Shape legend: S tokens, M model dim, E experts, W expert-parallel ranks, L local
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import inspect
+from typing import Any, Optional, Tuple
 
 import deepspeed.moe.layer as ds_layer
 import torch
@@ -17,11 +18,15 @@ from torch import nn
 
 from . import comm
 from .dispatch import decode, encode
+from .config import ConfigSource, moe_kwargs
 from .exchange import exchange_and_compute
 from .experts import Experts
 from .gating import NOISY_GATE_POLICIES, Gate
 from .routing import Routing
-from .validation import check_constructor, check_forward_input, check_parallel_setup
+from .stats import RoutingStats, routing_stats
+from .options import RouterOptions
+from .validation import (check_capacity_factor, check_constructor, check_exchange, check_forward_input, check_k,
+                         check_parallel_setup)
 
 
 class MOELayer(nn.Module):
@@ -55,11 +60,13 @@ class MOELayer(nn.Module):
             return None
         return lambda capacity: comm.agree_max(capacity, self.ep_group, device)
 
-    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
+                capacity_factor: Optional[float] = None, k: Optional[int] = None) -> torch.Tensor:
         M = hidden_states.shape[-1]
         x_SM = hidden_states.reshape(-1, M)
         used_S = None if used_token is None else used_token.reshape(-1)
-        routing, self.l_aux = self.gate(x_SM, used_S, self._agree_capacity(x_SM.device))
+        routing, self.l_aux = self.gate(x_SM, used_S, self._agree_capacity(x_SM.device),
+                                        capacity_factor=capacity_factor, k=k)
         self.exp_counts = routing.counts_E.detach()
         self.last_routing = routing
 
@@ -80,6 +87,8 @@ class MoE(ds_layer.MoE):
     Positional arguments are DeepSpeed's; `use_tutel` is accepted for compatibility and ignored (this layer is
     the Tutel-style implementation). Keyword-only arguments add Tutel's features; their defaults keep
     DeepSpeed's behaviour:
+      capacity_mode, batch_prioritized_routing, normalize_gate, gate_noise, input_dropout, input_jitter,
+        aux_loss, z_loss_coef, expert_bias, expert_bias_rate: routing features (see ds_tutel.options).
       a2a_algorithm: "flat" | "2dh" | "auto", the all-to-all over the expert-parallel group.
       a2a_ffn_overlap_degree: split the dispatched buffer into this many capacity chunks so that the
         all-to-all of one chunk overlaps the experts of another.
@@ -102,12 +111,27 @@ class MoE(ds_layer.MoE):
                  enable_expert_tensor_parallelism: bool = False,
                  top2_2nd_expert_sampling: bool = True,
                  *,
+                 capacity_mode: str = "deepspeed",
+                 batch_prioritized_routing: bool = False,
+                 normalize_gate: bool = True,
+                 gate_noise: float = 0.0,
+                 input_dropout: float = 0.0,
+                 input_jitter: float = 0.0,
+                 aux_loss: str = "gshard",
+                 z_loss_coef: float = 0.0,
+                 expert_bias: bool = False,
+                 expert_bias_rate: float = 1e-3,
                  a2a_algorithm: str = "flat",
                  a2a_ffn_overlap_degree: int = 1) -> None:
+        options = RouterOptions(capacity_mode=capacity_mode, batch_prioritized_routing=batch_prioritized_routing,
+                                normalize_gate=normalize_gate, gate_noise=gate_noise, input_dropout=input_dropout,
+                                input_jitter=input_jitter, aux_loss=aux_loss, z_loss_coef=z_loss_coef,
+                                expert_bias=expert_bias, expert_bias_rate=expert_bias_rate)
         check_constructor(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=k,
                           capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                           min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy,
-                          allowed_policies=NOISY_GATE_POLICIES)
+                          allowed_policies=NOISY_GATE_POLICIES, capacity_mode=capacity_mode)
+        check_exchange(a2a_algorithm, a2a_ffn_overlap_degree)
         # DeepSpeed's own __init__ would build its layer only for us to replace it: initialise nn.Module directly.
         nn.Module.__init__(self)
         self.hidden_size = hidden_size
@@ -120,13 +144,26 @@ class MoE(ds_layer.MoE):
         self.k = k
 
         gate = Gate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
-                    noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling)
+                    noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling, options)
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
                                       a2a_algorithm=a2a_algorithm, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree)
         if use_residual:
             self.mlp = expert
             self.coefficient = nn.Linear(hidden_size, 2)
+
+    @classmethod
+    def from_config(cls, config: ConfigSource, hidden_size: int, expert: nn.Module, **overrides: Any) -> "MoE":
+        """Builds the layer from the "ds_tutel" section of a DeepSpeed config (dict or JSON path).
+
+        Explicit keyword arguments win over the config, so code can fix what must not change.
+        """
+        return cls(hidden_size, expert, **moe_kwargs(config, inspect.signature(cls.__init__), **overrides))
+
+    def routing_stats(self) -> Optional[RoutingStats]:
+        """Statistics of the last forward's routing (None before the first forward)."""
+        routing = self.deepspeed_moe.last_routing
+        return None if routing is None else routing_stats(routing)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Creates (or reuses) DeepSpeed's expert-parallel groups for this layer's ep_size."""
@@ -135,15 +172,25 @@ class MoE(ds_layer.MoE):
 
     def forward(self,
                 hidden_states: torch.Tensor,
-                used_token: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (output shaped like hidden_states, l_aux, exp_counts) as DeepSpeed's layer does."""
+                used_token: Optional[torch.Tensor] = None,
+                *,
+                capacity_factor: Optional[float] = None,
+                k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (output shaped like hidden_states, l_aux, exp_counts) as DeepSpeed's layer does.
+
+        capacity_factor and k switch capacity and top-k for this call only, without rebuilding anything.
+        """
         check_forward_input(hidden_states, self.hidden_size, used_token)
+        if k is not None:
+            check_k(k, self.num_experts)
+        if capacity_factor is not None:
+            check_capacity_factor("capacity_factor", capacity_factor, self.deepspeed_moe.gate.options.capacity_mode)
         if self.ep_size > 1 and self.deepspeed_moe.ep_group is None:
             raise RuntimeError(
                 f"MoE layer with ep_size={self.ep_size} has no expert-parallel group: pass the model to "
                 "deepspeed.initialize(...) or call layer.set_deepspeed_parallelism() after "
                 "deepspeed.init_distributed()")
-        output = self.deepspeed_moe(hidden_states, used_token)
+        output = self.deepspeed_moe(hidden_states, used_token, capacity_factor=capacity_factor, k=k)
         if self.use_residual:
             output_mlp = self.mlp(hidden_states)
             if isinstance(output_mlp, tuple):

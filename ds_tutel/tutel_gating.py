@@ -56,12 +56,21 @@ def route_tutel(logits_SE: torch.Tensor,
                 batch_prioritized_routing: bool = False,
                 normalize_gate: bool = True,
                 used_token_S: Optional[torch.Tensor] = None,
-                agree_capacity: Optional[CapacityAgreement] = None) -> Routing:
-    """Tutel-style routing of fp32 logits [S, E] (see the module docstring for the exact rules)."""
+                agree_capacity: Optional[CapacityAgreement] = None,
+                selection_scores_SE: Optional[torch.Tensor] = None) -> Routing:
+    """Tutel-style routing of fp32 logits [S, E] (see the module docstring for the exact rules).
+
+    selection_scores_SE, when given, chooses the top-k experts (noise or balancing bias added by the caller);
+    the gate values always come from softmax(logits).
+    """
     agree = agree_capacity or (lambda c: c)
     S, E = logits_SE.shape
     probs_SE = F.softmax(logits_SE, dim=1)
-    top_SK, indices_SK = torch.topk(probs_SE, k=k, dim=1)
+    if selection_scores_SE is None:
+        top_SK, indices_SK = torch.topk(probs_SE, k=k, dim=1)
+    else:
+        indices_SK = torch.topk(selection_scores_SE, k=k, dim=1).indices
+        top_SK = probs_SE.gather(1, indices_SK)
     gates_SK = top_SK
     if normalize_gate:
         gates_SK = gates_SK / torch.clamp(gates_SK.sum(dim=1, keepdim=True), min=torch.finfo(gates_SK.dtype).eps)

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .options import A2A_ALGORITHMS
+
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -15,7 +17,8 @@ def _positive_int(name: str, value: Any) -> None:
 
 def check_constructor(*, hidden_size: Any, expert: Any, num_experts: Any, ep_size: Any, k: Any,
                       capacity_factor: Any, eval_capacity_factor: Any, min_capacity: Any,
-                      noisy_gate_policy: Any, allowed_policies: Sequence[Optional[str]]) -> None:
+                      noisy_gate_policy: Any, allowed_policies: Sequence[Optional[str]],
+                      capacity_mode: str = "deepspeed") -> None:
     """Validates the constructor arguments shared with DeepSpeed's MoE."""
     _positive_int("hidden_size", hidden_size)
     _positive_int("num_experts", num_experts)
@@ -24,15 +27,34 @@ def check_constructor(*, hidden_size: Any, expert: Any, num_experts: Any, ep_siz
         raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
     if num_experts % ep_size != 0:
         raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size})")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
-        raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
+    check_k(k, num_experts)
     for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        check_capacity_factor(name, value, capacity_mode)
     if isinstance(min_capacity, bool) or not isinstance(min_capacity, int) or min_capacity < 0:
         raise ValueError(f"min_capacity must be an int >= 0, got {min_capacity!r}")
     if noisy_gate_policy not in allowed_policies:
         raise ValueError(f"noisy_gate_policy must be one of {list(allowed_policies)}, got {noisy_gate_policy!r}")
+
+
+def check_capacity_factor(name: str, value: Any, capacity_mode: str) -> None:
+    """Any number in Tutel's capacity mode (negative = bounded, 0 = dropless); >= 0 in DeepSpeed's."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if capacity_mode == "deepspeed" and value < 0:
+        raise ValueError(f"{name} must be >= 0 with capacity_mode='deepspeed' (negative values are Tutel's "
+                         f"bounded capacity: pass capacity_mode='tutel'), got {value!r}")
+
+
+def check_k(k: Any, num_experts: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
+
+
+def check_exchange(a2a_algorithm: Any, overlap_degree: Any) -> None:
+    if a2a_algorithm not in A2A_ALGORITHMS:
+        raise ValueError(f"a2a_algorithm must be one of {A2A_ALGORITHMS}, got {a2a_algorithm!r}")
+    if isinstance(overlap_degree, bool) or not isinstance(overlap_degree, int) or overlap_degree < 1:
+        raise ValueError(f"a2a_ffn_overlap_degree must be an int >= 1, got {overlap_degree!r}")
 
 
 def check_parallel_setup(ep_size: int, mpu: Any, expert_tensor_parallel: bool) -> None:
