@@ -27,6 +27,7 @@ from .machine import Machine, TopologyError, TOPOLOGY_NAMES, format_cpulist, get
 
 LAUNCHERS = ("deepspeed", "mpirun")
 LOCAL_HOSTS = ("localhost", "127.0.0.1")
+HOSTFILE_PLACEHOLDER = "<hostfile>"  # a dry run of several nodes without --hostfile
 
 
 class LaunchError(ValueError):
@@ -116,14 +117,25 @@ def plan_job(machine: Machine, hosts: Sequence[Tuple[str, Optional[int]]], nproc
 def deepspeed_bind_core_list(plans: Sequence[RankPlan]) -> str:
     """--bind_core_list that makes DeepSpeed's --bind_cores_to_rank (numactl) give local rank r our CPUs.
 
-    DeepSpeed gives local rank r the r-th equal slice of the list, so the list is our shares in local-rank
-    order; that only works when all shares have the same size.
+    DeepSpeed gives local rank r the r-th equal slice of the list and requires the list to ascend, so it can
+    express a plan only when the shares are equal and ascend with the local rank. NDm A100 v4's plan does not
+    (GPU 0 sits on NUMA node 1, cores 24-47): there DeepSpeed's binding would put ranks on the wrong node.
     """
     node0 = [p.slot for p in plans if p.node == 0]
     sizes = {len(s.cpus) for s in node0}
     if len(sizes) != 1:
         raise LaunchError(f"--deepspeed-bind needs equal CPU shares per rank; this plan has sizes {sorted(sizes)}")
-    return ",".join(str(c) for s in node0 for c in s.cpus)
+    size = sizes.pop()
+    cores = [c for s in node0 for c in s.cpus]
+    ordered = sorted(cores)
+    for s in node0:
+        given = ordered[size * s.local_rank:size * (s.local_rank + 1)]
+        if list(s.cpus) != given:
+            raise LaunchError(f"--deepspeed-bind cannot express this plan: DeepSpeed's core list must ascend, so it "
+                              f"would bind local rank {s.local_rank} to CPUs {format_cpulist(given)}, but its share "
+                              f"is {format_cpulist(s.cpus)} (NUMA node {s.numa_node}); leave --deepspeed-bind off, "
+                              "ds_tutel binds each rank itself")
+    return ",".join(str(c) for c in cores)
 
 
 def rank_entry(args: argparse.Namespace, device: str, fabric_name: str) -> List[str]:
@@ -143,7 +155,7 @@ def deepspeed_command(args: argparse.Namespace, hosts: Sequence[Tuple[str, Optio
     if is_local(hosts):
         cmd += ["--num_gpus", str(nproc)]
     else:
-        cmd += ["--hostfile", args.hostfile, "--num_nodes", str(len(hosts))]
+        cmd += ["--hostfile", args.hostfile or HOSTFILE_PLACEHOLDER, "--num_nodes", str(len(hosts))]
         if args.nproc_per_node is not None:
             cmd += ["--num_gpus", str(args.nproc_per_node)]
     if args.master_addr:
@@ -170,7 +182,7 @@ def mpirun_command(args: argparse.Namespace, hosts: Sequence[Tuple[str, Optional
     # Ranks bind themselves; mpirun's own binding (one core per rank by default) would narrow theirs.
     cmd = [exe, "-np", str(len(plans)), "--map-by", f"ppr:{nproc}:node", "--bind-to", "none"]
     if not is_local(hosts):
-        cmd += ["--hostfile", args.hostfile]
+        cmd += ["--hostfile", args.hostfile or HOSTFILE_PLACEHOLDER]
     elif nproc > (os.cpu_count() or 1):
         cmd.append("--oversubscribe")
     if os.geteuid() == 0:
@@ -226,6 +238,7 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str
         raise LaunchError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
     device = resolve_device(machine, args.device)
     fabric_name = fabric.default_fabric(machine) if args.fabric == "auto" else args.fabric
+    fabric.preset_for(fabric_name, machine)  # an unknown or unfitting preset is an error even for CPU ranks
     hosts = select_hosts(args.hostfile, args.nnodes, args.dry_run)
     plans = plan_job(machine, hosts, args.nproc_per_node, device, fabric_name, environ)
 
