@@ -4,11 +4,17 @@ Both move O(S * K * M) elements: a kept choice is one row copy, a dropped choice
 [S, E, C] combine tensor is built. Forward and backward are gathers and scatters with unique targets, so the
 results are deterministic.
 
-Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity, N = E * C buffer rows.
+Two layouts: the capacity buffer [E, C, M] that the all-to-all exchanges (encode/decode), and a grouped buffer
+[J, M] of the J kept choices, expert after expert, with no empty slots (grouped_encode/grouped_decode), which
+lets each expert run on exactly its tokens when no exchange is needed.
+
+Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity, N = E * C buffer rows,
+J kept choices.
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from dataclasses import dataclass
+from typing import Any, List, Sequence, Tuple
 
 import torch
 
@@ -77,3 +83,86 @@ def decode(buf_ECM: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Gather each token's expert outputs from [E, C, M] and sum them weighted by its gates -> [S, M]."""
     buf_NM = buf_ECM.reshape(-1, buf_ECM.shape[-1])
     return _Decode.apply(buf_NM, routing.gates_SK, routing.slots_SK())
+
+
+@dataclass
+class GroupedPlan:
+    """Which tokens each expert gets (token_J, expert after expert), their gates, and rows per expert."""
+
+    token_J: torch.Tensor
+    gates_J: torch.Tensor
+    rows_per_expert: List[int]
+    num_tokens: int
+
+
+def grouped_plan(routing: Routing) -> GroupedPlan:
+    """Orders the kept choices expert after expert (slot order inside an expert) without sorting."""
+    kept_SK = routing.kept_SK
+    rows_J = routing.grouped_rows_SK()[kept_SK]
+    S, K = kept_SK.shape
+    token_SK = torch.arange(S, device=kept_SK.device).unsqueeze(1).expand(S, K)
+    token_J = torch.empty_like(rows_J)
+    token_J[rows_J] = token_SK[kept_SK]
+    # rows_J is a permutation of 0..J-1: invert it to put the gates in row order, keeping their autograd.
+    order_J = torch.empty_like(rows_J)
+    order_J[rows_J] = torch.arange(rows_J.numel(), device=rows_J.device)
+    gates_J = routing.gates_SK[kept_SK].index_select(0, order_J)
+    return GroupedPlan(token_J=token_J, gates_J=gates_J, rows_per_expert=routing.kept_per_expert().tolist(),
+                       num_tokens=S)
+
+
+class _GatherPerExpert(torch.autograd.Function):
+    """x_SM -> one [n_e, M] tensor per expert; backward adds every expert's gradient into one [S, M]."""
+
+    @staticmethod
+    def forward(ctx: Any, x_SM: torch.Tensor, token_J: torch.Tensor, rows_per_expert: List[int]):
+        ctx.save_for_backward(token_J)
+        ctx.num_tokens = x_SM.shape[0]
+        return tuple(x_SM.index_select(0, t) for t in torch.split(token_J, rows_per_expert))
+
+    @staticmethod
+    def backward(ctx: Any, *grads_nM: torch.Tensor):
+        (token_J,) = ctx.saved_tensors
+        grad_SM = grads_nM[0].new_zeros(ctx.num_tokens, grads_nM[0].shape[1])
+        for t, g in zip(torch.split(token_J, [g.shape[0] for g in grads_nM]), grads_nM):
+            if g.shape[0] > 0:
+                grad_SM.index_add_(0, t, g)
+        return grad_SM, None, None
+
+
+class _CombinePerExpert(torch.autograd.Function):
+    """y_SM = sum over experts of gate * output, added into fp32 at each row's token; no concatenation."""
+
+    @staticmethod
+    def forward(ctx: Any, token_J: torch.Tensor, gates_J: torch.Tensor, num_tokens: int, *outs_nM: torch.Tensor):
+        rows = [o.shape[0] for o in outs_nM]
+        ctx.save_for_backward(token_J, gates_J, *outs_nM)
+        ctx.rows = rows
+        M = outs_nM[0].shape[1]
+        y_SM = outs_nM[0].new_zeros(num_tokens, M, dtype=torch.float32)
+        for t, g, o in zip(torch.split(token_J, rows), torch.split(gates_J, rows), outs_nM):
+            if o.shape[0] > 0:
+                y_SM.index_add_(0, t, o.float() * g.unsqueeze(1))
+        return y_SM.to(outs_nM[0].dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_SM: torch.Tensor):
+        token_J, gates_J, *outs_nM = ctx.saved_tensors
+        grad_f_SM = grad_SM.float()
+        grad_gates = []
+        grad_outs = []
+        for t, g, o in zip(torch.split(token_J, ctx.rows), torch.split(gates_J, ctx.rows), outs_nM):
+            grad_nM = grad_f_SM.index_select(0, t)
+            grad_gates.append((grad_nM * o.float()).sum(dim=1))
+            grad_outs.append((grad_nM * g.unsqueeze(1)).to(o.dtype))
+        return (None, torch.cat(grad_gates), None, *grad_outs)
+
+
+def grouped_encode(x_SM: torch.Tensor, plan: GroupedPlan) -> Tuple[torch.Tensor, ...]:
+    """Each expert's input [n_e, M]: the tokens of its kept choices, in slot order."""
+    return _GatherPerExpert.apply(x_SM, plan.token_J, plan.rows_per_expert)
+
+
+def grouped_decode(outs_nM: Sequence[torch.Tensor], plan: GroupedPlan) -> torch.Tensor:
+    """y_SM = sum over a token's kept choices of gate * expert output, accumulated in fp32."""
+    return _CombinePerExpert.apply(plan.token_J, plan.gates_J, plan.num_tokens, *outs_nM)

@@ -8,6 +8,7 @@ Shape legend: W ranks in the expert-parallel group, L local experts, C capacity,
 from __future__ import annotations
 
 import copy
+from typing import List, Sequence
 
 import torch
 from torch import nn
@@ -37,3 +38,15 @@ class Experts(nn.Module):
                 out_WCM = out_WCM[0]
             outputs.append(out_WCM)
         return torch.stack(outputs, dim=1)
+
+    def forward_grouped(self, inputs_nM: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Runs expert l on inputs_nM[l], exactly its tokens (no empty capacity slots).
+
+        Every expert runs, on zero rows if it got none, so each expert parameter always has a gradient (ZeRO
+        reduces expert gradients in buckets that every rank must fill alike).
+        """
+        outputs = []
+        for x_nM, expert in zip(inputs_nM, self.deepspeed_experts):
+            out_nM = expert(x_nM)
+            outputs.append(out_nM[0] if isinstance(out_nM, tuple) else out_nM)
+        return outputs

@@ -17,7 +17,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from . import comm
-from .dispatch import decode, encode
+from .dispatch import decode, encode, grouped_decode, grouped_encode, grouped_plan
 from .config import ConfigSource, moe_kwargs
 from .exchange import exchange_and_compute
 from .experts import Experts
@@ -70,14 +70,17 @@ class MOELayer(nn.Module):
         self.exp_counts = routing.counts_E.detach()
         self.last_routing = routing
 
-        buf_ECM = encode(x_SM, routing)
         if self.ep_size == 1:
-            # No exchange at all: a None group would mean the whole world to torch.distributed.
-            out_ECM = self.experts(buf_ECM.unsqueeze(0)).squeeze(0)
+            # No exchange: each expert runs on exactly its kept tokens (and a None group would mean the whole
+            # world to torch.distributed).
+            plan = grouped_plan(routing)
+            outs_nM = self.experts.forward_grouped(grouped_encode(x_SM, plan))
+            y_SM = grouped_decode(outs_nM, plan)
         else:
+            buf_ECM = encode(x_SM, routing)
             out_ECM = exchange_and_compute(buf_ECM, self.experts, self.ep_group, self.num_local_experts,
                                            algorithm=self.a2a_algorithm, overlap_degree=self.a2a_ffn_overlap_degree)
-        y_SM = decode(out_ECM, routing)
+            y_SM = decode(out_ECM, routing)
         return y_SM.reshape(hidden_states.shape)
 
 
