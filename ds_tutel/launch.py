@@ -205,9 +205,11 @@ def _parser() -> argparse.ArgumentParser:
                    "when the topology has GPUs)")
     p.add_argument("--fabric", default="auto", help="fabric preset for GPU ranks: auto (the topology's own), "
                    f"none, {', '.join(fabric.PRESETS)}")
-    p.add_argument("--nnodes", type=int, default=None, help="number of nodes (default: all hosts of --hostfile, else 1)")
+    p.add_argument("--nnodes", type=int, default=None,
+                   help="number of nodes (default: all hosts of --hostfile, else 1)")
     p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="ranks per node (default: hostfile slots, else one per GPU, or one per NUMA node for CPU ranks)")
+                   help="ranks per node (default: hostfile slots, else one per GPU, or one per NUMA node for "
+                   "CPU ranks)")
     p.add_argument("--hostfile", default=None, help="DeepSpeed / Open MPI hostfile: lines '<host> slots=<n>'")
     p.add_argument("--launcher", default="deepspeed", choices=LAUNCHERS)
     p.add_argument("--master-addr", default=None, help="rendezvous address (deepspeed launcher)")
