@@ -21,6 +21,11 @@ import torch
 from .routing import Routing
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, the type itself when it is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _Encode(torch.autograd.Function):
     """buf_NM[slot of (s, k)] = x_SM[s] for every kept choice; empty slots are zero."""
 
@@ -45,35 +50,38 @@ class _Decode(torch.autograd.Function):
     """y_SM[s] = sum_k gates_SK[s, k] * buf_NM[slot of (s, k)] over kept choices, accumulated in fp32."""
 
     @staticmethod
-    def forward(ctx: Any, buf_NM: torch.Tensor, gates_SK: torch.Tensor, slots_SK: torch.Tensor) -> torch.Tensor:
-        scratch = buf_NM.shape[0]
-        padded_NM = torch.cat([buf_NM, buf_NM.new_zeros(1, buf_NM.shape[1])])
-        ctx.save_for_backward(padded_NM, gates_SK, slots_SK)
-        ctx.num_rows = scratch
-        y_SM = None
-        for k in range(slots_SK.shape[1]):
-            term_SM = padded_NM.index_select(0, slots_SK[:, k]) * gates_SK[:, k:k + 1]
-            y_SM = term_SM if y_SM is None else y_SM + term_SM
+    def forward(ctx: Any, buf_NM: torch.Tensor, gates_SK: torch.Tensor, kept_SK: torch.Tensor,
+                token_J: torch.Tensor, slot_J: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(buf_NM, gates_SK, kept_SK, token_J, slot_J)
+        acc = accumulation_dtype(buf_NM.dtype)
+        y_SM = buf_NM.new_zeros(kept_SK.shape[0], buf_NM.shape[1], dtype=acc)
+        weighted_JM = buf_NM.index_select(0, slot_J).to(acc) * gates_SK[kept_SK].unsqueeze(1)
+        y_SM.index_add_(0, token_J, weighted_JM)
         return y_SM.to(buf_NM.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_SM: torch.Tensor) -> Tuple[Any, ...]:
-        padded_NM, gates_SK, slots_SK = ctx.saved_tensors
-        grad_f_SM = grad_SM.float()
-        grad_buf_NM = grad_SM.new_zeros(ctx.num_rows + 1, grad_SM.shape[1])
-        grad_gates_SK = torch.empty_like(gates_SK)
-        for k in range(slots_SK.shape[1]):
-            rows_SM = padded_NM.index_select(0, slots_SK[:, k])
-            grad_gates_SK[:, k] = (rows_SM.float() * grad_f_SM).sum(dim=1)
-            grad_buf_NM.index_copy_(0, slots_SK[:, k], (grad_f_SM * gates_SK[:, k:k + 1]).to(grad_SM.dtype))
-        return grad_buf_NM[:-1], grad_gates_SK, None
+        buf_NM, gates_SK, kept_SK, token_J, slot_J = ctx.saved_tensors
+        acc = accumulation_dtype(buf_NM.dtype)
+        grad_JM = grad_SM.to(acc).index_select(0, token_J)
+        grad_buf_NM = buf_NM.new_zeros(buf_NM.shape)
+        grad_buf_NM.index_copy_(0, slot_J, (grad_JM * gates_SK[kept_SK].unsqueeze(1)).to(buf_NM.dtype))
+        grad_gates_SK = torch.zeros_like(gates_SK)
+        grad_gates_SK[kept_SK] = (grad_JM * buf_NM.index_select(0, slot_J).to(acc)).sum(dim=1).to(gates_SK.dtype)
+        return grad_buf_NM, grad_gates_SK, None, None, None
+
+
+def _kept_pairs(routing: Routing) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(token_J, slot_J) of the kept choices, in (token, choice) order."""
+    kept_SK = routing.kept_SK
+    S, K = kept_SK.shape
+    token_J = torch.arange(S, device=kept_SK.device).unsqueeze(1).expand(S, K)[kept_SK]
+    return token_J, routing.slots_SK()[kept_SK]
 
 
 def encode(x_SM: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Scatter the kept choices of x_SM into a zero-padded expert buffer [E, C, M]."""
-    kept_SK = routing.kept_SK
-    token_J = torch.arange(x_SM.shape[0], device=x_SM.device).unsqueeze(1).expand_as(kept_SK)[kept_SK]
-    slot_J = routing.slots_SK()[kept_SK]
+    token_J, slot_J = _kept_pairs(routing)
     num_rows = routing.num_experts * routing.capacity
     buf_NM = _Encode.apply(x_SM, token_J, slot_J, num_rows)
     return buf_NM.view(routing.num_experts, routing.capacity, x_SM.shape[1])
@@ -81,8 +89,9 @@ def encode(x_SM: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 def decode(buf_ECM: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Gather each token's expert outputs from [E, C, M] and sum them weighted by its gates -> [S, M]."""
+    token_J, slot_J = _kept_pairs(routing)
     buf_NM = buf_ECM.reshape(-1, buf_ECM.shape[-1])
-    return _Decode.apply(buf_NM, routing.gates_SK, routing.slots_SK())
+    return _Decode.apply(buf_NM, routing.gates_SK, routing.kept_SK, token_J, slot_J)
 
 
 @dataclass
@@ -138,22 +147,23 @@ class _CombinePerExpert(torch.autograd.Function):
         rows = [o.shape[0] for o in outs_nM]
         ctx.save_for_backward(token_J, gates_J, *outs_nM)
         ctx.rows = rows
-        M = outs_nM[0].shape[1]
-        y_SM = outs_nM[0].new_zeros(num_tokens, M, dtype=torch.float32)
+        acc = accumulation_dtype(outs_nM[0].dtype)
+        y_SM = outs_nM[0].new_zeros(num_tokens, outs_nM[0].shape[1], dtype=acc)
         for t, g, o in zip(torch.split(token_J, rows), torch.split(gates_J, rows), outs_nM):
             if o.shape[0] > 0:
-                y_SM.index_add_(0, t, o.float() * g.unsqueeze(1))
+                y_SM.index_add_(0, t, o.to(acc) * g.unsqueeze(1))
         return y_SM.to(outs_nM[0].dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_SM: torch.Tensor):
         token_J, gates_J, *outs_nM = ctx.saved_tensors
-        grad_f_SM = grad_SM.float()
+        acc = accumulation_dtype(grad_SM.dtype)
+        grad_f_SM = grad_SM.to(acc)
         grad_gates = []
         grad_outs = []
         for t, g, o in zip(torch.split(token_J, ctx.rows), torch.split(gates_J, ctx.rows), outs_nM):
             grad_nM = grad_f_SM.index_select(0, t)
-            grad_gates.append((grad_nM * o.float()).sum(dim=1))
+            grad_gates.append((grad_nM * o.to(acc)).sum(dim=1).to(gates_J.dtype))
             grad_outs.append((grad_nM * g.unsqueeze(1)).to(o.dtype))
         return (None, torch.cat(grad_gates), None, *grad_outs)
 
