@@ -1,22 +1,56 @@
-"""Collectives over the expert-parallel group, as autograd-aware functions.
+"""Collectives over the expert-parallel group: flat and hierarchical (2DH) all-to-all, sync and async.
 
-The process groups are the ones DeepSpeed creates (deepspeed.utils.groups); these helpers only call the
-collectives on them, so they run on gloo (CPU) and NCCL (GPU) alike.
+The process groups are the ones DeepSpeed creates (deepspeed.utils.groups); the 2DH subgroups are created here
+once per expert-parallel group through DeepSpeed's communication layer. The collectives themselves are
+torch.distributed's all_to_all_single (the one form gloo supports), so everything runs on gloo (CPU) and NCCL
+(GPU) alike.
 
-Shape legend: W ranks in the group, L local experts, C capacity, M model dim.
+An all-to-all here always means: the input is W equal blocks along dim 0, block w goes to group rank w, and the
+output holds the block every rank w sent to this rank, in group-rank order. Flat does that in one collective.
+2DH (group of n nodes x m ranks per node, group rank w = node * m + local) does it in two hops so that each
+rank sends n - 1 large messages over the network (one per remote node, to the rank with its own local index
+there) instead of (n - 1) * m small ones:
+  1. inter-node: block [a, :] (everything for node a) goes to the rank with my local index on node a;
+  2. intra-node: each received [a, j] goes to local rank j.
+The blocks for my own node skip the network hop and start their intra-node hop at once, overlapping hop 1.
+
+Shape legend: W ranks in the group, n nodes x m ranks per node (W = n * m), X elements per destination block,
+L local experts, C capacity, M model dim.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
+from .topology import GroupLayout, Topology, TopologyError, from_env
+
 Group = Optional[dist.ProcessGroup]
+
+ALGORITHMS = ("flat", "2dh", "auto")
+AUTO_THRESHOLD_ENV = "DS_TUTEL_A2A_AUTO_THRESHOLD"
+# Largest message (bytes per rank) for which `auto` picks 2DH. Zero: auto is flat unless configured, because on
+# the machines measured so far (docs/ALLTOALL.md) 2DH never beat flat; set the value that
+# benchmarks/bench_alltoall.py reports for your cluster.
+DEFAULT_AUTO_THRESHOLD_BYTES = 0
+# Up to this many nodes the intra-node hop runs as one collective per source node straight into the output
+# (no copy); beyond it, as one collective on a transposed copy (fewer launches). See docs/ALLTOALL.md.
+PER_NODE_INTRA_MAX_NODES = 8
+INTRA_STRATEGIES = ("per_node", "transposed")
 
 
 def group_size(group: Group) -> int:
     return dist.get_world_size(group=group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def group_ranks(group: Group) -> List[int]:
+    """Global ranks of the group's members, in group-rank order."""
+    if group is None:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(group))
 
 
 class _AllToAll(torch.autograd.Function):
@@ -49,3 +83,410 @@ def agree_max(value: int, group: Group, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t.item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks (local: they run before any collective)
+
+def check_algorithm(algorithm: Any) -> str:
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise ValueError(f"a2a algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    return algorithm
+
+
+def parse_bytes(text: str) -> int:
+    """'65536', '64K', '4M', '1G' (powers of 1024) -> bytes."""
+    raw = text.strip().upper().rstrip("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:], 1)
+    digits = raw[:-1] if scale != 1 else raw
+    try:
+        value = int(float(digits) * scale)
+    except ValueError:
+        raise ValueError(f"not a byte count: {text!r} (examples: 65536, 64K, 4M)") from None
+    if value < 0:
+        raise ValueError(f"byte count must be >= 0, got {text!r}")
+    return value
+
+
+def auto_threshold(threshold: Optional[int] = None) -> int:
+    """The auto threshold in bytes: the argument, else $DS_TUTEL_A2A_AUTO_THRESHOLD, else the default."""
+    if threshold is None:
+        raw = os.environ.get(AUTO_THRESHOLD_ENV)
+        return DEFAULT_AUTO_THRESHOLD_BYTES if raw is None or raw.strip() == "" else parse_bytes(raw)
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ValueError(f"auto threshold must be an int >= 0 (bytes), got {threshold!r}")
+    return threshold
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hierarchy: the intra-node and inter-node subgroups of an expert-parallel group
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """This rank's place in a group of n nodes x m ranks, with the two subgroups the 2DH hops run on."""
+
+    layout: GroupLayout
+    node_index: int   # a0: my node among the group's nodes
+    local_index: int  # j0: my index among the group's ranks on my node
+    intra: dist.ProcessGroup  # the group's m ranks on my node
+    inter: dist.ProcessGroup  # the group's n ranks with local index j0, one per node
+
+    @property
+    def num_nodes(self) -> int:
+        return self.layout.num_nodes
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.layout.ranks_per_node
+
+
+# (group, local size) -> its hierarchy, or None where 2DH does not apply (one node, one rank per node, uneven).
+_HIERARCHIES: Dict[Tuple[Any, int], Optional[Hierarchy]] = {}
+
+
+def clear_hierarchy_cache() -> None:
+    """Forgets cached subgroups (after the process groups they belong to were destroyed)."""
+    _HIERARCHIES.clear()
+
+
+def hierarchical_layout(group: Group, topology: Topology) -> Optional[GroupLayout]:
+    """The group's nodes x ranks layout when 2DH can use it (n > 1 nodes, m > 1 ranks each); local, no
+    collective. Raises TopologyError when the group spreads unevenly over nodes."""
+    ranks = group_ranks(group)
+    layout = topology.group_layout(ranks)
+    if layout is None:
+        raise TopologyError(f"the expert-parallel group {ranks} spreads unevenly over nodes of "
+                            f"{topology.local_size} ranks (from {topology.source}): 2dh needs the same number of "
+                            "its ranks on every node it uses; use a2a_algorithm='flat' or 'auto'")
+    if layout.num_nodes == 1 or layout.ranks_per_node == 1:
+        return None
+    return layout
+
+
+def _new_group(ranks: Sequence[int]) -> dist.ProcessGroup:
+    import deepspeed.comm as ds_comm
+    if ds_comm.is_initialized():
+        return ds_comm.new_group(list(ranks))
+    return dist.new_group(list(ranks))
+
+
+def hierarchy(group: Group, device: torch.device, topology: Optional[Topology] = None) -> Optional[Hierarchy]:
+    """The cached hierarchy of `group`; None where 2DH would be flat anyway (one node, one rank per node).
+
+    The first call for a group is a collective over the whole world: every rank must make it at the same
+    point (the first 2dh/auto exchange of a layer does, on every rank). It gathers which expert-parallel
+    group each rank is in and creates the intra- and inter-node subgroups of all of them, on every rank in the
+    same order (torch.distributed requires every rank to take part in creating every group).
+    """
+    topo = topology or from_env()
+    key = (group, topo.local_size)
+    if key in _HIERARCHIES:
+        return _HIERARCHIES[key]
+    world = dist.get_world_size()
+    if topo.world_size != world:
+        raise TopologyError(f"topology is for {topo.world_size} ranks, the world has {world}")
+    if topo.num_nodes == 1:
+        _HIERARCHIES[key] = None
+        return None
+
+    mine = group_ranks(group)
+    row_R = torch.full((world + 1,), -1, dtype=torch.int64, device=device)
+    row_R[0] = topo.local_size
+    row_R[1:1 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
+    rows = [torch.empty_like(row_R) for _ in range(world)]
+    dist.all_gather(rows, row_R)
+    table = torch.stack(rows).cpu().tolist()
+    local_sizes = sorted({row[0] for row in table})
+    if len(local_sizes) != 1:
+        raise TopologyError(f"ranks disagree on ranks per node ({local_sizes}): nodes must be even")
+    partition = sorted({tuple(r for r in row[1:] if r >= 0) for row in table})
+    seen = [r for part in partition for r in part]
+    if len(seen) != len(set(seen)):
+        raise ValueError(f"ranks called the hierarchical all-to-all with overlapping groups {partition}: every "
+                         "rank of the world must pass its own group from one partition (e.g. one ep_size)")
+
+    me = dist.get_rank()
+    found: Optional[Hierarchy] = None
+    for ranks in partition:
+        layout = topo.group_layout(ranks)
+        if layout is None or layout.num_nodes == 1 or layout.ranks_per_node == 1:
+            continue
+        intra = [_new_group(layout.intra_ranks(a)) for a in range(layout.num_nodes)]
+        inter = [_new_group(layout.inter_ranks(j)) for j in range(layout.ranks_per_node)]
+        if me in ranks:
+            w = ranks.index(me)
+            a0, j0 = divmod(w, layout.ranks_per_node)
+            found = Hierarchy(layout, a0, j0, intra[a0], inter[j0])
+    _HIERARCHIES[key] = found
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# All-to-alls in flight: issue now, wait later (async collectives), without autograd
+
+class Pending:
+    """An all-to-all in flight. `output` is allocated at issue time and valid after `wait()`."""
+
+    output: torch.Tensor
+
+    def advance(self) -> None:
+        """Issues the next hop if there is one (blocks until the previous hop is done). Idempotent."""
+
+    def wait(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Done(Pending):
+    def __init__(self, x: torch.Tensor) -> None:
+        self.output = x
+
+    def wait(self) -> torch.Tensor:
+        return self.output
+
+
+class _FlatPending(Pending):
+    def __init__(self, x: torch.Tensor, group: Group) -> None:
+        self._input = x
+        self.output = torch.empty_like(x)
+        self._work = dist.all_to_all_single(self.output, x, group=group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = self._input = None
+        return self.output
+
+
+class _TwoDHPending(Pending):
+    """2DH: inter-node hop, then the intra-node hop per source node straight into the output (no copies)."""
+
+    def __init__(self, x: torch.Tensor, h: Hierarchy) -> None:
+        n, m = h.num_nodes, h.ranks_per_node
+        self._h = h
+        self._x_nmX = x.view(n, m, -1)
+        self.output = torch.empty_like(x)
+        self._out_nmX = self.output.view(n, m, -1)
+        self._mid_nmX = torch.empty_like(self._x_nmX)
+        a0 = h.node_index
+        # Blocks for my own node need no network hop: their intra-node hop overlaps the inter-node one.
+        self._works = [dist.all_to_all_single(self._out_nmX[a0], self._x_nmX[a0], group=h.intra, async_op=True)]
+        self._inter = dist.all_to_all_single(self._mid_nmX, self._x_nmX, group=h.inter, async_op=True)
+
+    def advance(self) -> None:
+        if self._inter is None:
+            return
+        self._inter.wait()
+        self._inter = None
+        # mid[a, j] came from (node a, my local index) for local rank j; out[a, j'] is what (a, j') sent me.
+        for a in range(self._h.num_nodes):
+            if a != self._h.node_index:
+                self._works.append(dist.all_to_all_single(self._out_nmX[a], self._mid_nmX[a], group=self._h.intra,
+                                                          async_op=True))
+
+    def wait(self) -> torch.Tensor:
+        self.advance()
+        for work in self._works:
+            work.wait()
+        self._works = []
+        self._x_nmX = self._mid_nmX = None
+        return self.output
+
+
+class _TwoDHTransposedPending(Pending):
+    """2DH for many nodes: one intra-node collective on a transposed copy, then the transpose back."""
+
+    def __init__(self, x: torch.Tensor, h: Hierarchy) -> None:
+        n, m = h.num_nodes, h.ranks_per_node
+        self._h = h
+        self._input = x
+        self.output = torch.empty_like(x)
+        self._mid_nmX = torch.empty_like(x).view(n, m, -1)
+        self._recv_mnX: Optional[torch.Tensor] = None
+        self._intra = None
+        self._inter = dist.all_to_all_single(self._mid_nmX, x.view(n, m, -1), group=h.inter, async_op=True)
+
+    def advance(self) -> None:
+        if self._inter is None:
+            return
+        self._inter.wait()
+        self._inter = self._input = None
+        send_mnX = self._mid_nmX.transpose(0, 1).contiguous()  # [local rank j, source node a, X]
+        self._mid_nmX = None
+        self._send_mnX = send_mnX
+        self._recv_mnX = torch.empty_like(send_mnX)
+        self._intra = dist.all_to_all_single(self._recv_mnX, send_mnX, group=self._h.intra, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        self.advance()
+        if self._intra is not None:
+            self._intra.wait()
+            self._intra = self._send_mnX = None
+            n, m = self._h.num_nodes, self._h.ranks_per_node
+            # recv[j, a] came from (node a, local rank j): back to group-rank order [a, j].
+            self.output.view(n, m, -1).copy_(self._recv_mnX.transpose(0, 1))
+            self._recv_mnX = None
+        return self.output
+
+
+class Exchange:
+    """The all-to-all of one expert-parallel group with its algorithm chosen: flat, 2dh or auto per size.
+
+    Build it with `plan_exchange` (which validates and, for 2dh/auto, creates the subgroups).
+    `algorithm_for(nbytes)` is a pure function of the message size and the group's layout, so every rank of the
+    group makes the same choice for the same buffer shape.
+    """
+
+    def __init__(self, group: Group, algorithm: str = "flat", hier: Optional[Hierarchy] = None,
+                 threshold_bytes: int = 0, intra_strategy: Optional[str] = None) -> None:
+        self.group = group
+        self.algorithm = check_algorithm(algorithm)
+        self.hierarchy = hier
+        self.threshold_bytes = threshold_bytes
+        if intra_strategy is not None and intra_strategy not in INTRA_STRATEGIES:
+            raise ValueError(f"intra_strategy must be one of {INTRA_STRATEGIES}, got {intra_strategy!r}")
+        self.intra_strategy = intra_strategy
+        self.size = group_size(group)
+
+    def algorithm_for(self, nbytes: int) -> str:
+        """'flat' or '2dh' for a message of nbytes per rank."""
+        if self.hierarchy is None or self.algorithm == "flat":
+            return "flat"
+        if self.algorithm == "2dh":
+            return "2dh"
+        return "2dh" if nbytes <= self.threshold_bytes else "flat"
+
+    def start(self, x: torch.Tensor) -> Pending:
+        """Issues the all-to-all of x (dim 0 divisible by the group size); no autograd."""
+        if self.size == 1:
+            return _Done(x)
+        x = x.contiguous()
+        if x.shape[0] % self.size != 0:
+            raise ValueError(f"all-to-all input dim 0 ({x.shape[0]}) must be divisible by the group size "
+                             f"({self.size})")
+        if self.algorithm_for(x.numel() * x.element_size()) == "flat":
+            return _FlatPending(x, self.group)
+        h = self.hierarchy
+        strategy = self.intra_strategy or ("per_node" if h.num_nodes <= PER_NODE_INTRA_MAX_NODES
+                                           else "transposed")
+        return _TwoDHPending(x, h) if strategy == "per_node" else _TwoDHTransposedPending(x, h)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Synchronous all-to-all with autograd (the backward is the same all-to-all of the gradient)."""
+        if self.size == 1:
+            return x
+        return _ExchangeFn.apply(x, self)
+
+
+def plan_exchange(group: Group, algorithm: str, device: torch.device, *, topology: Optional[Topology] = None,
+                  threshold_bytes: Optional[int] = None, intra_strategy: Optional[str] = None) -> Exchange:
+    """Validates the arguments (locally, before any collective), then builds the group's Exchange.
+
+    For '2dh' and 'auto' on a multi-node job the first call for a group creates its subgroups (a collective
+    over the world, see `hierarchy`). '2dh' on a group that spreads unevenly over nodes raises TopologyError;
+    'auto' falls back to flat there.
+    """
+    check_algorithm(algorithm)
+    threshold = auto_threshold(threshold_bytes)
+    hier = None
+    if algorithm != "flat" and group_size(group) > 1:
+        topo = topology or from_env()
+        if algorithm == "2dh":
+            hierarchical_layout(group, topo)  # raises on uneven groups before any collective
+        hier = hierarchy(group, device, topo)
+    return Exchange(group, algorithm, hier, threshold, intra_strategy)
+
+
+class _ExchangeFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        ctx.exchange = exchange
+        return exchange.start(x).wait()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return ctx.exchange.start(grad).wait(), None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Overlap: asynchronous all-to-alls with autograd, issued and waited in an explicit, rank-independent order
+
+class Schedule:
+    """All-to-alls in flight in one exchange, in issue order.
+
+    Waiting for one advances the next one issued after it (its second hop), so that hop runs while the caller
+    computes. Which op is advanced depends only on the order of issue and wait calls, never on timing, so every
+    rank issues the same collectives in the same order (a mismatch would deadlock or mix up data).
+    """
+
+    def __init__(self) -> None:
+        self._inflight: List[Pending] = []
+
+    def issue(self, pending: Pending) -> Pending:
+        self._inflight.append(pending)
+        return pending
+
+    def wait(self, pending: Pending) -> torch.Tensor:
+        out = pending.wait()
+        i = next(i for i, p in enumerate(self._inflight) if p is pending)
+        del self._inflight[i]
+        if i < len(self._inflight):
+            self._inflight[i].advance()
+        return out
+
+
+class _Slot:
+    """What the start and wait halves of one async all-to-all share (forward op, then gradient op)."""
+
+    def __init__(self, exchange: Exchange, schedule: Schedule) -> None:
+        self.exchange = exchange
+        self.schedule = schedule
+        self.pending: Optional[Pending] = None
+        self.grad_pending: Optional[Pending] = None
+
+
+class _StartFn(torch.autograd.Function):
+    """Issues the all-to-all; returns its output buffer, not yet filled. Backward: waits for the gradient's."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        ctx.slot = slot
+        slot.pending = slot.schedule.issue(slot.exchange.start(x))
+        return slot.pending.output
+
+    @staticmethod
+    def backward(ctx: Any, grad_unfilled: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        slot = ctx.slot
+        grad = slot.schedule.wait(slot.grad_pending)
+        slot.grad_pending = None
+        ctx.slot = None
+        return grad, None
+
+
+class _WaitFn(torch.autograd.Function):
+    """Waits for the all-to-all. Backward: issues the gradient's all-to-all and returns its unfilled output."""
+
+    @staticmethod
+    def forward(ctx: Any, unfilled: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        ctx.slot = slot
+        out = slot.schedule.wait(slot.pending)
+        slot.pending = None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        slot = ctx.slot
+        slot.grad_pending = slot.schedule.issue(slot.exchange.start(grad))
+        ctx.slot = None
+        return slot.grad_pending.output, None
+
+
+def all_to_all_start(x: torch.Tensor, exchange: Exchange, schedule: Schedule) -> Tuple[torch.Tensor, _Slot]:
+    """Issues an async all-to-all of x; pass both results to all_to_all_wait. Differentiable as a pair."""
+    slot = _Slot(exchange, schedule)
+    return _StartFn.apply(x, slot), slot
+
+
+def all_to_all_wait(unfilled: torch.Tensor, slot: _Slot) -> torch.Tensor:
+    """Waits for an all_to_all_start; returns the exchanged tensor."""
+    return _WaitFn.apply(unfilled, slot)

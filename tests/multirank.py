@@ -4,6 +4,9 @@
 gloo in each (DS_ACCELERATOR=cpu), calls `fn(rank, world_size, *args)` and returns the per-rank results. A rank
 that raises makes the whole call raise with its traceback; a rank still running after `timeout` seconds is
 killed and the call fails.
+
+`local_size` emulates several nodes on one machine: ranks are numbered node by node with `local_size` ranks per
+node (LOCAL_SIZE, LOCAL_WORLD_SIZE and LOCAL_RANK say so, as a launcher would); `env` sets further variables.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import os
 import socket
 import time
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.multiprocessing as mp
 
@@ -23,10 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any,
+               local_size: Optional[int] = None, env: Optional[Dict[str, str]] = None) -> None:
+    local = local_size or world_size
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % local), WORLD_SIZE=str(world_size),
+                      LOCAL_SIZE=str(local), LOCAL_WORLD_SIZE=str(local), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    os.environ.update(env or {})
     try:
         import torch
         torch.set_num_threads(1)
@@ -48,12 +54,19 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
             pass
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0) -> List[Any]:
-    """Runs fn(rank, world_size, *args) on `world_size` gloo ranks; returns results ordered by rank."""
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, local_size: Optional[int] = None,
+              env: Optional[Dict[str, str]] = None) -> List[Any]:
+    """Runs fn(rank, world_size, *args) on `world_size` gloo ranks; returns results ordered by rank.
+
+    local_size: ranks per emulated node (default: all on one node); env: extra environment for every rank.
+    """
+    if local_size is not None and (local_size < 1 or world_size % local_size != 0):
+        raise ValueError(f"local_size {local_size} must divide world_size {world_size}")
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, queue), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, queue, local_size, env),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
