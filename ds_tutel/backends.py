@@ -10,7 +10,7 @@ Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 from typing import Callable, Optional, Tuple
 
@@ -27,7 +27,12 @@ DecodeFn = Callable[[torch.Tensor, Routing], torch.Tensor]
 
 
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imports (importing it once is cheap; a broken install counts as absent)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
 
 
 def _interpreting() -> bool:
@@ -47,12 +52,12 @@ def resolve_backend(name: str, device: torch.device) -> str:
         return "torch"
     if name == "auto":
         return "triton" if device.type == "cuda" and _triton_importable() else "torch"
-    if not _triton_importable():
-        raise RuntimeError("dispatch_backend='triton' needs the triton package (pip install ds_tutel[triton]), "
-                           "or use 'auto' / 'torch'")
     if device.type != "cuda" and not _interpreting():
         raise RuntimeError(f"dispatch_backend='triton' runs on GPU tensors; these are on {device.type}. Use 'auto' "
                            "or 'torch', or set TRITON_INTERPRET=1 to run the kernels on the CPU (slow, for tests).")
+    if not _triton_importable():
+        raise RuntimeError("dispatch_backend='triton' needs the triton package (pip install ds_tutel[triton]), "
+                           "or use 'auto' / 'torch'")
     return "triton"
 
 
@@ -84,7 +89,8 @@ def _route_tutel_triton(logits_SE: torch.Tensor,
                         batch_prioritized_routing: bool = False,
                         normalize_gate: bool = True,
                         used_token_S: Optional[torch.Tensor] = None,
-                        agree_capacity: Optional[CapacityAgreement] = None) -> Routing:
+                        agree_capacity: Optional[CapacityAgreement] = None,
+                        selection_scores_SE: Optional[torch.Tensor] = None) -> Routing:
     """route_tutel on Triton kernels: the same Routing, computed by the fused gate kernels."""
     from triton_kernels.gate import tutel_gate
     agree = agree_capacity or (lambda c: c)
@@ -94,7 +100,7 @@ def _route_tutel_triton(logits_SE: torch.Tensor,
         return tutel_capacity(counts_E, S, k, capacity_factor, min_capacity, agree)
 
     probs_SE, gates_SK, indices_SK, locations_SK, counts_E, capacity = tutel_gate(
-        logits_SE, k, normalize_gate, batch_prioritized_routing, used_token_S, capacity_of)
+        logits_SE, k, normalize_gate, batch_prioritized_routing, used_token_S, capacity_of, selection_scores_SE)
     return Routing(indices_SK=indices_SK, locations_SK=locations_SK, gates_SK=gates_SK, capacity=capacity,
                    counts_E=counts_E, probs_SE=probs_SE)
 

@@ -63,6 +63,24 @@ def test_gate_matches_torch(poisoned, k, batch_prioritized_routing, normalize_ga
     torch.testing.assert_close(tri_leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch_prioritized_routing", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_gate_with_selection_scores_matches_torch(poisoned, k, batch_prioritized_routing):
+    gen = torch.Generator().manual_seed(40 + k + batch_prioritized_routing)
+    S, E = 100, 6
+    logits_SE = torch.randn(S, E, generator=gen)
+    # Noise plus a balancing bias: the chosen experts differ from the top-k of the probabilities.
+    selection_SE = logits_SE + torch.randn(S, E, generator=gen) + torch.linspace(-1, 1, E)
+    ref, tri, ref_leaf, tri_leaf = _both(logits_SE, k=k, capacity_factor=1.0, selection_scores_SE=selection_SE,
+                                         batch_prioritized_routing=batch_prioritized_routing)
+    assert not torch.equal(ref.indices_SK, torch.topk(ref.probs_SE, k, dim=1).indices)
+    _assert_same_routing(tri, ref)
+    grad_gates_SK = torch.randn(S, k, generator=gen)
+    for routing in (ref, tri):
+        (routing.gates_SK * grad_gates_SK).sum().backward()
+    torch.testing.assert_close(tri_leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_gate_backward_through_gates_only_and_probs_only(poisoned):
     gen = torch.Generator().manual_seed(5)
     logits_SE = torch.randn(70, 9, generator=gen)
@@ -129,3 +147,5 @@ def test_gate_rejects_bad_shapes(poisoned):
         gate.tutel_gate(torch.randn(4, 3), 4, True, False, None, lambda counts_E: 4)
     with pytest.raises(ValueError, match=r"\[S, E\]"):
         gate.tutel_gate(torch.randn(4), 1, True, False, None, lambda counts_E: 4)
+    with pytest.raises(ValueError, match="selection scores"):
+        gate.tutel_gate(torch.randn(4, 3), 1, True, False, None, lambda counts_E: 4, torch.randn(4, 2))

@@ -2,8 +2,9 @@
 
 Forward, three kernels around one host decision (the capacity):
   1. _softmax_topk_kernel      per block of tokens: fp32 softmax of the logits -> probs_SE; K rounds of argmax
-                               (ties -> the lower expert) -> indices_SK and the top-k gates, normalised to sum 1
-                               when asked; the top-1 score per token for batch-prioritized routing.
+                               over the probabilities, or over caller-given selection scores (ties -> the lower
+                               expert) -> indices_SK and their probabilities as gates, normalised to sum 1 when
+                               asked; the first choice's probability per token for batch-prioritized routing.
   2. _expert_histogram_kernel  per (choice k, block of tokens in priority order): how many choices of the block
                                want each expert -> hist_KBE. Its exclusive prefix sum over (k, block), k-major as
                                the queue is, gives each block its first queue place per expert; its total is
@@ -37,9 +38,10 @@ _FP32_EPS = float(torch.finfo(torch.float32).eps)
 
 
 @triton.jit
-def _softmax_topk_kernel(logits_ptr, probs_ptr, indices_ptr, gates_ptr, score_ptr,
-                         S, E, K, stride_logits, eps,
-                         NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr):
+def _softmax_topk_kernel(logits_ptr, select_ptr, probs_ptr, indices_ptr, gates_ptr, score_ptr,
+                         S, E, K, stride_logits, stride_select, eps,
+                         NORMALIZE: tl.constexpr, HAS_SELECT: tl.constexpr, BLOCK_T: tl.constexpr, EP: tl.constexpr,
+                         KP: tl.constexpr):
     tokens_T = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts_E = tl.arange(0, EP)
     choices_K = tl.arange(0, KP)
@@ -54,16 +56,28 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, indices_ptr, gates_ptr, score_pt
     probs_TE = exp_TE / tl.sum(exp_TE, axis=1)[:, None]
     tl.store(probs_ptr + tokens_T[:, None] * E + experts_E[None, :], probs_TE, mask=ok_TE)
 
-    # Probabilities are >= 0, so -1 marks padding and already chosen experts.
-    left_TE = tl.where(ok_TE, probs_TE, -1.0)
+    # Experts are chosen by the selection scores when given (noise or bias added by the caller), else by the
+    # probabilities; the gate is always the probability. Each round takes the best expert still free, the lowest
+    # index among equals (also when scores are -inf, so a taken expert is never taken twice).
+    if HAS_SELECT:
+        key_TE = tl.load(select_ptr + tokens_T[:, None] * stride_select + experts_E[None, :], mask=ok_TE,
+                         other=float("-inf")).to(tl.float32)
+    else:
+        key_TE = probs_TE
+    free_TE = ok_TE
     top_TK = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
     idx_TK = tl.zeros((BLOCK_T, KP), dtype=tl.int64)
     for k in range(K):
-        best_T, arg_T = tl.max(left_TE, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        top_TK = tl.where(choices_K[None, :] == k, best_T[:, None], top_TK)
+        best_T = tl.max(tl.where(free_TE, key_TE, float("-inf")), axis=1)
+        is_best_TE = free_TE & (key_TE == best_T[:, None])
+        arg_T = tl.min(tl.where(is_best_TE, experts_E[None, :], EP), axis=1)
+        chosen_TE = experts_E[None, :] == arg_T[:, None]
+        gate_T = tl.sum(tl.where(chosen_TE, probs_TE, 0.0), axis=1)
+        top_TK = tl.where(choices_K[None, :] == k, gate_T[:, None], top_TK)
         idx_TK = tl.where(choices_K[None, :] == k, arg_T[:, None].to(tl.int64), idx_TK)
-        left_TE = tl.where(experts_E[None, :] == arg_T[:, None], -1.0, left_TE)
-    tl.store(score_ptr + tokens_T, tl.max(top_TK, axis=1), mask=tok_ok_T)
+        free_TE = free_TE & ~chosen_TE
+    # Batch-prioritized routing orders tokens by the probability of their first choice.
+    tl.store(score_ptr + tokens_T, tl.sum(tl.where(choices_K[None, :] == 0, top_TK, 0.0), axis=1), mask=tok_ok_T)
     if NORMALIZE:
         top_TK = top_TK / tl.maximum(tl.sum(top_TK, axis=1), eps)[:, None]
     ok_TK = tok_ok_T[:, None] & (choices_K[None, :] < K)
@@ -176,12 +190,16 @@ def _token_block(E: int) -> int:
 _SLOT_BLOCK = 64
 
 
-def softmax_topk(logits_SE: torch.Tensor, k: int,
-                 normalize_gate: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(probs_SE fp32, indices_SK int64, gates_SK fp32 unmasked, score_S = top-1 probability); no autograd."""
+def softmax_topk(logits_SE: torch.Tensor, k: int, normalize_gate: bool,
+                 selection_scores_SE: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probs_SE fp32, indices_SK int64, gates_SK fp32 unmasked, score_S = probability of the first choice);
+    no autograd. The experts are the top-k of selection_scores_SE when given, else of the probabilities."""
     S, E = logits_SE.shape
     if logits_SE.stride(1) != 1:
         logits_SE = logits_SE.contiguous()
+    if selection_scores_SE is not None and selection_scores_SE.stride(1) != 1:
+        selection_scores_SE = selection_scores_SE.contiguous()
     device = logits_SE.device
     probs_SE = _empty((S, E), torch.float32, device)
     indices_SK = _empty((S, k), torch.int64, device)
@@ -191,8 +209,11 @@ def softmax_topk(logits_SE: torch.Tensor, k: int,
         return probs_SE, indices_SK, gates_SK, score_S
     BLOCK_T = _token_block(E)
     _softmax_topk_kernel[(triton.cdiv(S, BLOCK_T),)](
-        logits_SE, probs_SE, indices_SK, gates_SK, score_S, S, E, k, logits_SE.stride(0), _FP32_EPS,
-        NORMALIZE=normalize_gate, BLOCK_T=BLOCK_T, EP=triton.next_power_of_2(E), KP=triton.next_power_of_2(k))
+        logits_SE, selection_scores_SE if selection_scores_SE is not None else logits_SE, probs_SE, indices_SK,
+        gates_SK, score_S, S, E, k, logits_SE.stride(0),
+        selection_scores_SE.stride(0) if selection_scores_SE is not None else 0, _FP32_EPS,
+        NORMALIZE=normalize_gate, HAS_SELECT=selection_scores_SE is not None, BLOCK_T=BLOCK_T,
+        EP=triton.next_power_of_2(E), KP=triton.next_power_of_2(k))
     return probs_SE, indices_SK, gates_SK, score_S
 
 
@@ -238,9 +259,10 @@ class _TutelGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits_SE: torch.Tensor, k: int, normalize_gate: bool, batch_prioritized_routing: bool,
-                used_S: Optional[torch.Tensor], capacity_of: Callable[[torch.Tensor], int]) -> Tuple[Any, ...]:
+                used_S: Optional[torch.Tensor], capacity_of: Callable[[torch.Tensor], int],
+                selection_scores_SE: Optional[torch.Tensor]) -> Tuple[Any, ...]:
         E = logits_SE.shape[1]
-        probs_SE, indices_SK, gates_SK, score_S = softmax_topk(logits_SE, k, normalize_gate)
+        probs_SE, indices_SK, gates_SK, score_S = softmax_topk(logits_SE, k, normalize_gate, selection_scores_SE)
         order_S = torch.sort(-score_S, stable=True).indices if batch_prioritized_routing else None
         offsets_KBE, counts_E = queue_offsets(indices_SK, order_S, used_S, E)
         capacity = int(capacity_of(counts_E))
@@ -269,17 +291,18 @@ class _TutelGate(torch.autograd.Function):
                 S, E, K, grad_logits_SE.stride(0), _FP32_EPS, NORMALIZE=ctx.normalize_gate,
                 HAS_GRAD_GATES=grad_gates_SK is not None, HAS_GRAD_PROBS=grad_probs_SE is not None,
                 BLOCK_T=BLOCK_T, EP=triton.next_power_of_2(E))
-        return grad_logits_SE, None, None, None, None, None
+        return grad_logits_SE, None, None, None, None, None, None
 
 
 def tutel_gate(logits_SE: torch.Tensor, k: int, normalize_gate: bool, batch_prioritized_routing: bool,
                used_S: Optional[torch.Tensor],
-               capacity_of: Callable[[torch.Tensor], int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                     torch.Tensor, torch.Tensor, int]:
+               capacity_of: Callable[[torch.Tensor], int], selection_scores_SE: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Tutel's routing of logits_SE [S, E] on the GPU (see the module docstring).
 
     capacity_of maps counts_E (live choices per expert) to the capacity (it may all-reduce across ranks).
     used_S, if given, marks the tokens that take part (nonzero); the others get no slot and a zero gate.
+    selection_scores_SE, if given, chooses the experts (no gradient flows into it); gates stay softmax(logits).
     Returns (probs_SE, gates_SK, indices_SK, locations_SK, counts_E, capacity); gates are 0 where dropped.
     """
     if logits_SE.dim() != 2:
@@ -289,7 +312,13 @@ def tutel_gate(logits_SE: torch.Tensor, k: int, normalize_gate: bool, batch_prio
         raise ValueError(f"tutel_gate: k must be in [1, num_experts={E}], got {k}")
     if used_S is not None:
         used_S = used_S.reshape(-1).ne(0).to(torch.int8).contiguous()
-    return _TutelGate.apply(logits_SE, k, normalize_gate, batch_prioritized_routing, used_S, capacity_of)
+    if selection_scores_SE is not None:
+        if selection_scores_SE.shape != logits_SE.shape:
+            raise ValueError(f"tutel_gate: selection scores {tuple(selection_scores_SE.shape)} must have the shape "
+                             f"of the logits {tuple(logits_SE.shape)}")
+        selection_scores_SE = selection_scores_SE.detach()
+    return _TutelGate.apply(logits_SE, k, normalize_gate, batch_prioritized_routing, used_S, capacity_of,
+                            selection_scores_SE)
 
 
 __all__ = ["assign_slots", "queue_offsets", "softmax_topk", "tutel_gate"]
