@@ -126,9 +126,10 @@ def _assign_slots_kernel(indices_ptr, order_ptr, used_ptr, offsets_ptr, gates_pt
     k = tl.program_id(1)
     tokens_T, experts_T, live_T = _load_block_choices(indices_ptr, order_ptr, used_ptr, block, k, S, K, HAS_ORDER,
                                                       HAS_USED, BLOCK_T)
-    # Place inside the block: earlier live choices (j < i) of the block that want the same expert.
+    # Place inside the block: earlier choices (j < i) of the block that want the same expert (dead ones have
+    # expert -1, so they match no live choice).
     pos_T = tl.arange(0, BLOCK_T)
-    same_TT = (experts_T[:, None] == experts_T[None, :]) & (pos_T[None, :] < pos_T[:, None]) & live_T[None, :]
+    same_TT = (experts_T[:, None] == experts_T[None, :]) & (pos_T[None, :] < pos_T[:, None])
     rank_T = tl.sum(same_TT.to(tl.int32), axis=1).to(tl.int64)
     row = (k * num_blocks + block).to(tl.int64)
     first_T = tl.load(offsets_ptr + row * E + experts_T, mask=live_T, other=0)
