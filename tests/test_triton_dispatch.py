@@ -160,17 +160,31 @@ def test_gather_rows_fused_dot_sums_over_blocks_of_m(poisoned):
     dispatch, _ = load_interpreted()
     gen = torch.Generator().manual_seed(8)
     src_XM = torch.randn(7, 300, generator=gen)  # three blocks of M under the interpreter
-    idx_R1 = torch.tensor([[3], [-1], [0], [6], [-1], [3]])
+    idx_R1 = torch.tensor([[3], [-1], [0], [6], [-1], [5]])
     w_R1 = torch.rand(6, 1, generator=gen)
     other_RM = torch.randn(6, 300, generator=gen)
-    out_RM, dot_R = dispatch.gather_rows(src_XM, idx_R1, w_R1, dot_RM=other_RM)
+    out_RM, dot_I = dispatch.gather_rows(src_XM, idx_R1, w_R1, dot_RM=other_RM, num_idx=9)
     live = idx_R1[:, 0] >= 0
     rows_RM = torch.where(live.unsqueeze(1), src_XM[idx_R1[:, 0].clamp(min=0)], torch.zeros(1))
     torch.testing.assert_close(out_RM, rows_RM * w_R1)
-    torch.testing.assert_close(dot_R, (rows_RM * other_RM).sum(dim=1), rtol=1e-5, atol=1e-5)
-    assert torch.equal(dot_R[~live], torch.zeros(int((~live).sum())))
+    expected_I = torch.zeros(9)
+    expected_I[idx_R1[live, 0]] = (rows_RM * other_RM).sum(dim=1)[live]
+    torch.testing.assert_close(dot_I, expected_I, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one source row"):
-        dispatch.gather_rows(src_XM, idx_R1.repeat(1, 2), dot_RM=other_RM)
+        dispatch.gather_rows(src_XM, idx_R1.repeat(1, 2), dot_RM=other_RM, num_idx=9)
+
+
+def test_gather_rows_index_divisor_and_weights_by_index(poisoned):
+    dispatch, _ = load_interpreted()
+    gen = torch.Generator().manual_seed(9)
+    src_XM = torch.randn(5, 70, generator=gen)
+    idx_R1 = torch.tensor([[9], [-1], [0], [4], [7]])  # index j reads source row j // 2 with weight w[j]
+    w_J = torch.rand(10, generator=gen)
+    out_RM, _ = dispatch.gather_rows(src_XM, idx_R1, w_J, idx_div=2, w_by_idx=True)
+    live = idx_R1[:, 0] >= 0
+    j = idx_R1[:, 0].clamp(min=0)
+    expected_RM = torch.where(live.unsqueeze(1), src_XM[j // 2] * w_J[j].unsqueeze(1), torch.zeros(1))
+    torch.testing.assert_close(out_RM, expected_RM)
 
 
 def test_slot_maps_are_inverse(poisoned):
