@@ -1,0 +1,236 @@
+"""All-to-all bandwidth against message size: flat vs hierarchical (2DH), the analogue of Tutel's a2a figure.
+
+Two ways to run it:
+  python benchmarks/bench_alltoall.py --world 4 --local-size 2      spawns 4 gloo ranks here ("2 nodes" x 2,
+                                                                     all on loopback), writes JSON (+ PNG)
+  python benchmarks/bench_alltoall.py --worker --rank R ...          one rank of a job started by someone else
+                                                                     (benchmarks/emulated_cluster.py)
+  python benchmarks/bench_alltoall.py --plot a.json [b.json ...] --png out.png   redraws results
+
+Size = bytes each rank sends in one all-to-all (its whole [E, C, M] buffer). For each size the algorithms run
+interleaved (flat, 2dh, 2dh with the transposed intra-node hop, ...), each iteration timed between barriers and
+taken as the slowest rank's time; the median over iterations is reported. Loops are bounded both in count
+(--iters) and in time (--budget seconds per size). Also reported: the auto threshold this run supports, i.e.
+the largest size up to which 2dh beat flat at every measured size (0 when it never did), the value to give
+DS_TUTEL_A2A_AUTO_THRESHOLD on this cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+VARIANTS = {  # name -> (algorithm, intra-node strategy)
+    "flat": ("flat", None),
+    "2dh": ("2dh", "per_node"),
+    "2dh_transposed": ("2dh", "transposed"),
+}
+# 2dh must beat flat by this margin (median over median) before the threshold counts a size as a 2dh win.
+WIN_MARGIN = 1.05
+
+
+def parse_size(text: str) -> int:
+    from ds_tutel.comm import parse_bytes
+    return parse_bytes(text)
+
+
+def sizes_between(lo: int, hi: int, factor: int) -> List[int]:
+    sizes, s = [], lo
+    while s <= hi:
+        sizes.append(s)
+        s *= factor
+    return sizes
+
+
+def recommended_threshold(rows: List[Dict], margin: float = WIN_MARGIN) -> int:
+    """Largest size such that 2dh beat flat by `margin` at it and at every smaller measured size."""
+    threshold = 0
+    for row in sorted(rows, key=lambda r: r["bytes"]):
+        if row["flat_s"] >= margin * row["2dh_s"]:
+            threshold = row["bytes"]
+        else:
+            break
+    return threshold
+
+
+def measure(sizes: List[int], variants: List[str], iters: int, budget_s: float, warmup: int = 1,
+            log=print) -> List[Dict]:
+    """Runs on every rank of an initialised job; returns rows (identical on every rank)."""
+    import torch
+    import torch.distributed as dist
+    from ds_tutel import comm
+
+    world = dist.get_world_size()
+    device = torch.device("cpu")
+    exchanges = {name: comm.plan_exchange(None, VARIANTS[name][0], device, intra_strategy=VARIANTS[name][1])
+                 for name in variants}
+    rows = []
+    for nbytes in sizes:
+        numel = max(world, nbytes // 4 // world * world)
+        x = torch.randn(numel)
+        times: Dict[str, List[float]] = {name: [] for name in variants}
+        started = time.monotonic()
+        for it in range(warmup + iters):
+            for name in variants:
+                dist.barrier()
+                t0 = time.perf_counter()
+                exchanges[name].start(x).wait()
+                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if it >= warmup:
+                    times[name].append(float(elapsed))
+            # Every rank must take the same decision to stop: broadcast rank 0's clock.
+            over = torch.tensor([float(time.monotonic() - started > budget_s)])
+            dist.broadcast(over, 0)
+            if it >= warmup and over.item():
+                break
+        row = {"bytes": numel * 4, "iters": len(times[variants[0]])}
+        for name in variants:
+            row[f"{name}_s"] = statistics.median(times[name])
+            row[f"{name}_min_s"] = min(times[name])
+        row["speedup_2dh"] = row["flat_s"] / row["2dh_s"] if "2dh" in variants else None
+        rows.append(row)
+        if dist.get_rank() == 0:
+            log(" ".join([f"{row['bytes']:>10d} B"] + [f"{n} {row[n + '_s'] * 1e3:9.3f} ms" for n in variants]
+                         + ([f"2dh/flat speed {row['speedup_2dh']:.2f}x"] if row["speedup_2dh"] else [])))
+    return rows
+
+
+def report(rows: List[Dict], args: argparse.Namespace, setup: str) -> Dict:
+    import torch
+    from ds_tutel import topology
+    topo = topology.from_env()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform(terse=True)},
+        "backend": "gloo", "setup": setup,
+        "world": topo.world_size, "nodes": topo.num_nodes, "ranks_per_node": topo.local_size,
+        "iters": args.iters, "budget_s": args.budget, "win_margin": WIN_MARGIN,
+        "recommended_auto_threshold_bytes": recommended_threshold(rows) if "2dh" in args.variants else None,
+        "rows": rows,
+    }
+
+
+def plot(results: List[Dict], png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_bw, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for res in results:
+        label = f"{res['nodes']}x{res['ranks_per_node']} {res['setup']}"
+        xs = [r["bytes"] for r in res["rows"]]
+        for name, style in (("flat", "-o"), ("2dh", "--s"), ("2dh_transposed", ":^")):
+            if f"{name}_s" in res["rows"][0]:
+                bw = [r["bytes"] / r[f"{name}_s"] / 1e6 for r in res["rows"]]
+                ax_bw.plot(xs, bw, style, label=f"{name} {label}", markersize=4)
+        ax_ratio.plot(xs, [r["flat_s"] / r["2dh_s"] for r in res["rows"]], "-o", label=label, markersize=4)
+    for ax in (ax_bw, ax_ratio):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bytes per rank")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_bw.set_yscale("log")
+    ax_bw.set_ylabel("algorithm bandwidth, MB/s per rank")
+    ax_bw.set_title("all-to-all bandwidth (gloo)")
+    ax_ratio.axhline(1.0, color="k", linewidth=0.8)
+    ax_ratio.set_ylabel("2dh speed / flat speed (>1: 2dh wins)")
+    ax_ratio.set_title("2dh vs flat")
+    ax_bw.legend(fontsize=6)
+    ax_ratio.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _init(rank: int, world: int, local_size: int, master_addr: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % local_size),
+                      LOCAL_SIZE=str(local_size), LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR=master_addr,
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    import torch
+    torch.set_num_threads(1)
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def _worker(rank: int, args: argparse.Namespace, setup: str) -> None:
+    import torch.distributed as dist
+    _init(rank, args.world, args.local_size, args.master_addr, args.master_port)
+    try:
+        sizes = sizes_between(parse_size(args.min_bytes), parse_size(args.max_bytes), args.factor)
+        rows = measure(sizes, args.variants, args.iters, args.budget)
+        if rank == 0:
+            result = report(rows, args, setup)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+            print(f"wrote {args.out}; recommended auto threshold: {result['recommended_auto_threshold_bytes']} B")
+            if args.png:
+                plot([result], args.png)
+                print(f"wrote {args.png}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--local-size", type=int, default=2, help="ranks per (emulated) node")
+    p.add_argument("--min-bytes", default="1K")
+    p.add_argument("--max-bytes", default="64M")
+    p.add_argument("--factor", type=int, default=4, help="size step")
+    p.add_argument("--iters", type=int, default=7, help="timed iterations per size at most")
+    p.add_argument("--budget", type=float, default=4.0, help="seconds per size at most (after one iteration)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--out", default="benchmarks/results/alltoall_loopback.json")
+    p.add_argument("--png", default=None)
+    p.add_argument("--setup", default=None, help="what the network is (recorded in the JSON)")
+    p.add_argument("--worker", action="store_true", help="run one rank of an externally started job")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=0)
+    p.add_argument("--plot", nargs="+", default=None, help="JSON results to draw into --png")
+    args = p.parse_args(argv)
+
+    if args.plot:
+        results = []
+        for path in args.plot:
+            with open(path) as f:
+                results.append(json.load(f))
+        plot(results, args.png or "benchmarks/results/alltoall.png")
+        return 0
+    if args.world % args.local_size != 0:
+        p.error(f"--local-size {args.local_size} must divide --world {args.world}")
+    if "flat" not in args.variants:
+        args.variants.insert(0, "flat")
+    setup = args.setup or "one machine, loopback (gloo over TCP)"
+    if args.worker:
+        _worker(args.rank, args, setup)
+        return 0
+    import torch.multiprocessing as mp
+    args.master_port = args.master_port or _free_port()
+    mp.start_processes(_spawned, args=(args, setup), nprocs=args.world, join=True, start_method="spawn")
+    return 0
+
+
+def _spawned(rank: int, args: argparse.Namespace, setup: str) -> None:
+    _worker(rank, args, setup)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
