@@ -1,7 +1,7 @@
 """Gate, encode and decode, forward + backward: Triton kernels vs the torch path vs DeepSpeed's sparse path.
 
-    python benchmarks/bench_kernels.py                 # on a GPU: S = 16k tokens, M = 2048/4096, E = 8..128, k = 1, 2, 4
-    python benchmarks/bench_kernels.py --smoke         # tiny sizes; on a CPU it runs the kernels in Triton's interpreter
+    python benchmarks/bench_kernels.py          # on a GPU: S = 16k tokens, M = 2048/4096, E = 8..128, k = 1, 2, 4
+    python benchmarks/bench_kernels.py --smoke  # tiny sizes; on a CPU it runs the kernels in Triton's interpreter
 
 For every shape it first checks that the three paths agree (same routing from the Triton and torch gates, same
 buffers and outputs from every encode/decode), then times them interleaved (path after path, repeated; the median

@@ -11,10 +11,10 @@ Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Callable, Optional, Tuple
 
 import torch
+from triton_kernels import interpreting  # the package's __init__ does not import triton
 
 from . import dispatch as torch_dispatch
 from .routing import CapacityAgreement, Routing
@@ -35,10 +35,6 @@ def _triton_importable() -> bool:
     return True
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(name: str, device: torch.device) -> str:
     """"torch" or "triton" for tensors on `device`.
 
@@ -52,7 +48,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
         return "torch"
     if name == "auto":
         return "triton" if device.type == "cuda" and _triton_importable() else "torch"
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not interpreting():
         raise RuntimeError(f"dispatch_backend='triton' runs on GPU tensors; these are on {device.type}. Use 'auto' "
                            "or 'torch', or set TRITON_INTERPRET=1 to run the kernels on the CPU (slow, for tests).")
     if not _triton_importable():

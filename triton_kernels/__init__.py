@@ -6,18 +6,12 @@ Importing this package does not import triton; importing its submodules does.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 
-def available() -> bool:
-    """True when triton can be imported (its kernels still need a GPU, or TRITON_INTERPRET=1 on the CPU)."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def interpreting() -> bool:
-    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1; read as triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
 
 
-__all__ = ["available", "interpreting"]
+__all__ = ["interpreting"]
