@@ -8,7 +8,7 @@ Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -255,8 +255,12 @@ class Gate(nn.Module):
 
     def forward(self, x_SM: torch.Tensor, used_token_S: Optional[torch.Tensor] = None,
                 agree_capacity: Optional[CapacityAgreement] = None, capacity_factor: Optional[float] = None,
-                k: Optional[int] = None) -> Tuple[Routing, torch.Tensor]:
-        """Routes tokens [S, M]; capacity_factor and k override the configured ones for this call only."""
+                k: Optional[int] = None, tutel_router: Callable[..., Routing] = route_tutel
+                ) -> Tuple[Routing, torch.Tensor]:
+        """Routes tokens [S, M]; capacity_factor and k override the configured ones for this call only.
+
+        tutel_router computes capacity_mode="tutel" routings (route_tutel, or its Triton twin on GPUs).
+        """
         opts = self.options
         k = self.k if k is None else k
         if capacity_factor is None:
@@ -279,7 +283,7 @@ class Gate(nn.Module):
                     scores_SE = F.softmax(noisy_SE, dim=1)
                     if opts.expert_bias:
                         scores_SE = scores_SE + self.expert_bias
-                routing = route_tutel(logits_SE, k=k, capacity_factor=capacity_factor,
+                routing = tutel_router(logits_SE, k=k, capacity_factor=capacity_factor,
                                       min_capacity=self.min_capacity,
                                       batch_prioritized_routing=opts.batch_prioritized_routing,
                                       normalize_gate=opts.normalize_gate, used_token_S=used_token_S,

@@ -17,7 +17,8 @@ from deepspeed.utils import groups
 from torch import nn
 
 from . import comm
-from .dispatch import decode, encode, grouped_decode, grouped_encode, grouped_plan
+from .backends import dispatch_functions, resolve_backend, tutel_router
+from .dispatch import grouped_decode, grouped_encode, grouped_plan
 from .config import ConfigSource, moe_kwargs
 from .exchange import exchange_and_compute
 from .experts import Experts
@@ -25,16 +26,17 @@ from .gating import NOISY_GATE_POLICIES, Gate
 from .routing import Routing
 from .stats import RoutingStats, routing_stats
 from .options import RouterOptions
-from .validation import (check_capacity_factor, check_constructor, check_exchange, check_forward_input, check_k,
-                         check_parallel_setup)
+from .validation import (check_backend, check_capacity_factor, check_constructor, check_exchange,
+                         check_forward_input, check_k, check_parallel_setup)
 
 
 class MOELayer(nn.Module):
     """gate -> encode -> all-to-all -> experts -> all-to-all -> decode, in DeepSpeed's module layout."""
 
     def __init__(self, gate: Gate, experts: Experts, ep_group_name: str, ep_size: int, num_local_experts: int,
-                 a2a_algorithm: str = "flat", a2a_ffn_overlap_degree: int = 1) -> None:
+                 a2a_algorithm: str = "flat", a2a_ffn_overlap_degree: int = 1, dispatch_backend: str = "auto") -> None:
         super().__init__()
+        self.dispatch_backend = dispatch_backend
         self.a2a_algorithm = a2a_algorithm
         self.a2a_ffn_overlap_degree = a2a_ffn_overlap_degree
         self.gate = gate
@@ -65,21 +67,26 @@ class MOELayer(nn.Module):
         M = hidden_states.shape[-1]
         x_SM = hidden_states.reshape(-1, M)
         used_S = None if used_token is None else used_token.reshape(-1)
+        backend = resolve_backend(self.dispatch_backend, x_SM.device)
         routing, self.l_aux = self.gate(x_SM, used_S, self._agree_capacity(x_SM.device),
-                                        capacity_factor=capacity_factor, k=k)
+                                        capacity_factor=capacity_factor, k=k, tutel_router=tutel_router(backend))
         self.exp_counts = routing.counts_E.detach()
         self.last_routing = routing
 
-        if self.ep_size == 1:
-            # No exchange: each expert runs on exactly its kept tokens (and a None group would mean the whole
-            # world to torch.distributed).
+        if self.ep_size == 1 and backend == "torch":
+            # No exchange: each expert runs on exactly its kept tokens.
             plan = grouped_plan(routing)
             outs_nM = self.experts.forward_grouped(grouped_encode(x_SM, plan))
             y_SM = grouped_decode(outs_nM, plan)
         else:
+            encode, decode = dispatch_functions(backend)
             buf_ECM = encode(x_SM, routing)
-            out_ECM = exchange_and_compute(buf_ECM, self.experts, self.ep_group, self.num_local_experts,
-                                           algorithm=self.a2a_algorithm, overlap_degree=self.a2a_ffn_overlap_degree)
+            if self.ep_size == 1:  # a None group would mean the whole world to torch.distributed
+                out_ECM = self.experts(buf_ECM.unsqueeze(0)).squeeze(0)
+            else:
+                out_ECM = exchange_and_compute(buf_ECM, self.experts, self.ep_group, self.num_local_experts,
+                                               algorithm=self.a2a_algorithm,
+                                               overlap_degree=self.a2a_ffn_overlap_degree)
             y_SM = decode(out_ECM, routing)
         return y_SM.reshape(hidden_states.shape)
 
@@ -95,6 +102,7 @@ class MoE(ds_layer.MoE):
       a2a_algorithm: "flat" | "2dh" | "auto", the all-to-all over the expert-parallel group.
       a2a_ffn_overlap_degree: split the dispatched buffer into this many capacity chunks so that the
         all-to-all of one chunk overlaps the experts of another.
+      dispatch_backend: "auto" (Triton kernels for tensors on a GPU, torch on the CPU) | "triton" | "torch".
     """
 
     def __init__(self,
@@ -125,7 +133,8 @@ class MoE(ds_layer.MoE):
                  expert_bias: bool = False,
                  expert_bias_rate: float = 1e-3,
                  a2a_algorithm: str = "flat",
-                 a2a_ffn_overlap_degree: int = 1) -> None:
+                 a2a_ffn_overlap_degree: int = 1,
+                 dispatch_backend: str = "auto") -> None:
         options = RouterOptions(capacity_mode=capacity_mode, batch_prioritized_routing=batch_prioritized_routing,
                                 normalize_gate=normalize_gate, gate_noise=gate_noise, input_dropout=input_dropout,
                                 input_jitter=input_jitter, aux_loss=aux_loss, z_loss_coef=z_loss_coef,
@@ -135,6 +144,7 @@ class MoE(ds_layer.MoE):
                           min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy,
                           allowed_policies=NOISY_GATE_POLICIES, capacity_mode=capacity_mode)
         check_exchange(a2a_algorithm, a2a_ffn_overlap_degree)
+        check_backend(dispatch_backend)
         # DeepSpeed's own __init__ would build its layer only for us to replace it: initialise nn.Module directly.
         nn.Module.__init__(self)
         self.hidden_size = hidden_size
@@ -150,7 +160,8 @@ class MoE(ds_layer.MoE):
                     noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling, options)
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
-                                      a2a_algorithm=a2a_algorithm, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree)
+                                      a2a_algorithm=a2a_algorithm, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
+                                      dispatch_backend=dispatch_backend)
         if use_residual:
             self.mlp = expert
             self.coefficient = nn.Linear(hidden_size, 2)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .options import A2A_ALGORITHMS
+from .options import A2A_ALGORITHMS, DISPATCH_BACKENDS
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -55,6 +55,11 @@ def check_exchange(a2a_algorithm: Any, overlap_degree: Any) -> None:
         raise ValueError(f"a2a_algorithm must be one of {A2A_ALGORITHMS}, got {a2a_algorithm!r}")
     if isinstance(overlap_degree, bool) or not isinstance(overlap_degree, int) or overlap_degree < 1:
         raise ValueError(f"a2a_ffn_overlap_degree must be an int >= 1, got {overlap_degree!r}")
+
+
+def check_backend(dispatch_backend: Any) -> None:
+    if dispatch_backend not in DISPATCH_BACKENDS:
+        raise ValueError(f"dispatch_backend must be one of {DISPATCH_BACKENDS}, got {dispatch_backend!r}")
 
 
 def check_parallel_setup(ep_size: int, mpu: Any, expert_tensor_parallel: bool) -> None:
