@@ -197,4 +197,6 @@ def _cli(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli())
+    # Run the package's copy of this module, so its exception classes are the ones reshard.py raises.
+    from ds_tutel.checkpoint import _cli as package_cli
+    sys.exit(package_cli())

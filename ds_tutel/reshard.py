@@ -64,6 +64,7 @@ def read_full_states(tag_dir: str, manifest: Dict[str, Any]) -> Dict[str, Any]:
     # name -> [(partition index, {key: fragment_P})]
     fragments: Dict[str, List[Tuple[int, Dict[str, torch.Tensor]]]] = defaultdict(list)
     steps, lrs = set(), set()
+    step_value: Any = None
     for rank, path in enumerate(_zero_shards(tag_dir, manifest)):
         try:
             shard = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
@@ -77,6 +78,7 @@ def read_full_states(tag_dir: str, manifest: Dict[str, Any]) -> Dict[str, Any]:
             state = base["state"].get(g, {})
             step = state.get("step", group.get("step"))
             steps.add(float(step) if step is not None else None)
+            step_value = step
             lrs.add(group["lr"])
             for name, address in shard["param_slice_mappings"][g].items():
                 piece = {"fp32": fp32_P.narrow(0, address.start, address.numel)}
@@ -90,7 +92,7 @@ def read_full_states(tag_dir: str, manifest: Dict[str, Any]) -> Dict[str, Any]:
         pieces.sort(key=lambda item: item[0])
         params[name] = {key: torch.cat([piece[key] for _, piece in pieces]).clone()
                         for key in ("fp32",) + OPTIM_KEYS}
-    return {"params": params, "step": steps.pop(), "lr": lrs.pop()}
+    return {"params": params, "step": step_value, "lr": lrs.pop()}
 
 
 def _rebuild_rank(rank: int, world_size: int, job: Dict[str, Any]) -> List[str]:
@@ -105,6 +107,18 @@ def _rebuild_rank(rank: int, world_size: int, job: Dict[str, Any]) -> List[str]:
     num_local = cfg.num_experts // cfg.ep_size
     engine = build_engine(GPTMoE(cfg, ep_rank=ep_rank), job["ds_config"])
     states = torch.load(job["states_path"], map_location="cpu", weights_only=True, mmap=True)
+    # torch's Adam creates its state at the first step and DeepSpeed links each parameter's view of it then;
+    # create the state now (values are overwritten below) and link it the same way.
+    inner = engine.optimizer.optimizer
+    for group in inner.param_groups:
+        group["lr"] = states["lr"]
+        for flat in group["params"]:
+            inner.state[flat] = {"step": states["step"].clone() if torch.is_tensor(states["step"]) else states["step"],
+                                 **{key: torch.zeros_like(flat) for key in OPTIM_KEYS}}
+    if not hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        raise CheckpointError("this DeepSpeed version's ZeRO optimizer cannot link optimizer state; reshard needs "
+                              "ZeRO stage 1 or 2")
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
     used = []
     for name, param in engine.module.named_parameters():
         full = states["params"].get(global_name(name, ep_rank, num_local))
@@ -119,13 +133,6 @@ def _rebuild_rank(rank: int, world_size: int, job: Dict[str, Any]) -> List[str]:
         for key in OPTIM_KEYS:
             safe_set_full_optimizer_state(param, full[key].view(param.shape), key)
         used.append(global_name(name, ep_rank, num_local))
-    inner = engine.optimizer.optimizer
-    for group in inner.param_groups:
-        group["lr"] = states["lr"]
-        for flat in group["params"]:
-            state = inner.state[flat]
-            state["step"] = torch.tensor(states["step"], dtype=state["step"].dtype) \
-                if torch.is_tensor(state.get("step")) else states["step"]
     if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
     engine.global_steps = job["meta"]["step"]

@@ -84,6 +84,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("steps", "eval_every", "save_every", "seed", "max_bytes", "sample_tokens", "eval_windows",
                  "eval_batch"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="end this invocation after STEP (checkpointed); --resume continues on the same schedule")
     p.add_argument("--precision", default=None, choices=("auto", "bf16", "fp32"))
     p.add_argument("--data", nargs="+", default=None, help="text files or directories (default: the stdlib)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
@@ -241,7 +243,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     bar = tqdm(total=settings.steps, initial=start_step, disable=rank != 0, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0)
     last_val = None
-    for step in range(start_step + 1, settings.steps + 1):
+    end_step = settings.steps if args.stop_at is None else min(args.stop_at, settings.steps)
+    for step in range(start_step + 1, end_step + 1):
         t0 = time.time()
         metrics = train_step(engine, corpus, settings, step, rank)
         seconds = time.time() - t0
@@ -256,9 +259,13 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             log.write({"type": "val", "step": step, "val_loss": last_val})
             if rank == 0:
                 bar.write(f"step {step}: validation loss {last_val:.4f}")
-        if step % settings.save_every == 0 or step == settings.steps:
+        if step % settings.save_every == 0 or step == end_step:
             save(step)
     bar.close()
+    if end_step < settings.steps:
+        if rank == 0:
+            print(f"stopped after step {end_step} of {settings.steps}; continue with --resume", flush=True)
+        return {"steps": settings.steps, "stopped_at": end_step, "world_size": world, "ep_size": cfg.ep_size}
     if start_step == settings.steps:
         last_val = evaluate()
 
