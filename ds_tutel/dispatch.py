@@ -1,8 +1,9 @@
 """Sparse encode (tokens -> expert buffer) and decode (expert buffer -> tokens), torch reference path.
 
 Both move O(S * K * M) elements: a kept choice is one row copy, a dropped choice nothing. No one-hot or
-[S, E, C] combine tensor is built. Forward and backward are gathers and scatters with unique targets, so the
-results are deterministic.
+[S, E, C] combine tensor is built. Sums over a token's k choices use index_add_, which is sequential (so
+deterministic) on the CPU, this path's home; on GPUs the Triton kernels (ds_tutel.backends) write each row once
+and need no atomics.
 
 Two layouts: the capacity buffer [E, C, M] that the all-to-all exchanges (encode/decode), and a grouped buffer
 [J, M] of the J kept choices, expert after expert, with no empty slots (grouped_encode/grouped_decode), which

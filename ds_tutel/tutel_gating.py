@@ -64,6 +64,7 @@ def route_tutel(logits_SE: torch.Tensor,
     the gate values always come from softmax(logits).
     """
     agree = agree_capacity or (lambda c: c)
+    logits_SE = logits_SE.float()
     S, E = logits_SE.shape
     probs_SE = F.softmax(logits_SE, dim=1)
     if selection_scores_SE is None:
