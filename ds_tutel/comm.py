@@ -19,9 +19,8 @@ L local experts, C capacity, M model dim.
 """
 from __future__ import annotations
 
-import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,9 +40,6 @@ DEFAULT_AUTO_THRESHOLD_BYTES = 0
 # (no copy); beyond it, as one collective on a transposed copy (fewer launches). See docs/ALLTOALL.md.
 PER_NODE_INTRA_MAX_NODES = 8
 INTRA_STRATEGIES = ("per_node", "transposed")
-# The inter-node hop of the per-node strategy: point-to-point messages (default on gloo, where a collective would
-# also copy this rank's own share through the transport) or one collective (default elsewhere).
-INTER_HOPS = ("p2p", "collective")
 
 
 def group_size(group: Group) -> int:
@@ -134,11 +130,6 @@ class Hierarchy:
     local_index: int  # j0: my index among the group's ranks on my node
     intra: dist.ProcessGroup  # the group's m ranks on my node
     inter: dist.ProcessGroup  # the group's n ranks with local index j0, one per node
-    # Point-to-point tags: every rank of the group runs the same sequence of exchanges, so counters agree.
-    _tags: Any = field(default_factory=itertools.count, compare=False, repr=False)
-
-    def next_tag(self) -> int:
-        return next(self._tags) % (1 << 24)
 
     @property
     def num_nodes(self) -> int:
@@ -266,54 +257,57 @@ class _FlatPending(Pending):
         return self.output
 
 
-class _TwoDHPending(Pending):
-    """2DH, intra-node hop per source node straight into the output (no layout copies).
+def _exchange_blocks(out_WX: torch.Tensor, in_WX: torch.Tensor, group: dist.ProcessGroup, me: int,
+                     copy_own: bool = True) -> Any:
+    """Async all-to-all of W blocks (dim 0) over `group`, where I am group rank `me`.
 
-    Inter-node hop as point-to-point messages (one per remote node; gloo: no self-copy, and each remote node's
-    intra-node hop starts as soon as its message is in) or as one collective over the inter-node group.
+    The transport's copy of a rank's own block is slow on gloo (measured about as costly as sending it), so
+    when my block is first or last it is left out of the collective (zero split sizes on both sides, which
+    keeps the parts contiguous) and copied here, or not at all (copy_own=False: the caller does not need it).
+    A block in the middle cannot be left out of a contiguous split, so that rank sends everything.
     """
+    W = in_WX.shape[0]
+    if me in (0, W - 1):
+        if copy_own:
+            out_WX[me].copy_(in_WX[me])
+        rest = slice(1, W) if me == 0 else slice(0, W - 1)
+        splits = [0] + [1] * (W - 1) if me == 0 else [1] * (W - 1) + [0]
+        return dist.all_to_all_single(out_WX[rest], in_WX[rest], output_split_sizes=splits,
+                                      input_split_sizes=splits, group=group, async_op=True)
+    return dist.all_to_all_single(out_WX, in_WX, group=group, async_op=True)
 
-    def __init__(self, x: torch.Tensor, h: Hierarchy, inter_hop: str) -> None:
+
+class _TwoDHPending(Pending):
+    """2DH with the intra-node hop run once per source node, straight into the output (no layout copies)."""
+
+    def __init__(self, x: torch.Tensor, h: Hierarchy) -> None:
         n, m = h.num_nodes, h.ranks_per_node
-        a0 = h.node_index
+        a0, j0 = h.node_index, h.local_index
         self._h = h
         self._x_nmX = x.view(n, m, -1)
         self.output = torch.empty_like(x)
         self._out_nmX = self.output.view(n, m, -1)
         self._mid_nmX = torch.empty_like(self._x_nmX)  # mid[a, j]: from (node a, my local index) for local j
-        self._remote = [a for a in range(n) if a != a0]
         # Blocks for my own node need no network hop: their intra-node hop overlaps the inter-node one.
-        self._works = [dist.all_to_all_single(self._out_nmX[a0], self._x_nmX[a0], group=h.intra, async_op=True)]
-        if inter_hop == "p2p":
-            tag = h.next_tag()
-            peers = h.layout.inter_ranks(h.local_index)
-            self._recvs = {a: dist.irecv(self._mid_nmX[a], src=peers[a], group=h.inter, tag=tag) for a in self._remote}
-            self._sends = [dist.isend(self._x_nmX[a], dst=peers[a], group=h.inter, tag=tag) for a in self._remote]
-            self._inter = None
-        else:
-            self._recvs, self._sends = {}, []
-            self._inter = dist.all_to_all_single(self._mid_nmX, self._x_nmX, group=h.inter, async_op=True)
-        self._advanced = False
+        self._works = [_exchange_blocks(self._out_nmX[a0], self._x_nmX[a0], h.intra, j0)]
+        # Inter-node hop: everything for node a in one message to the rank with my local index there.
+        self._inter = _exchange_blocks(self._mid_nmX, self._x_nmX, h.inter, a0, copy_own=False)
 
     def advance(self) -> None:
-        if self._advanced:
+        if self._inter is None:
             return
-        self._advanced = True
-        if self._inter is not None:
-            self._inter.wait()
-            self._inter = None
-        # Same order on every rank of the node: remote nodes ascending.
-        for a in self._remote:
-            if a in self._recvs:
-                self._recvs.pop(a).wait()
-            self._works.append(dist.all_to_all_single(self._out_nmX[a], self._mid_nmX[a], group=self._h.intra,
-                                                      async_op=True))
+        self._inter.wait()
+        self._inter = None
+        h = self._h
+        for a in range(h.num_nodes):  # the same order on every rank of the node
+            if a != h.node_index:
+                self._works.append(_exchange_blocks(self._out_nmX[a], self._mid_nmX[a], h.intra, h.local_index))
 
     def wait(self) -> torch.Tensor:
         self.advance()
-        for work in self._works + self._sends:
+        for work in self._works:
             work.wait()
-        self._works, self._sends = [], []
+        self._works = []
         self._x_nmX = self._mid_nmX = None
         return self.output
 
@@ -329,18 +323,17 @@ class _TwoDHTransposedPending(Pending):
         self._mid_nmX = torch.empty_like(x).view(n, m, -1)
         self._recv_mnX: Optional[torch.Tensor] = None
         self._intra = None
-        self._inter = dist.all_to_all_single(self._mid_nmX, x.view(n, m, -1), group=h.inter, async_op=True)
+        self._inter = _exchange_blocks(self._mid_nmX, x.view(n, m, -1), h.inter, h.node_index)
 
     def advance(self) -> None:
         if self._inter is None:
             return
         self._inter.wait()
         self._inter = self._input = None
-        send_mnX = self._mid_nmX.transpose(0, 1).contiguous()  # [local rank j, source node a, X]
+        self._send_mnX = self._mid_nmX.transpose(0, 1).contiguous()  # [local rank j, source node a, X]
         self._mid_nmX = None
-        self._send_mnX = send_mnX
-        self._recv_mnX = torch.empty_like(send_mnX)
-        self._intra = dist.all_to_all_single(self._recv_mnX, send_mnX, group=self._h.intra, async_op=True)
+        self._recv_mnX = torch.empty_like(self._send_mnX)
+        self._intra = _exchange_blocks(self._recv_mnX, self._send_mnX, self._h.intra, self._h.local_index)
 
     def wait(self) -> torch.Tensor:
         self.advance()
@@ -363,8 +356,7 @@ class Exchange:
     """
 
     def __init__(self, group: Group, algorithm: str = "flat", hier: Optional[Hierarchy] = None,
-                 threshold_bytes: int = 0, intra_strategy: Optional[str] = None,
-                 inter_hop: Optional[str] = None) -> None:
+                 threshold_bytes: int = 0, intra_strategy: Optional[str] = None) -> None:
         self.group = group
         self.algorithm = check_algorithm(algorithm)
         self.hierarchy = hier
@@ -372,11 +364,6 @@ class Exchange:
         if intra_strategy is not None and intra_strategy not in INTRA_STRATEGIES:
             raise ValueError(f"intra_strategy must be one of {INTRA_STRATEGIES}, got {intra_strategy!r}")
         self.intra_strategy = intra_strategy
-        if inter_hop is not None and inter_hop not in INTER_HOPS:
-            raise ValueError(f"inter_hop must be one of {INTER_HOPS}, got {inter_hop!r}")
-        if inter_hop is None and isinstance(hier, Hierarchy):
-            inter_hop = "p2p" if dist.get_backend(hier.inter) == "gloo" else "collective"
-        self.inter_hop = inter_hop
         self.size = group_size(group)
 
     def algorithm_for(self, nbytes: int) -> str:
@@ -400,9 +387,7 @@ class Exchange:
         h = self.hierarchy
         strategy = self.intra_strategy or ("per_node" if h.num_nodes <= PER_NODE_INTRA_MAX_NODES
                                            else "transposed")
-        if strategy == "per_node":
-            return _TwoDHPending(x, h, self.inter_hop)
-        return _TwoDHTransposedPending(x, h)
+        return _TwoDHPending(x, h) if strategy == "per_node" else _TwoDHTransposedPending(x, h)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Synchronous all-to-all with autograd (the backward is the same all-to-all of the gradient)."""
@@ -412,8 +397,7 @@ class Exchange:
 
 
 def plan_exchange(group: Group, algorithm: str, device: torch.device, *, topology: Optional[Topology] = None,
-                  threshold_bytes: Optional[int] = None, intra_strategy: Optional[str] = None,
-                  inter_hop: Optional[str] = None) -> Exchange:
+                  threshold_bytes: Optional[int] = None, intra_strategy: Optional[str] = None) -> Exchange:
     """Validates the arguments (locally, before any collective), then builds the group's Exchange.
 
     For '2dh' and 'auto' on a multi-node job the first call for a group creates its subgroups (a collective
@@ -428,7 +412,7 @@ def plan_exchange(group: Group, algorithm: str, device: torch.device, *, topolog
         if algorithm == "2dh":
             hierarchical_layout(group, topo)  # raises on uneven groups before any collective
         hier = hierarchy(group, device, topo)
-    return Exchange(group, algorithm, hier, threshold, intra_strategy, inter_hop)
+    return Exchange(group, algorithm, hier, threshold, intra_strategy)
 
 
 class _ExchangeFn(torch.autograd.Function):

@@ -6,8 +6,6 @@ both intra-node strategies; which collectives 2dh issues; the subgroup cache; er
 
 Shape legend: W group ranks, L local experts (E = W * L), C capacity, M model dim.
 """
-from collections import Counter
-
 import pytest
 import torch
 
@@ -62,37 +60,24 @@ def _run_exchange(group, group_ranks, L, C, algorithm, degree, **kwargs):
 
 
 class _Recorder:
-    """Records every all_to_all_single as (global ranks of its group, elements, async) and every isend/irecv as
-    (("send" | "recv", peer), elements, True)."""
+    """Records every all_to_all_single: (global ranks of its group, elements sent, async)."""
 
     def __init__(self):
         import torch.distributed as dist
         self.calls = []
         self._dist = dist
-        self._originals = {name: getattr(dist, name) for name in ("all_to_all_single", "isend", "irecv")}
+        self._original = dist.all_to_all_single
 
     def __enter__(self):
-        dist, originals = self._dist, self._originals
-
-        def all_to_all_single(output, input, *args, group=None, async_op=False, **kw):
-            ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else None
+        def recording(output, input, *args, group=None, async_op=False, **kw):
+            ranks = tuple(self._dist.get_process_group_ranks(group)) if group is not None else None
             self.calls.append((ranks, input.numel(), async_op))
-            return originals["all_to_all_single"](output, input, *args, group=group, async_op=async_op, **kw)
-
-        def isend(tensor, dst=None, *args, **kw):
-            self.calls.append((("send", dst), tensor.numel(), True))
-            return originals["isend"](tensor, dst, *args, **kw)
-
-        def irecv(tensor, src=None, *args, **kw):
-            self.calls.append((("recv", src), tensor.numel(), True))
-            return originals["irecv"](tensor, src, *args, **kw)
-
-        dist.all_to_all_single, dist.isend, dist.irecv = all_to_all_single, isend, irecv
+            return self._original(output, input, *args, group=group, async_op=async_op, **kw)
+        self._dist.all_to_all_single = recording
         return self
 
     def __exit__(self, *exc):
-        for name, fn in self._originals.items():
-            setattr(self._dist, name, fn)
+        self._dist.all_to_all_single = self._original
 
 
 def _check_2x2(rank, world_size):
@@ -136,8 +121,8 @@ def _check_2x2(rank, world_size):
                     for g, f in zip(got, results["flat"]):
                         assert torch.equal(g, f), (alg, ranks, L, C, degree)
                 checked += 1
-    for strategy, hop in [("per_node", "p2p"), ("per_node", "collective"), ("transposed", None)]:
-        ex = comm.plan_exchange(world, "2dh", torch.device("cpu"), intra_strategy=strategy, inter_hop=hop)
+    for strategy in comm.INTRA_STRATEGIES:
+        ex = comm.plan_exchange(world, "2dh", torch.device("cpu"), intra_strategy=strategy)
         for L, C in [(1, 3), (2, 2)]:
             x = _buf(rank, 4 * L, C)
             ref = torch.empty_like(x)
@@ -151,30 +136,24 @@ def _check_2x2(rank, world_size):
             assert torch.equal(x.grad, ref_grad), strategy
 
     # 2dh really is hierarchical: intra-node hops on the node's ranks, one inter-node message to the rank with
-    # the same local index on the other node carrying everything for that node; nothing else crosses nodes.
+    # the same local index on the other node carrying everything for that node; nothing else crosses nodes, and
+    # no rank sends its own block through the transport (with 2 per node, every rank's is first or last).
     node, local = divmod(rank, 2)
-    peer = (1 - node) * 2 + local
     L, C = 2, 3
     block = L * C * M
     intra_ranks, inter_ranks = (node * 2, node * 2 + 1), (local, local + 2)
     with _Recorder() as rec:
         _run_exchange(world, [0, 1, 2, 3], L, C, "2dh", 1)
-    # Per exchange (fwd + bwd) x (dispatch + combine): intra for my node's blocks, send + recv of the other
-    # node's 2 blocks as one message each way, intra for what arrived.
-    assert Counter(rec.calls) == Counter([(intra_ranks, 2 * block, True), (("send", peer), 2 * block, True),
-                                          (("recv", peer), 2 * block, True), (intra_ranks, 2 * block, True)] * 4)
+    # Per exchange, (fwd + bwd) x (dispatch + combine): my node's other block, the other node's 2 blocks, then
+    # what arrived for my local peer.
+    assert rec.calls == [(intra_ranks, block, True), (inter_ranks, 2 * block, True), (intra_ranks, block, True)] * 4
     with _Recorder() as rec:
         _run_exchange(world, [0, 1, 2, 3], L, C, "flat", 1)
-    assert [c[0] for c in rec.calls] == [(0, 1, 2, 3)] * 4
-    with _Recorder() as rec:  # the collective inter hop (the default on NCCL) sends all 4 blocks, 2 to itself
-        comm.plan_exchange(world, "2dh", torch.device("cpu"), inter_hop="collective").start(
-            _buf(rank, 4 * L, C)).wait()
-    assert rec.calls == [(intra_ranks, 2 * block, True), (inter_ranks, 4 * block, True),
-                         (intra_ranks, 2 * block, True)]
+    assert rec.calls == [((0, 1, 2, 3), 4 * block, True)] * 4
     # ... and the overlapped exchange issues all its communication asynchronously.
     with _Recorder() as rec:
         _run_exchange(world, [0, 1, 2, 3], L, C, "2dh", 3)
-    assert len(rec.calls) == 3 * 4 * 4 and all(is_async for _, _, is_async in rec.calls)
+    assert len(rec.calls) == 3 * 4 * 3 and all(is_async for _, _, is_async in rec.calls)
 
     # auto: 2dh up to the threshold (bytes per rank), flat above, the same choice on every rank.
     x = torch.zeros(4, 2, M, dtype=torch.float64)  # 192 bytes
@@ -185,7 +164,7 @@ def _check_2x2(rank, world_size):
         with _Recorder() as rec:
             _run_exchange(world, [0, 1, 2, 3], 1, 2, "auto", 1, auto_threshold=threshold)
         used = {c[0] for c in rec.calls}
-        assert used == ({(0, 1, 2, 3)} if threshold == 0 else {intra_ranks, ("send", peer), ("recv", peer)}), used
+        assert used == ({(0, 1, 2, 3)} if threshold == 0 else {intra_ranks, inter_ranks}), used
 
     # The subgroups are created once per group and reused.
     h1 = comm.hierarchy(world, torch.device("cpu"))
