@@ -23,7 +23,7 @@ class RunLog:
         kept: List[str] = []
         if resume_step is not None and os.path.isfile(path):
             for record in read_log(path):
-                if record.get("step", 0) <= resume_step and record.get("type") != "event":
+                if record.get("step", 0) <= resume_step and record.get("event") != "end":
                     kept.append(json.dumps(record))
         with open(path, "w") as f:
             f.writelines(line + "\n" for line in kept)
