@@ -1,0 +1,286 @@
+"""The MoE layer, forward+backward: ds_tutel.MoE against DeepSpeed's installed MoE and the two floors.
+
+    python benchmarks/bench_layer.py --quick            small grid, ~3 minutes on 2 CPU cores
+    python benchmarks/bench_layer.py --full             the issue's whole grid (k 1,2,4; cf 1.0,1.25;
+                                                        E 4..64; M 256..2048; fp32 and bf16)
+    python benchmarks/bench_layer.py --correctness      tiny sizes: every implementation gives the same
+                                                        output and gradients on the same weights (exit 1 if not)
+    python benchmarks/bench_layer.py --profile          torch.profiler top ops of each layer on one point
+    ... --device cuda                                   the same on a GPU (CUDA events, allocator peaks)
+
+Per point, both layers hold identical weights and the same expert module (Linear(M, 2M) -> GELU ->
+Linear(2M, M)), see the same tokens and output gradient, and run interleaved (ours, deepspeed, floor, ours,
+...) after warm-up; medians are reported, and every ratio is taken within one run. Floors (benchmarks/floors.py):
+the expert FFNs alone on exactly the routed tokens, and the bytes dispatch must move at the measured copy
+bandwidth. Peak memory per implementation comes from separate processes (benchmarks/memory.py), step time on
+2 and 4 expert-parallel CPU ranks from spawned gloo ranks (benchmarks/layer_multirank.py).
+
+Writes benchmarks/results/<tag>.json, <tag>.md and <tag>.png (tag: layer_quick, layer_full, ...; a cuda run
+appends _cuda). Methodology and how to read the table: docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+from benchmarks.floors import copy_bandwidth, dispatch_bytes, expert_work, floor_output, floor_step  # noqa: E402
+from benchmarks.layer_impls import (IMPLEMENTATIONS, Point, build_layers, layer_step, make_inputs,  # noqa: E402
+                                    other_libraries)
+from benchmarks.timing import geomean, interleaved, median, paired_ratio  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def tokens_for(model_dim: int) -> int:
+    """Tokens per point: 2048 at M=256, halving as M doubles (S*M = 2**19), so that no point's step takes
+    more than about a second on two CPU cores."""
+    return max(256, min(2048, (1 << 19) // model_dim))
+
+
+@dataclass
+class Grid:
+    """A set of points plus the multi-rank and memory subsets and the repetition counts."""
+
+    points: List[Point]
+    memory_points: List[Point]
+    multirank_points: List[Point]
+    world_sizes: List[int] = field(default_factory=lambda: [2, 4])
+    warmup: int = 2
+    reps: int = 5
+    budget_s: float = 6.0  # per point, after the first 3 timed rounds
+
+
+def _point(k: int, cf: float, E: int, M: int, dtype: str = "fp32", tokens: Optional[int] = None) -> Point:
+    return Point(k=k, capacity_factor=cf, num_experts=E, model_dim=M, tokens=tokens or tokens_for(M), dtype=dtype)
+
+
+def quick_grid() -> Grid:
+    """13 points over k, capacity factor, E 4..64, M 256..1024 and both dtypes; ~3 minutes with the rest."""
+    points = [_point(k, cf, 8, 256) for k, cf in itertools.product([1, 2, 4], [1.0, 1.25])]
+    points += [_point(2, 1.0, 32, 512), _point(4, 1.25, 32, 512), _point(2, 1.0, 64, 256), _point(4, 1.25, 64, 256),
+               _point(2, 1.25, 4, 1024), _point(2, 1.0, 16, 512, "bf16"), _point(1, 1.25, 8, 256, "bf16")]
+    memory = [p for p in points if p.k == 2 and p.capacity_factor == 1.0] + [_point(4, 1.25, 32, 512)]
+    multirank = [_point(2, 1.0, 8, 256, tokens=512)]
+    return Grid(points, memory, multirank, warmup=1, reps=7, budget_s=4.0)
+
+
+def full_grid(max_layer_bytes: int) -> Grid:
+    """The issue's whole grid, less points whose expert weights + gradients exceed max_layer_bytes."""
+    points = [_point(k, cf, E, M, dtype)
+              for dtype, M, E, k, cf in itertools.product(["fp32", "bf16"], [256, 512, 1024, 2048], [4, 8, 16, 32, 64],
+                                                          [1, 2, 4], [1.0, 1.25])]
+    points = [p for p in points if 2 * p.expert_param_bytes() <= max_layer_bytes]
+    memory = [p for p in points if p.capacity_factor == 1.25 or (p.k == 2 and p.dtype == "fp32")]
+    multirank = [_point(1, 1.0, 8, 256, tokens=1024), _point(2, 1.0, 8, 256, tokens=1024),
+                 _point(2, 1.25, 16, 512, tokens=512)]
+    return Grid(points, memory, multirank, warmup=2, reps=7, budget_s=10.0)
+
+
+def correctness_points() -> List[Point]:
+    """Tiny shapes for the correctness mode (and the test suite)."""
+    fp32 = [Point(k, cf, E, model_dim=16, tokens=64) for k, cf, E in itertools.product([1, 2, 4], [1.0, 1.25], [4, 8])]
+    bf16 = [Point(k, 1.0, 8, model_dim=16, tokens=64, dtype="bf16") for k in (1, 2, 4)]
+    return fp32 + bf16
+
+
+def measure_point(point: Point, device: torch.device, grid: Grid, bandwidth_Bps: float) -> Dict:
+    """Interleaved median step times of both layers and the expert-FFN floor, plus the bytes floor."""
+    layers = build_layers(point, device)
+    ours, reference = layers["ours"], layers["deepspeed"]
+    x_SM, dy_SM = make_inputs(point, device)
+    layer_step(ours, x_SM, dy_SM)  # routing for the floor (the same set DeepSpeed's layer keeps)
+    routing = ours.deepspeed_moe.last_routing
+    work = expert_work(list(ours.deepspeed_moe.experts.deepspeed_experts), routing, x_SM, dy_SM)
+    fns = {"ours": lambda: layer_step(ours, x_SM, dy_SM),
+           "deepspeed": lambda: layer_step(reference, x_SM, dy_SM),
+           "floor": lambda: floor_step(work)}
+    times = interleaved(fns, device, warmup=grid.warmup, reps=grid.reps, budget_s=grid.budget_s)
+    med = {name: median(t) for name, t in times.items()}
+    bytes_floor_s = dispatch_bytes(work.kept_choices, point.model_dim, point.torch_dtype) / bandwidth_Bps
+    floor_plus_bytes = [f + bytes_floor_s for f in times["floor"]]
+    return {"key": point.key, "point": asdict(point), "capacity": routing.capacity,
+            "kept_choices": work.kept_choices, "times_s": times, "median_s": med, "bytes_floor_s": bytes_floor_s,
+            "ours_over_deepspeed": paired_ratio(times["ours"], times["deepspeed"]),
+            "ours_over_floor": paired_ratio(times["ours"], times["floor"]),
+            "deepspeed_over_floor": paired_ratio(times["deepspeed"], times["floor"]),
+            "ours_over_floor_plus_bytes": paired_ratio(times["ours"], floor_plus_bytes)}
+
+
+def check_point(point: Point) -> List[str]:
+    """Differences between the implementations (and the floor's recombined output) on one tiny point."""
+    device = torch.device("cpu")
+    layers = build_layers(point, device, share_experts=False)
+    x_SM, dy_SM = make_inputs(point, device)
+    runs = {}
+    for name, layer in layers.items():
+        y_SM, l_aux, dx_SM = layer_step(layer, x_SM, dy_SM)
+        grads = {n: p.grad.detach().clone() for n, p in layer.named_parameters() if p.grad is not None}
+        runs[name] = {"output": y_SM, "l_aux": l_aux, "input grad": dx_SM, **{f"grad {n}": g for n, g in grads.items()}}
+    tol = dict(atol=1e-5, rtol=1e-4) if point.dtype == "fp32" else dict(atol=1e-2, rtol=2e-2)
+    problems = []
+    reference = runs["deepspeed"]
+    for name, run in runs.items():
+        if run.keys() != reference.keys():
+            problems.append(f"{point.key}: {name} has gradients for {sorted(run.keys() ^ reference.keys())} "
+                            "where deepspeed differs")
+        for what in reference.keys() & run.keys():
+            if not torch.allclose(run[what].float(), reference[what].float(), **tol):
+                err = (run[what].float() - reference[what].float()).abs().max().item()
+                problems.append(f"{point.key}: {name} {what} differs from deepspeed's (max abs err {err:.3g})")
+    ours = layers["ours"]
+    y_floor_SM = floor_output(list(ours.deepspeed_moe.experts.deepspeed_experts), ours.deepspeed_moe.last_routing,
+                              x_SM)
+    if not torch.allclose(y_floor_SM.float(), runs["ours"]["output"].float(), **tol):
+        problems.append(f"{point.key}: the floor's experts on the routed tokens do not recombine to the output")
+    return problems
+
+
+def correctness(points: Optional[List[Point]] = None, multirank: bool = False, log=print) -> List[str]:
+    """Checks every point (and, with multirank, 2 expert-parallel ranks); returns the problems found.
+
+    Runs on one thread: at these sizes a second thread only adds synchronisation on a busy machine.
+    """
+    problems = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for point in points or correctness_points():
+            problems += check_point(point)
+    finally:
+        torch.set_num_threads(threads)
+    if multirank:
+        from benchmarks.layer_multirank import multirank_times
+        rows = multirank_times([Point(2, 1.0, 4, model_dim=16, tokens=32)], [2], warmup=1, reps=1, log=log)
+        problems += [f"ranks {r['world_size']} {r['key']}: outputs differ" for r in rows if not r["equal"]]
+    return problems
+
+
+def environment(device: torch.device, threads: int) -> Dict:
+    import deepspeed
+    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+           "torch": torch.__version__, "deepspeed": deepspeed.__version__, "machine": platform.machine(),
+           "processor": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": threads,
+           "device": str(device), "other_libraries": other_libraries()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, log=print) -> Dict:
+    """Measures the whole grid; returns the result document (see docs/BENCHMARKS.md for its fields)."""
+    bandwidth = copy_bandwidth(device)
+    log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    rows = []
+    for i, point in enumerate(grid.points):
+        row = measure_point(point, device, grid, bandwidth)
+        rows.append(row)
+        med = row["median_s"]
+        log(f"[{i + 1}/{len(grid.points)}] {point.key}: ours {1e3 * med['ours']:.1f} ms, deepspeed "
+            f"{1e3 * med['deepspeed']:.1f} ms, floor {1e3 * med['floor']:.1f} ms, bytes floor "
+            f"{1e3 * row['bytes_floor_s']:.2f} ms | ours/ds {row['ours_over_deepspeed']:.3f} ours/floor "
+            f"{row['ours_over_floor']:.3f} ds/floor {row['deepspeed_over_floor']:.3f}")
+    doc = {"environment": environment(device, torch.get_num_threads()), "copy_bandwidth_Bps": bandwidth,
+           "rows": rows, "geomean_ours_over_deepspeed": geomean([r["ours_over_deepspeed"] for r in rows])}
+    if memory:
+        from benchmarks.memory import peak_memory
+        doc["memory"] = peak_memory(grid.memory_points, list(IMPLEMENTATIONS), device.type, log=log)
+    if multirank and device.type == "cpu":
+        from benchmarks.layer_multirank import multirank_times
+        doc["multirank"] = multirank_times(grid.multirank_points, grid.world_sizes, warmup=grid.warmup,
+                                           reps=grid.reps, log=log)
+    return doc
+
+
+def profile(point: Point, device: torch.device, steps: int = 3, top: int = 15) -> str:
+    """torch.profiler's top operators (by self time) of each layer over a few steps on one point."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    layers = build_layers(point, device)
+    x_SM, dy_SM = make_inputs(point, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    report = [f"profile of {point.key}, {steps} steps each, device {device}"]
+    for name, layer in layers.items():
+        for _ in range(2):
+            layer_step(layer, x_SM, dy_SM)
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                layer_step(layer, x_SM, dy_SM)
+        report += [f"\n== {name} ==", prof.key_averages().table(sort_by=sort_key, row_limit=top)]
+    return "\n".join(report)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small grid (the default)")
+    mode.add_argument("--full", action="store_true", help="the issue's whole grid")
+    mode.add_argument("--correctness", action="store_true", help="equal outputs on equal weights, tiny sizes")
+    mode.add_argument("--profile", action="store_true", help="profile both layers on one point")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on CPU (default 1: on a shared machine a multi-threaded region stalls "
+                             "whenever one of its threads is descheduled; 0 = torch's choice)""")
+    parser.add_argument("--reps", type=int, default=0, help="timed rounds per point (default: the grid's)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory probes")
+    parser.add_argument("--no-multirank", action="store_true", help="skip the expert-parallel runs")
+    parser.add_argument("--max-layer-gb", type=float, default=2.0,
+                        help="--full skips points whose expert weights + gradients exceed this (default 2)")
+    parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's point: k,cf,E,M,dtype")
+    parser.add_argument("--tag", default="", help="output name under benchmarks/results (default: layer_<mode>)")
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.threads and args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    suffix = "_cuda" if device.type == "cuda" else ""
+
+    if args.correctness:
+        problems = correctness(multirank=device.type == "cpu")
+        print("\n".join(problems) if problems else f"all implementations agree on {len(correctness_points())} "
+              "points (and on 2 expert-parallel ranks)")
+        return 1 if problems else 0
+    if args.profile:
+        k, cf, E, M, dtype = args.point.split(",")
+        text = profile(_point(int(k), float(cf), int(E), int(M), dtype), device)
+        print(text)
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, f"{args.tag or 'layer_profile'}{suffix}.txt"), "w") as f:
+            f.write(text + "\n")
+        return 0
+
+    grid = full_grid(int(args.max_layer_gb * (1 << 30))) if args.full else quick_grid()
+    if args.reps:
+        grid.reps = args.reps
+    doc = run(grid, device, memory=not args.no_memory, multirank=not args.no_multirank)
+    doc["mode"] = "full" if args.full else "quick"
+    from benchmarks.layer_report import write_outputs
+    paths = write_outputs(doc, args.out_dir, (args.tag or f"layer_{doc['mode']}") + suffix)
+    print("wrote " + ", ".join(os.path.relpath(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

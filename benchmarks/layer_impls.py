@@ -1,0 +1,147 @@
+"""The MoE layers the layer benchmark compares, built on the same shapes, weights and expert module.
+
+A `Point` is one benchmark shape. `build_layers` returns ds_tutel's layer and DeepSpeed's installed layer with
+identical weights (ours loads DeepSpeed's state dict, the drop-in path; for timing, the expert parameters are
+then shared so that two copies of large expert weights never sit in memory). `layer_step` is one
+forward+backward of the kind a training step runs (output and l_aux both reach the loss).
+
+Both layers run DeepSpeed's deterministic routing (use_rts=False, top2_2nd_expert_sampling=False, no gate
+noise), so on the same weights they must give the same outputs and gradients; `benchmarks/bench_layer.py
+--correctness` checks exactly that.
+
+Shape legend: S tokens, M model dim, H expert hidden dim, E experts, K choices per token.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+IMPLEMENTATIONS: Tuple[str, ...] = ("ours", "deepspeed")
+# Other MoE libraries the issue asks to include when importable; recorded in every result as found or not.
+OTHER_LIBRARIES: Tuple[str, ...] = ("tutel", "megablocks")
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MIN_CAPACITY = 4  # DeepSpeed's default
+
+
+@dataclass(frozen=True)
+class Point:
+    """One benchmark shape. The expert is Linear(M, H) -> GELU -> Linear(H, M) with H = hidden_mult * M."""
+
+    k: int
+    capacity_factor: float
+    num_experts: int
+    model_dim: int
+    tokens: int
+    dtype: str = "fp32"
+    hidden_mult: int = 2
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.hidden_mult * self.model_dim
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def key(self) -> str:
+        return (f"k{self.k}_cf{self.capacity_factor:g}_E{self.num_experts}_M{self.model_dim}_S{self.tokens}"
+                f"_{self.dtype}")
+
+    def expert_param_bytes(self) -> int:
+        """Bytes of all experts' weights and biases of one layer (gradients take as much again)."""
+        M, H = self.model_dim, self.hidden_dim
+        per_expert = 2 * M * H + M + H
+        return self.num_experts * per_expert * self.torch_dtype.itemsize
+
+
+def other_libraries() -> Dict[str, bool]:
+    """Which other MoE libraries are importable here (none of them is on PyPI as a CPU build)."""
+    return {name: importlib.util.find_spec(name) is not None for name in OTHER_LIBRARIES}
+
+
+def expert_ffn(model_dim: int, hidden_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(model_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, model_dim))
+
+
+def layer_kwargs(point: Point, ep_size: int = 1) -> dict:
+    """The constructor arguments both layers get: DeepSpeed's deterministic routing."""
+    return dict(num_experts=point.num_experts, ep_size=ep_size, k=point.k, capacity_factor=point.capacity_factor,
+                eval_capacity_factor=point.capacity_factor, min_capacity=MIN_CAPACITY, drop_tokens=True,
+                use_rts=False, top2_2nd_expert_sampling=False)
+
+
+def build_layer(name: str, point: Point, device: torch.device, seed: int = 0, ep_size: int = 1) -> nn.Module:
+    """One implementation alone (the memory probe builds only the layer it measures)."""
+    torch.manual_seed(seed)
+    expert = expert_ffn(point.model_dim, point.hidden_dim)
+    if name == "ours":
+        import ds_tutel
+        layer = ds_tutel.MoE(point.model_dim, expert, **layer_kwargs(point, ep_size))
+    elif name == "deepspeed":
+        from deepspeed.moe.layer import MoE as DeepSpeedMoE
+        layer = DeepSpeedMoE(point.model_dim, expert, **layer_kwargs(point, ep_size))
+    else:
+        raise ValueError(f"unknown implementation {name!r}; known: {IMPLEMENTATIONS}")
+    distinct_experts(layer)
+    return layer.to(device=device, dtype=point.torch_dtype)
+
+
+def distinct_experts(layer: nn.Module) -> None:
+    """Re-initialises every expert (both layers deep-copy one expert module, so all would start equal: a token
+    sent to the wrong expert would then go unnoticed by the correctness check)."""
+    for module in layer.deepspeed_moe.experts.modules():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+
+
+def share_expert_parameters(source: nn.Module, target: nn.Module) -> None:
+    """Makes target's expert parameters the very tensors of source's (same names and shapes required)."""
+    source_params = dict(source.named_parameters())
+    for name, _ in list(target.named_parameters()):
+        if ".experts." not in name:
+            continue
+        module_path, leaf = name.rsplit(".", 1)
+        module = target.get_submodule(module_path)
+        if module._parameters[leaf].shape != source_params[name].shape:
+            raise ValueError(f"{name}: shapes differ")
+        module._parameters[leaf] = source_params[name]
+
+
+def build_layers(point: Point, device: torch.device, seed: int = 0, ep_size: int = 1,
+                 share_experts: bool = True) -> Dict[str, nn.Module]:
+    """{"ours": ds_tutel.MoE, "deepspeed": deepspeed.moe.layer.MoE} holding identical weights."""
+    reference = build_layer("deepspeed", point, device, seed, ep_size)
+    ours = build_layer("ours", point, device, seed + 1, ep_size)
+    ours.load_state_dict(reference.state_dict())
+    if share_experts:
+        share_expert_parameters(reference, ours)
+    return {"ours": ours, "deepspeed": reference}
+
+
+def make_inputs(point: Point, device: torch.device, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x_SM, dy_SM): the tokens and the output gradient every implementation gets."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    x_SM = torch.randn(point.tokens, point.model_dim, generator=gen)
+    dy_SM = torch.randn(point.tokens, point.model_dim, generator=gen)
+    return x_SM.to(device, point.torch_dtype), dy_SM.to(device, point.torch_dtype)
+
+
+def zero_grads(module: nn.Module) -> None:
+    for param in module.parameters():
+        param.grad = None
+
+
+def layer_step(layer: nn.Module, x_SM: torch.Tensor, dy_SM: torch.Tensor,
+               aux_weight: float = 0.01) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward+backward (loss = <y, dy> + aux_weight * l_aux); returns (y_SM, l_aux, dx_SM)."""
+    zero_grads(layer)
+    x_SM = x_SM.detach().requires_grad_(True)
+    y_SM, l_aux, _ = layer(x_SM)
+    torch.autograd.backward((y_SM, l_aux), (dy_SM, torch.full_like(l_aux, aux_weight)))
+    return y_SM.detach(), l_aux.detach(), x_SM.grad

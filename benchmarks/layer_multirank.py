@@ -1,0 +1,80 @@
+"""Step time of each implementation with expert parallelism on spawned CPU ranks (gloo, ep_size = ranks).
+
+Every rank builds both layers with the same local weights (ours loads DeepSpeed's state dict; the experts are a
+rank's own E / ranks experts), feeds its own tokens, and runs them interleaved. Each timed step starts after a
+barrier; its time is the slowest rank's (one all-reduce of all samples at the end, outside the timing). The
+first step also checks that both layers gave the same output on every rank.
+
+Ranks are spawned with tests/multirank.py's `run_ranks` (one thread per rank, DS_ACCELERATOR=cpu).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict
+from typing import Dict, List
+
+from benchmarks.layer_impls import IMPLEMENTATIONS, Point
+
+_TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+
+
+def _rank_times(rank: int, world_size: int, point_fields: List[dict], warmup: int, reps: int) -> List[dict]:
+    """Runs on every rank: per point, {impl: [slowest-rank seconds per step]} and the equality check."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from benchmarks.layer_impls import build_layers, layer_step, make_inputs
+
+    device = torch.device("cpu")
+    rows = []
+    for fields in point_fields:
+        point = Point(**fields)
+        layers = build_layers(point, device, seed=10, ep_size=world_size)
+        for layer in layers.values():
+            layer.set_deepspeed_parallelism()
+        x_SM, dy_SM = make_inputs(point, device, seed=rank)
+        outputs = {name: layer_step(layer, x_SM, dy_SM)[0] for name, layer in layers.items()}
+        equal = torch.allclose(outputs["ours"].float(), outputs["deepspeed"].float(), atol=1e-2 if
+                               point.dtype == "bf16" else 1e-5, rtol=1e-2 if point.dtype == "bf16" else 1e-4)
+        for _ in range(max(0, warmup - 1)):
+            for layer in layers.values():
+                layer_step(layer, x_SM, dy_SM)
+        samples = {name: [] for name in layers}
+        for _ in range(reps):
+            for name, layer in layers.items():
+                dist.barrier()
+                start = time.perf_counter()
+                layer_step(layer, x_SM, dy_SM)
+                samples[name].append(time.perf_counter() - start)
+        names = list(layers)
+        times = torch.tensor([samples[n] for n in names], dtype=torch.float64)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        flags = torch.tensor([0.0 if equal else 1.0])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        rows.append({"point": fields, "times": {n: times[i].tolist() for i, n in enumerate(names)},
+                     "equal": bool(flags.item() == 0.0)})
+    return rows
+
+
+def multirank_times(points: List[Point], world_sizes: List[int], warmup: int = 2, reps: int = 5,
+                    timeout: float = 600.0, log=print) -> List[Dict]:
+    """One row per (world size, point): per-implementation slowest-rank step times and whether outputs agreed."""
+    if _TESTS_DIR not in sys.path:
+        sys.path.insert(0, _TESTS_DIR)
+    from multirank import run_ranks
+
+    rows = []
+    for world_size in world_sizes:
+        usable = [p for p in points if p.num_experts % world_size == 0]
+        results = run_ranks(_rank_times, world_size, [asdict(p) for p in usable], warmup, reps, timeout=timeout)
+        for row in results[0]:
+            row["world_size"] = world_size
+            row["key"] = Point(**row["point"]).key
+            rows.append(row)
+            log(f"ranks {world_size} {row['key']}: " + ", ".join(
+                f"{n} {1e3 * sorted(row['times'][n])[len(row['times'][n]) // 2]:.1f} ms" for n in IMPLEMENTATIONS)
+                + ("" if row["equal"] else "  OUTPUTS DIFFER"))
+    return rows

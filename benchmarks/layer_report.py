@@ -1,0 +1,151 @@
+"""The layer benchmark's outputs: the JSON document, a markdown report with the targets, and a PNG of the ratios.
+
+Ratios are ours / DeepSpeed (below 1 = ours faster), ours / floor and DeepSpeed / floor (1 = at the floor).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Tuple
+
+from benchmarks.timing import geomean, median
+
+# The issue's targets on the CPU.
+GEOMEAN_SPEEDUP = 1.2   # geometric mean of DeepSpeed / ours over the grid, at least
+FLOOR_MARGIN = 1.10     # ours / expert-FFN floor at capacity factor 1.0, k = 2, at most
+
+
+def targets(doc: Dict) -> List[Dict]:
+    """Each target with its measured value and whether it is met."""
+    rows = doc["rows"]
+    ratios = [r["ours_over_deepspeed"] for r in rows]
+    slower = [r["key"] for r in rows if r["ours_over_deepspeed"] > 1.0]
+    floor_rows = [r for r in rows if r["point"]["k"] == 2 and r["point"]["capacity_factor"] == 1.0]
+    worst_floor = max((r["ours_over_floor"] for r in floor_rows), default=float("nan"))
+    out = [
+        {"target": f"geometric mean at least {GEOMEAN_SPEEDUP}x faster than DeepSpeed",
+         "value": f"{1 / geomean(ratios):.3f}x faster (ours/DS {geomean(ratios):.3f})",
+         "met": geomean(ratios) <= 1 / GEOMEAN_SPEEDUP},
+        {"target": "never slower than DeepSpeed on any point",
+         "value": f"max ours/DS {max(ratios):.3f}; slower on {len(slower)} of {len(rows)} points",
+         "met": not slower},
+        {"target": f"cf 1.0, k=2: within {FLOOR_MARGIN}x of the expert-FFN floor",
+         "value": f"worst ours/floor {worst_floor:.3f} over {len(floor_rows)} points",
+         "met": bool(floor_rows) and worst_floor <= FLOOR_MARGIN},
+    ]
+    memory = doc.get("memory")
+    if memory:
+        mem_ratios = {key: m["ours"]["layer_MB"] / m["deepspeed"]["layer_MB"] for key, m in memory.items()}
+        over = [key for key, ratio in mem_ratios.items() if ratio > 1.0]
+        out.append({"target": "peak memory never above DeepSpeed's",
+                    "value": f"max ours/DS {max(mem_ratios.values()):.3f}; above on {len(over)} of "
+                             f"{len(mem_ratios)} points",
+                    "met": not over})
+    return out
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f}"
+
+
+def markdown(doc: Dict, title: str) -> str:
+    env = doc["environment"]
+    rows = doc["rows"]
+    memory = doc.get("memory", {})
+    others = ", ".join(f"{n}: {'importable' if ok else 'not importable'}" for n, ok in env["other_libraries"].items())
+    lines = [f"### {title}", "",
+             f"{env['date']}; {env['device']}; {env['processor']}, {env['cpu_count']} cores, "
+             f"{env['torch_threads']} torch threads; torch {env['torch']}, deepspeed {env['deepspeed']}, "
+             f"Python {env['python']}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
+             f"other MoE libraries: {others}.", "",
+             "Forward+backward, interleaved runs: times are medians, ratios the median of per-round ratios "
+             "(both timed in the same round). S tokens, C capacity, "
+             "floor = expert FFNs alone on the routed tokens, bytes = dispatch bytes at copy bandwidth, "
+             "mem = peak memory ours/DS (separate processes).", "",
+             "| point | C | ours ms | DS ms | floor ms | bytes ms | ours/DS | ours/floor | DS/floor | mem |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        med = r["median_s"]
+        mem = memory.get(r["key"])
+        mem_text = f"{mem['ours']['layer_MB'] / mem['deepspeed']['layer_MB']:.3f}" if mem else ""
+        lines.append(f"| {r['key']} | {r['capacity']} | {_ms(med['ours'])} | {_ms(med['deepspeed'])} | "
+                     f"{_ms(med['floor'])} | {1e3 * r['bytes_floor_s']:.2f} | {r['ours_over_deepspeed']:.3f} | "
+                     f"{r['ours_over_floor']:.3f} | {r['deepspeed_over_floor']:.3f} | {mem_text} |")
+    ratios = [r["ours_over_deepspeed"] for r in rows]
+    lines += ["", f"Geometric mean ours/DS: **{geomean(ratios):.3f}** (range {min(ratios):.3f}-{max(ratios):.3f}); "
+              f"DS/floor {min(r['deepspeed_over_floor'] for r in rows):.2f}-"
+              f"{max(r['deepspeed_over_floor'] for r in rows):.2f}x; "
+              f"ours/floor {min(r['ours_over_floor'] for r in rows):.2f}-{max(r['ours_over_floor'] for r in rows):.2f}x.",
+              "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in targets(doc)]
+    if memory:
+        lines += ["", "Peak memory (MB over a baseline process holding the same inputs; step = transient of the "
+                  "step alone):", "", "| point | ours MB | DS MB | ours/DS | ours step MB | DS step MB |",
+                  "|---|---|---|---|---|---|"]
+        for key, m in memory.items():
+            o, d = m["ours"], m["deepspeed"]
+            lines.append(f"| {key} | {o['layer_MB']:.1f} | {d['layer_MB']:.1f} | {o['layer_MB'] / d['layer_MB']:.3f} "
+                         f"| {o['step_MB']:.1f} | {d['step_MB']:.1f} |")
+    if doc.get("multirank"):
+        lines += ["", "Expert parallel on CPU ranks (gloo, ep_size = ranks, one thread per rank, slowest rank "
+                  "per step, tokens per rank):", "", "| ranks | point | ours ms | DS ms | ours/DS | outputs equal |",
+                  "|---|---|---|---|---|---|"]
+        for r in doc["multirank"]:
+            o, d = median(r["times"]["ours"]), median(r["times"]["deepspeed"])
+            lines.append(f"| {r['world_size']} | {r['key']} | {_ms(o)} | {_ms(d)} | {o / d:.3f} | "
+                         f"{'yes' if r['equal'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(key: str) -> str:
+    return key.replace("_fp32", "").replace("_cf", " cf").replace("_E", " E").replace("_M", " M").replace("_S", " S")
+
+
+def plot(doc: Dict, path: str) -> None:
+    """ours/DS per point (top) and both layers over the expert-FFN floor (bottom)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["rows"]
+    n = len(rows)
+    xs = list(range(n))
+    labels = [_short(r["key"]) for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(min(40.0, max(8.0, 0.35 * n)), 7.5), sharex=True)
+    top.bar(xs, [r["ours_over_deepspeed"] for r in rows], color="tab:blue")
+    top.axhline(1.0, color="black", linewidth=0.8)
+    top.axhline(1 / GEOMEAN_SPEEDUP, color="tab:green", linestyle="--", linewidth=0.8,
+                label=f"target geomean 1/{GEOMEAN_SPEEDUP}")
+    top.set_ylabel("ours / DeepSpeed time")
+    top.legend(loc="upper right", fontsize=8)
+    width = 0.4
+    bottom.bar([x - width / 2 for x in xs], [r["ours_over_floor"] for r in rows], width, label="ours / floor",
+               color="tab:blue")
+    bottom.bar([x + width / 2 for x in xs], [r["deepspeed_over_floor"] for r in rows], width,
+               label="DeepSpeed / floor", color="tab:orange")
+    bottom.axhline(1.0, color="black", linewidth=0.8)
+    bottom.axhline(FLOOR_MARGIN, color="tab:green", linestyle="--", linewidth=0.8, label=f"{FLOOR_MARGIN}x floor")
+    bottom.set_ylabel("time / expert-FFN floor")
+    bottom.set_ylim(bottom=0.8)
+    bottom.legend(loc="upper right", fontsize=8)
+    bottom.set_xticks(xs)
+    bottom.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    env = doc["environment"]
+    fig.suptitle(f"MoE layer forward+backward, {env['device']}, {env['date']} (torch {env['torch']}, "
+                 f"deepspeed {env['deepspeed']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def write_outputs(doc: Dict, out_dir: str, tag: str) -> Tuple[str, str, str]:
+    """Writes <tag>.json, <tag>.md and <tag>.png under out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    doc["targets"] = targets(doc)
+    json_path, md_path, png_path = (os.path.join(out_dir, f"{tag}.{ext}") for ext in ("json", "md", "png"))
+    with open(json_path, "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(md_path, "w") as f:
+        f.write(markdown(doc, f"Layer vs DeepSpeed ({doc['environment']['device']}, {doc.get('mode', '')} grid)"))
+    plot(doc, png_path)
+    return json_path, md_path, png_path

@@ -1,0 +1,135 @@
+"""Peak memory of one forward+backward per implementation, each measured in a process of its own.
+
+Every probe runs in a fresh child of a fork server that has already imported torch, DeepSpeed and ds_tutel
+(so a probe costs a fork, not a 3 s import). A child resets its peak-RSS mark at start (Linux
+/proc/self/clear_refs), builds one layer and the inputs, runs one step and reports its peak resident set; a
+"baseline" child builds the same inputs without any layer. Reported per implementation:
+
+  layer_MB = peak(implementation) - peak(baseline): weights, gradients and everything the step allocated;
+  step_MB  = peak during the step - resident size just before it: the step's transient working set.
+
+Without /proc the children fall back to getrusage's ru_maxrss (then both include the fork server's size, which
+the baseline subtraction removes). On CUDA the numbers are torch.cuda's allocated bytes instead of RSS.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import re
+import resource
+import sys
+import traceback
+from dataclasses import asdict
+from typing import Dict, Iterable, List, Optional
+
+from benchmarks.layer_impls import Point
+
+PRELOAD = ["torch", "deepspeed.moe.layer", "ds_tutel", "benchmarks.layer_impls"]
+_MB = 1 << 20
+
+
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _host_bytes(peak: bool) -> int:
+    kb = _status_kb("VmHWM" if peak else "VmRSS")
+    if kb is None:  # no /proc: ru_maxrss is kB on Linux, bytes on macOS
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024
+    return kb * 1024
+
+
+def _probe(point: Point, impl: str, device_type: str, threads: int) -> Dict[str, float]:
+    """Runs in the child: build, one step, peak bytes (see the module docstring)."""
+    import torch
+    from benchmarks.layer_impls import build_layer, layer_step, make_inputs
+
+    torch.set_num_threads(threads)
+    device = torch.device(device_type)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak()
+
+    def now(peak: bool) -> int:
+        if cuda:
+            return torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
+        return _host_bytes(peak)
+
+    layer = None if impl == "baseline" else build_layer(impl, point, device)
+    x_SM, dy_SM = make_inputs(point, device)
+    before_step = now(peak=False)
+    if layer is not None:
+        layer_step(layer, x_SM, dy_SM)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return {"peak_bytes": now(peak=True), "before_step_bytes": before_step}
+
+
+def _child_main(conn, point_fields: dict, impl: str, device_type: str, threads: int) -> None:
+    try:
+        conn.send(("ok", _probe(Point(**point_fields), impl, device_type, threads)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _context():
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        return ctx
+    return mp.get_context("spawn")
+
+
+def _run_probe(ctx, point: Point, impl: str, device_type: str, threads: int, timeout: float) -> Dict[str, float]:
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(send, asdict(point), impl, device_type, threads), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout):
+            raise TimeoutError(f"memory probe {impl} {point.key} took over {timeout}s")
+        status, payload = recv.recv()
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if status != "ok":
+        raise RuntimeError(f"memory probe {impl} {point.key} failed:\n{payload}")
+    return payload
+
+
+def peak_memory(points: Iterable[Point], impls: List[str], device_type: str = "cpu", threads: int = 1,
+                timeout: float = 300.0, log=print) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{point key: {impl: {"layer_MB", "step_MB", "peak_MB"}}}, one child process per (point, impl)."""
+    ctx = _context()
+    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for point in points:
+        baseline = _run_probe(ctx, point, "baseline", device_type, threads, timeout)
+        row: Dict[str, Dict[str, float]] = {}
+        for impl in impls:
+            probe = _run_probe(ctx, point, impl, device_type, threads, timeout)
+            row[impl] = {"layer_MB": (probe["peak_bytes"] - baseline["peak_bytes"]) / _MB,
+                         "step_MB": (probe["peak_bytes"] - probe["before_step_bytes"]) / _MB,
+                         "peak_MB": probe["peak_bytes"] / _MB}
+        results[point.key] = row
+        log(f"memory {point.key}: " + ", ".join(f"{i} {row[i]['layer_MB']:.1f} MB" for i in impls))
+    return results

@@ -1,0 +1,111 @@
+"""The layer benchmark's correctness mode and outputs: equal results on equal weights, honest floors, well-formed
+reports. Timings are never asserted."""
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import bench_layer
+from benchmarks.floors import dispatch_bytes, expert_work, floor_output, floor_step, tokens_per_expert
+from benchmarks.layer_impls import Point, build_layers, layer_step, make_inputs
+from benchmarks.layer_report import markdown, targets, write_outputs
+from benchmarks.timing import paired_ratio
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_correctness_mode_every_implementation_agrees():
+    """ours == DeepSpeed (outputs, l_aux, input and parameter gradients) on every tiny point, fp32 and bf16, the
+    floor's experts recombine to the layer's output, and both layers agree on 2 expert-parallel ranks."""
+    assert bench_layer.correctness(multirank=True, log=lambda *_: None) == []
+
+
+def test_correctness_mode_notices_a_difference(monkeypatch):
+    original = bench_layer.build_layers
+
+    def perturbed(*args, **kwargs):
+        built = original(*args, **kwargs)
+        with torch.no_grad():
+            built["ours"].deepspeed_moe.experts.deepspeed_experts[0][0].weight.mul_(1.01)
+        return built
+
+    monkeypatch.setattr(bench_layer, "build_layers", perturbed)
+    problems = bench_layer.check_point(Point(2, 1.0, 4, model_dim=16, tokens=64))
+    assert any("ours output differs" in p for p in problems)
+    assert any("ours grad deepspeed_moe.gate.wg.weight differs" in p for p in problems)
+
+
+def test_shared_experts_are_the_same_tensors_and_give_the_same_output():
+    point = Point(2, 1.25, 4, model_dim=16, tokens=48)
+    layers = build_layers(point, CPU)
+    ours_params = dict(layers["ours"].named_parameters())
+    for name, param in layers["deepspeed"].named_parameters():
+        if ".experts." in name:
+            assert ours_params[name] is param
+    x_SM, dy_SM = make_inputs(point, CPU)
+    torch.testing.assert_close(layer_step(layers["ours"], x_SM, dy_SM)[0],
+                               layer_step(layers["deepspeed"], x_SM, dy_SM)[0])
+
+
+def test_floor_runs_exactly_the_kept_choices():
+    point = Point(2, 1.0, 8, model_dim=16, tokens=64)  # capacity 16 < some experts' demand: some choices drop
+    layers = build_layers(point, CPU)
+    ours = layers["ours"]
+    x_SM, dy_SM = make_inputs(point, CPU)
+    layer_step(ours, x_SM, dy_SM)
+    routing = ours.deepspeed_moe.last_routing
+    kept_E = routing.kept_per_expert()
+    assert int(kept_E.sum()) < point.tokens * point.k
+    tokens = tokens_per_expert(routing, point.num_experts)
+    assert [t.numel() for t in tokens] == kept_E.tolist()
+    work = expert_work(list(ours.deepspeed_moe.experts.deepspeed_experts), routing, x_SM, dy_SM)
+    assert work.kept_choices == int(kept_E.sum())
+    assert sum(x.shape[0] for x in work.inputs_nM) == work.kept_choices
+    floor_step(work)
+    assert all(x.grad is not None for x in work.inputs_nM)
+    assert all(p.grad is not None for e in work.experts for p in e.parameters())
+    y_SM = layer_step(ours, x_SM, dy_SM)[0]
+    torch.testing.assert_close(floor_output(list(ours.deepspeed_moe.experts.deepspeed_experts), routing, x_SM), y_SM)
+    assert dispatch_bytes(work.kept_choices, 16, torch.float32) == 8 * work.kept_choices * 16 * 4
+
+
+def test_paired_ratio_takes_the_median_of_per_round_ratios():
+    assert paired_ratio([2.0, 10.0, 3.0], [1.0, 10.0, 2.0]) == 1.5
+
+
+def test_a_tiny_run_writes_json_markdown_and_png(tmp_path):
+    points = [Point(1, 1.0, 4, model_dim=16, tokens=32), Point(2, 1.0, 4, model_dim=16, tokens=32)]
+    grid = bench_layer.Grid(points, memory_points=[], multirank_points=[], warmup=1, reps=3)
+    doc = bench_layer.run(grid, CPU, memory=False, multirank=False, log=lambda *_: None)
+    doc["mode"] = "test"
+    json_path, md_path, png_path = write_outputs(doc, str(tmp_path), "layer_test")
+    saved = json.loads(open(json_path).read())
+    assert [r["key"] for r in saved["rows"]] == [p.key for p in points]
+    for row in saved["rows"]:
+        assert set(row["median_s"]) == {"ours", "deepspeed", "floor"}
+        assert all(len(t) == 3 for t in row["times_s"].values())
+        assert row["bytes_floor_s"] > 0 and row["ours_over_deepspeed"] > 0
+    assert saved["environment"]["deepspeed"] and saved["environment"]["torch"]
+    assert len(saved["targets"]) == 3 and all(isinstance(t["met"], bool) for t in saved["targets"])
+    text = open(md_path).read()
+    assert all(p.key in text for p in points) and "Geometric mean" in text
+    assert open(png_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png_path) < 200_000
+
+
+def test_targets_read_memory_and_floor_rows():
+    row = {"key": "a", "point": {"k": 2, "capacity_factor": 1.0}, "ours_over_deepspeed": 0.8,
+           "ours_over_floor": 1.05, "deepspeed_over_floor": 1.3}
+    doc = {"rows": [row], "memory": {"a": {"ours": {"layer_MB": 90.0}, "deepspeed": {"layer_MB": 100.0}}}}
+    assert [t["met"] for t in targets(doc)] == [True, True, True, True]
+    doc["rows"].append(dict(row, key="b", ours_over_deepspeed=1.1, ours_over_floor=1.2))
+    doc["memory"]["b"] = {"ours": {"layer_MB": 101.0}, "deepspeed": {"layer_MB": 100.0}}
+    assert [t["met"] for t in targets(doc)] == [False, False, False, False]
