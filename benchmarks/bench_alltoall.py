@@ -123,34 +123,42 @@ def report(rows: List[Dict], args: argparse.Namespace, setup: str) -> Dict:
     }
 
 
+def _short(res: Dict) -> str:
+    where = "emulated link" if "netns" in res["setup"] else "loopback"
+    return f"{res['nodes']}x{res['ranks_per_node']} {where}"
+
+
 def plot(results: List[Dict], png: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_bw, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for res in results:
-        label = f"{res['nodes']}x{res['ranks_per_node']} {res['setup']}"
+    fig, (ax_bw, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, res in enumerate(results):
         xs = [r["bytes"] for r in res["rows"]]
         for name, style in (("flat", "-o"), ("2dh", "--s"), ("2dh_per_node", "-.x"), ("2dh_transposed", ":^")):
             if f"{name}_s" in res["rows"][0]:
                 bw = [r["bytes"] / r[f"{name}_s"] / 1e6 for r in res["rows"]]
-                ax_bw.plot(xs, bw, style, label=f"{name} {label}", markersize=4)
-        ax_ratio.plot(xs, [r["flat_s"] / r["2dh_s"] for r in res["rows"]], "-o", label=label, markersize=4)
+                ax_bw.plot(xs, bw, style, color=colors[i % len(colors)], label=f"{name}, {_short(res)}",
+                           markersize=3)
+        ax_ratio.plot(xs, [r["flat_s"] / r["2dh_s"] for r in res["rows"]], "-o", color=colors[i % len(colors)],
+                      label=_short(res), markersize=3)
     for ax in (ax_bw, ax_ratio):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bytes per rank")
         ax.grid(True, which="both", alpha=0.3)
     ax_bw.set_yscale("log")
-    ax_bw.set_ylabel("algorithm bandwidth, MB/s per rank")
-    ax_bw.set_title("all-to-all bandwidth (gloo)")
+    ax_bw.set_ylabel("bytes per rank / time, MB/s")
+    ax_bw.set_title("all-to-all bandwidth, gloo (median)")
     ax_ratio.axhline(1.0, color="k", linewidth=0.8)
-    ax_ratio.set_ylabel("2dh speed / flat speed (>1: 2dh wins)")
+    ax_ratio.set_ylim(bottom=0)
+    ax_ratio.set_ylabel("flat time / 2dh time (>1: 2dh wins)")
     ax_ratio.set_title("2dh vs flat")
-    ax_bw.legend(fontsize=6)
+    ax_bw.legend(fontsize=6, ncol=1)
     ax_ratio.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=80)
     plt.close(fig)
 
 

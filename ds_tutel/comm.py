@@ -36,9 +36,10 @@ AUTO_THRESHOLD_ENV = "DS_TUTEL_A2A_AUTO_THRESHOLD"
 # the machines measured so far (docs/ALLTOALL.md) 2DH never beat flat; set the value that
 # benchmarks/bench_alltoall.py reports for your cluster.
 DEFAULT_AUTO_THRESHOLD_BYTES = 0
-# Up to this many nodes the intra-node hop runs as one collective per source node straight into the output
-# (no copy); beyond it, as one collective on a transposed copy (fewer launches). See docs/ALLTOALL.md.
-PER_NODE_INTRA_MAX_NODES = 8
+# Up to this many nodes the intra-node hop runs as one collective per source node straight into the output (no
+# copies, n - 1 collective launches); beyond it, as one collective on a transposed copy (two copies, one
+# launch). Launches are dear and copies cheap on GPUs, the reverse on CPUs (benchmarks/cost_model.py).
+PER_NODE_INTRA_MAX_NODES = {"gloo": 8, "default": 2}
 INTRA_STRATEGIES = ("per_node", "transposed")
 
 
@@ -277,6 +278,12 @@ def _exchange_blocks(out_WX: torch.Tensor, in_WX: torch.Tensor, group: dist.Proc
     return dist.all_to_all_single(out_WX, in_WX, group=group, async_op=True)
 
 
+def intra_strategy_for(num_nodes: int, backend: str) -> str:
+    """The 2DH intra-node strategy used for a group over num_nodes nodes on this backend."""
+    limit = PER_NODE_INTRA_MAX_NODES.get(str(backend), PER_NODE_INTRA_MAX_NODES["default"])
+    return "per_node" if num_nodes <= limit else "transposed"
+
+
 class _TwoDHPending(Pending):
     """2DH with the intra-node hop run once per source node, straight into the output (no layout copies)."""
 
@@ -385,8 +392,7 @@ class Exchange:
         if self.algorithm_for(x.numel() * x.element_size()) == "flat":
             return _FlatPending(x, self.group)
         h = self.hierarchy
-        strategy = self.intra_strategy or ("per_node" if h.num_nodes <= PER_NODE_INTRA_MAX_NODES
-                                           else "transposed")
+        strategy = self.intra_strategy or intra_strategy_for(h.num_nodes, dist.get_backend(h.intra))
         return _TwoDHPending(x, h) if strategy == "per_node" else _TwoDHTransposedPending(x, h)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

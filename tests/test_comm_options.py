@@ -37,6 +37,11 @@ def test_auto_chooses_by_size_and_only_with_a_hierarchy():
         comm.Exchange(None, "2dh", hier, intra_strategy="diagonal")
 
 
+def test_intra_strategy_by_backend_and_nodes():
+    assert [comm.intra_strategy_for(n, "gloo") for n in (2, 8, 9)] == ["per_node", "per_node", "transposed"]
+    assert [comm.intra_strategy_for(n, "nccl") for n in (2, 3, 64)] == ["per_node", "transposed", "transposed"]
+
+
 class _Fake(comm.Pending):
     def __init__(self, name, log):
         self.name, self.log, self.output = name, log, torch.zeros(1)
