@@ -28,10 +28,9 @@ import os
 import platform
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
@@ -82,7 +81,7 @@ def full_grid(max_layer_bytes: int) -> Grid:
               for dtype, M, E, k, cf in itertools.product(["fp32", "bf16"], [256, 512, 1024, 2048], [4, 8, 16, 32, 64],
                                                           [1, 2, 4], [1.0, 1.25])]
     points = [p for p in points if 2 * p.expert_param_bytes() <= max_layer_bytes]
-    memory = [p for p in points if p.capacity_factor == 1.25 or (p.k == 2 and p.dtype == "fp32")]
+    memory = [p for p in points if p.k == 2]
     multirank = [_point(1, 1.0, 8, 256, tokens=1024), _point(2, 1.0, 8, 256, tokens=1024),
                  _point(2, 1.25, 16, 512, tokens=512)]
     return Grid(points, memory, multirank, warmup=2, reps=7, budget_s=10.0)
@@ -214,21 +213,51 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, log=pri
     return doc
 
 
-def profile(point: Point, device: torch.device, steps: int = 3, top: int = 15) -> str:
-    """torch.profiler's top operators (by self time) of each layer over a few steps on one point."""
+def _profile_once(fn, device: torch.device) -> Tuple[Dict[str, Tuple[float, int]], object]:
+    """{op name: (self time in ms, calls)} of one call of fn, and the profiler."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    layers = build_layers(point, device)
-    x_SM, dy_SM = make_inputs(point, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {e.key: (getattr(e, attr) / 1e3, e.count) for e in prof.key_averages()}, prof
+
+
+def profile(point: Point, device: torch.device, steps: int = 5, top: int = 15) -> str:
+    """Where each layer's time goes on one point: the operators whose self time most exceeds the expert-FFN
+    floor's (per step, medians over `steps` interleaved profiled steps), then torch.profiler's own table of each
+    layer's last step."""
+    layers = build_layers(point, device)
+    ours = layers["ours"]
+    x_SM, dy_SM = make_inputs(point, device)
+    layer_step(ours, x_SM, dy_SM)
+    work = expert_work(list(ours.deepspeed_moe.experts.deepspeed_experts), ours.deepspeed_moe.last_routing, x_SM,
+                       dy_SM)
+    fns = {"ours": lambda: layer_step(ours, x_SM, dy_SM),
+           "deepspeed": lambda: layer_step(layers["deepspeed"], x_SM, dy_SM), "floor": lambda: floor_step(work)}
+    interleaved(fns, device, warmup=2, reps=0)
+    samples: Dict[str, List[Dict[str, Tuple[float, int]]]] = {name: [] for name in fns}
+    profs = {}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            ops, profs[name] = _profile_once(fn, device)
+            samples[name].append(ops)
+    names = set().union(*(ops for runs in samples.values() for ops in runs))
+    ops = {impl: {op: (median([run.get(op, (0.0, 0))[0] for run in runs]), runs[-1].get(op, (0.0, 0))[1])
+                  for op in names} for impl, runs in samples.items()}
+    total = {impl: median([sum(t for t, _ in run.values()) for run in runs]) for impl, runs in samples.items()}
+    report = [f"profile of {point.key}, median of {steps} interleaved steps, {torch.get_num_threads()} thread(s), "
+              f"device {device}",
+              "self time per step (ms): " + ", ".join(f"{n} {t:.1f}" for n, t in total.items()), "",
+              "operators by excess over the floor (ms per step; calls per step):",
+              f"{'operator':<55} {'ours':>8} {'deepspeed':>10} {'floor':>8}   calls o/d/f"]
+    excess = sorted(names, key=lambda n: ops["floor"][n][0] - max(ops["ours"][n][0], ops["deepspeed"][n][0]))
+    for name in excess[:top]:
+        o, d, f = (ops[k][name] for k in ("ours", "deepspeed", "floor"))
+        report.append(f"{name[:55]:<55} {o[0]:>8.2f} {d[0]:>10.2f} {f[0]:>8.2f}   {o[1]}/{d[1]}/{f[1]}")
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    report = [f"profile of {point.key}, {steps} steps each, device {device}"]
-    for name, layer in layers.items():
-        for _ in range(2):
-            layer_step(layer, x_SM, dy_SM)
-        with torch_profile(activities=activities) as prof:
-            for _ in range(steps):
-                layer_step(layer, x_SM, dy_SM)
-        report += [f"\n== {name} ==", prof.key_averages().table(sort_by=sort_key, row_limit=top)]
+    for name in ("ours", "deepspeed"):
+        report += [f"\n== {name} ==", profs[name].key_averages().table(sort_by=sort_key, row_limit=top)]
     return "\n".join(report)
 
 
@@ -252,6 +281,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tag", default="", help="output name under benchmarks/results (default: layer_<mode>)")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    # Before anything imports DeepSpeed (it picks its accelerator once, at import).
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
     if args.threads and args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -8,7 +8,7 @@ import json
 import os
 from typing import Dict, List, Tuple
 
-from benchmarks.timing import geomean, median
+from benchmarks.timing import geomean, median, paired_ratio
 
 # The targets on the CPU.
 GEOMEAN_SPEEDUP = 1.2   # geometric mean of DeepSpeed / ours over the grid, at least
@@ -79,20 +79,25 @@ def markdown(doc: Dict, title: str) -> str:
               "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in targets(doc)]
     if memory:
-        lines += ["", "Peak memory (MB over a baseline process holding the same inputs; step = transient of the "
-                  "step alone):", "", "| point | ours MB | DS MB | ours/DS | ours step MB | DS step MB |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "Peak memory, one process per implementation: peak RSS in MB over a baseline process holding "
+                  "the same inputs (weights, gradients and the step); step = RSS growth during the step alone; "
+                  "live = most tensor bytes alive at once during a step (torch's allocation records), i.e. "
+                  "without allocator and math-library caches:", "",
+                  "| point | ours MB | DS MB | ours/DS | ours step | DS step | ours live | DS live |",
+                  "|---|---|---|---|---|---|---|---|"]
         for key, m in memory.items():
             o, d = m["ours"], m["deepspeed"]
+            live = (f"{o['live_MB']:.1f} | {d['live_MB']:.1f}" if "live_MB" in o and "live_MB" in d else " | ")
             lines.append(f"| {key} | {o['layer_MB']:.1f} | {d['layer_MB']:.1f} | {o['layer_MB'] / d['layer_MB']:.3f} "
-                         f"| {o['step_MB']:.1f} | {d['step_MB']:.1f} |")
+                         f"| {o['step_MB']:.1f} | {d['step_MB']:.1f} | {live} |")
     if doc.get("multirank"):
         lines += ["", "Expert parallel on CPU ranks (gloo, ep_size = ranks, one thread per rank, slowest rank "
                   "per step, tokens per rank):", "", "| ranks | point | ours ms | DS ms | ours/DS | outputs equal |",
                   "|---|---|---|---|---|---|"]
         for r in doc["multirank"]:
             o, d = median(r["times"]["ours"]), median(r["times"]["deepspeed"])
-            lines.append(f"| {r['world_size']} | {r['key']} | {_ms(o)} | {_ms(d)} | {o / d:.3f} | "
+            ratio = paired_ratio(r["times"]["ours"], r["times"]["deepspeed"])
+            lines.append(f"| {r['world_size']} | {r['key']} | {_ms(o)} | {_ms(d)} | {ratio:.3f} | "
                          f"{'yes' if r['equal'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 

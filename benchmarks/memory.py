@@ -6,17 +6,23 @@ Every probe runs in a fresh child of a fork server that has already imported tor
 "baseline" child builds the same inputs without any layer. Reported per implementation:
 
   layer_MB = peak(implementation) - peak(baseline): weights, gradients and everything the step allocated;
-  step_MB  = peak during the step - resident size just before it: the step's transient working set.
+  step_MB  = peak during the step - resident size just before it: the step's transient working set;
+  live_MB  = (CPU) the most tensor bytes alive at once during a second step, over those alive before it, from
+             torch.profiler's allocation records: what the step itself holds, without what the memory
+             allocator or math libraries (oneDNN's per-shape primitive cache, heap fragmentation) add to RSS.
 
 Without /proc the children fall back to getrusage's ru_maxrss (then both include the fork server's size, which
 the baseline subtraction removes). On CUDA the numbers are torch.cuda's allocated bytes instead of RSS.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
 import re
 import resource
 import sys
+import tempfile
 import traceback
 from dataclasses import asdict
 from typing import Dict, Iterable, List, Optional
@@ -78,7 +84,30 @@ def _probe(point: Point, impl: str, device_type: str, threads: int) -> Dict[str,
         layer_step(layer, x_SM, dy_SM)
     if cuda:
         torch.cuda.synchronize(device)
-    return {"peak_bytes": now(peak=True), "before_step_bytes": before_step}
+    out = {"peak_bytes": now(peak=True), "before_step_bytes": before_step}
+    if layer is not None and not cuda:
+        out["live_bytes"] = _live_step_bytes(lambda: layer_step(layer, x_SM, dy_SM))
+    return out
+
+
+def _live_step_bytes(step) -> int:
+    """Peak of torch's allocated CPU bytes during step(), over the bytes allocated when it started."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    finally:
+        os.remove(path)
+    if not events:
+        return 0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
 
 
 def _child_main(conn, point_fields: dict, impl: str, device_type: str, threads: int) -> None:
@@ -130,6 +159,8 @@ def peak_memory(points: Iterable[Point], impls: List[str], device_type: str = "c
             row[impl] = {"layer_MB": (probe["peak_bytes"] - baseline["peak_bytes"]) / _MB,
                          "step_MB": (probe["peak_bytes"] - probe["before_step_bytes"]) / _MB,
                          "peak_MB": probe["peak_bytes"] / _MB}
+            if "live_bytes" in probe:
+                row[impl]["live_MB"] = probe["live_bytes"] / _MB
         results[point.key] = row
         log(f"memory {point.key}: " + ", ".join(f"{i} {row[i]['layer_MB']:.1f} MB" for i in impls))
     return results
