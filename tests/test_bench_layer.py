@@ -109,3 +109,16 @@ def test_targets_read_memory_and_floor_rows():
     doc["rows"].append(dict(row, key="b", ours_over_deepspeed=1.1, ours_over_floor=1.2))
     doc["memory"]["b"] = {"ours": {"layer_MB": 101.0}, "deepspeed": {"layer_MB": 100.0}}
     assert [t["met"] for t in targets(doc)] == [False, False, False, False]
+
+
+def test_memory_probes_run_in_their_own_processes():
+    """A baseline child and one child per implementation; the step's live peak includes the expert gradients."""
+    from benchmarks.memory import peak_memory
+    point = Point(2, 1.0, 4, model_dim=128, tokens=64)
+    result = peak_memory([point], ["ours", "deepspeed"], log=lambda *_: None)
+    assert list(result) == [point.key]
+    for impl in ("ours", "deepspeed"):
+        probe = result[point.key][impl]
+        assert set(probe) == {"layer_MB", "step_MB", "peak_MB", "live_MB"}
+        assert probe["live_MB"] >= point.expert_param_bytes() / 2**20
+        assert probe["peak_MB"] > probe["layer_MB"] > 0
