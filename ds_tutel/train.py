@@ -192,6 +192,17 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     corpus = load_corpus(settings.data or None, settings.max_bytes)
     x_val_NT, y_val_NT = val_windows(corpus, cfg.seq_len, settings.eval_windows)
     ckpt_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoints")
+    if not (args.resume or args.eval_only) and checkpoint.read_latest(ckpt_dir) is not None:
+        raise CheckpointError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or "
+                              f"choose another --out")
+    manifest = None  # of the checkpoint to start from, checked before any rank starts DeepSpeed
+    if args.resume or args.eval_only:
+        tag = checkpoint.read_latest(ckpt_dir)
+        if tag is None and args.eval_only:
+            raise CheckpointError(f"no checkpoint in {ckpt_dir} (no `latest` file)")
+        if tag is not None:
+            manifest = checkpoint.verify(ckpt_dir, tag)
+            checkpoint.check_compatible(manifest, cfg.to_dict(), world, precision, ckpt_dir)
 
     set_cpu_threads()
     quiet_deepspeed()
@@ -200,18 +211,12 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     torch.manual_seed(settings.seed)
     engine = build_engine(GPTMoE(cfg, ep_rank=rank % cfg.ep_size, seed=settings.seed), ds_config)
 
-    start_step, manifest = 0, None
-    if args.resume or args.eval_only:
-        tag = checkpoint.read_latest(ckpt_dir)
-        if tag is None and args.eval_only:
-            raise CheckpointError(f"no checkpoint in {ckpt_dir} (no `latest` file)")
-        if tag is not None:
-            manifest = checkpoint.verify(ckpt_dir, tag)
-            checkpoint.check_compatible(manifest, cfg.to_dict(), world, precision, ckpt_dir)
-            checkpoint.load(engine, ckpt_dir, tag, manifest)
-            start_step = manifest["step"]
-        elif rank == 0:
-            print(f"no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
+    start_step = 0
+    if manifest is not None:
+        checkpoint.load(engine, ckpt_dir, manifest["tag"], manifest)
+        start_step = manifest["step"]
+    elif args.resume and rank == 0:
+        print(f"no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
 
     def evaluate() -> float:
         return validation_loss(engine, x_val_NT, y_val_NT, settings.eval_batch, settings.seed)

@@ -164,6 +164,8 @@ def test_corrupt_partial_and_mismatched_checkpoints_are_refused(source, resharde
     assert "could not load checkpoint" in _error_line(
         _train_cli("--out", str(tmp_path / "o4"), "--checkpoint-dir", ckpt, "--resume"))
 
+    assert "already holds checkpoints: pass --resume" in _error_line(_train_cli("--out", source["out"]))
+
     os.remove(os.path.join(tag_dir, "ds_tutel_manifest.json"))  # what a save cut off before publishing leaves
     assert "it is partial" in _error_line(
         _train_cli("--out", str(tmp_path / "o5"), "--checkpoint-dir", ckpt, "--eval-only"))
