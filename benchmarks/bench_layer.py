@@ -66,13 +66,15 @@ def _point(k: int, cf: float, E: int, M: int, dtype: str = "fp32", tokens: Optio
 
 
 def quick_grid() -> Grid:
-    """13 points over k, capacity factor, E 4..64, M 256..1024 and both dtypes; ~3 minutes with the rest."""
+    """13 points over k, capacity factor, E 4..64, M 256..1024 and both dtypes, each step ~0.05-0.3 s on one
+    core (the M=512 points with 512 tokens); ~2-3 minutes with the memory and multi-rank parts."""
     points = [_point(k, cf, 8, 256) for k, cf in itertools.product([1, 2, 4], [1.0, 1.25])]
-    points += [_point(2, 1.0, 32, 512), _point(4, 1.25, 32, 512), _point(2, 1.0, 64, 256), _point(4, 1.25, 64, 256),
-               _point(2, 1.25, 4, 1024), _point(2, 1.0, 16, 512, "bf16"), _point(1, 1.25, 8, 256, "bf16")]
-    memory = [p for p in points if p.k == 2 and p.capacity_factor == 1.0] + [_point(4, 1.25, 32, 512)]
+    points += [_point(2, 1.0, 32, 512, tokens=512), _point(4, 1.25, 32, 512, tokens=512), _point(2, 1.0, 64, 256),
+               _point(4, 1.25, 64, 256), _point(2, 1.25, 4, 1024), _point(2, 1.0, 16, 512, "bf16"),
+               _point(1, 1.25, 8, 256, "bf16")]
+    memory = [p for p in points if p.k == 2 and p.capacity_factor == 1.0] + [_point(4, 1.25, 32, 512, tokens=512)]
     multirank = [_point(2, 1.0, 8, 256, tokens=512)]
-    return Grid(points, memory, multirank, warmup=1, reps=7, budget_s=4.0)
+    return Grid(points, memory, multirank, warmup=1, reps=9, budget_s=5.0)
 
 
 def full_grid(max_layer_bytes: int) -> Grid:
@@ -171,10 +173,24 @@ def environment(device: torch.device, threads: int) -> Dict:
     env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "machine": platform.machine(),
            "processor": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-           "device": str(device), "other_libraries": other_libraries()}
+           "device": str(device), "other_libraries": other_libraries(), "ds_tutel_revision": _revision()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def _revision() -> Optional[str]:
+    """The repository's commit, with "+changes" when the layer's package has uncommitted edits."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ds_tutel"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def _cpu_name() -> str:
@@ -213,6 +229,9 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, log=pri
     return doc
 
 
+FFN_OPS = ("aten::mm", "aten::addmm", "aten::gelu", "aten::gelu_backward")
+
+
 def _profile_once(fn, device: torch.device) -> Tuple[Dict[str, Tuple[float, int]], object]:
     """{op name: (self time in ms, calls)} of one call of fn, and the profiler."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -235,7 +254,7 @@ def profile(point: Point, device: torch.device, steps: int = 5, top: int = 15) -
                        dy_SM)
     fns = {"ours": lambda: layer_step(ours, x_SM, dy_SM),
            "deepspeed": lambda: layer_step(layers["deepspeed"], x_SM, dy_SM), "floor": lambda: floor_step(work)}
-    interleaved(fns, device, warmup=2, reps=0)
+    wall = {name: median(t) for name, t in interleaved(fns, device, warmup=2, reps=steps).items()}
     samples: Dict[str, List[Dict[str, Tuple[float, int]]]] = {name: [] for name in fns}
     profs = {}
     for _ in range(steps):
@@ -246,9 +265,16 @@ def profile(point: Point, device: torch.device, steps: int = 5, top: int = 15) -
     ops = {impl: {op: (median([run.get(op, (0.0, 0))[0] for run in runs]), runs[-1].get(op, (0.0, 0))[1])
                   for op in names} for impl, runs in samples.items()}
     total = {impl: median([sum(t for t, _ in run.values()) for run in runs]) for impl, runs in samples.items()}
+    ffn = {impl: sum(ops[impl][op][0] for op in FFN_OPS if op in ops[impl]) for impl in ops}
+    calls = {impl: sum(c for _, c in ops[impl].values() if c) for impl in ops}
     report = [f"profile of {point.key}, median of {steps} interleaved steps, {torch.get_num_threads()} thread(s), "
               f"device {device}",
-              "self time per step (ms): " + ", ".join(f"{n} {t:.1f}" for n, t in total.items()), "",
+              "wall time per step, unprofiled (ms): " + ", ".join(f"{n} {1e3 * t:.1f}" for n, t in wall.items()),
+              "operator self time per step (ms): " + ", ".join(f"{n} {t:.1f}" for n, t in total.items()),
+              f"  of which expert FFN operators ({', '.join(FFN_OPS)}): "
+              + ", ".join(f"{n} {t:.1f}" for n, t in ffn.items()),
+              "  all other operators: " + ", ".join(f"{n} {total[n] - ffn[n]:.1f}" for n in total),
+              "operator calls per step: " + ", ".join(f"{n} {c}" for n, c in calls.items()), "",
               "operators by excess over the floor (ms per step; calls per step):",
               f"{'operator':<55} {'ours':>8} {'deepspeed':>10} {'floor':>8}   calls o/d/f"]
     excess = sorted(names, key=lambda n: ops["floor"][n][0] - max(ops["ours"][n][0], ops["deepspeed"][n][0]))
