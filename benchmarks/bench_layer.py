@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from benchmarks.floors import copy_bandwidth, dispatch_bytes, expert_work, floor_output, floor_step  # noqa: E402
 from benchmarks.layer_impls import (IMPLEMENTATIONS, Point, build_layers, layer_step, make_inputs,  # noqa: E402
                                     other_libraries)
-from benchmarks.timing import geomean, interleaved, median, paired_ratio  # noqa: E402
+from benchmarks.timing import geomean, interleaved, median, paired_ratio, ratio_quartiles  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -58,7 +58,7 @@ class Grid:
     world_sizes: List[int] = field(default_factory=lambda: [2, 4])
     warmup: int = 2
     reps: int = 5
-    budget_s: float = 6.0  # per point, after the first 3 timed rounds
+    budget_s: float = 6.0  # per point, after the first 5 timed rounds
 
 
 def _point(k: int, cf: float, E: int, M: int, dtype: str = "fp32", tokens: Optional[int] = None) -> Point:
@@ -107,13 +107,15 @@ def measure_point(point: Point, device: torch.device, grid: Grid, bandwidth_Bps:
     fns = {"ours": lambda: layer_step(ours, x_SM, dy_SM),
            "deepspeed": lambda: layer_step(reference, x_SM, dy_SM),
            "floor": lambda: floor_step(work)}
-    times = interleaved(fns, device, warmup=grid.warmup, reps=grid.reps, budget_s=grid.budget_s)
+    times = interleaved(fns, device, warmup=grid.warmup, reps=grid.reps, budget_s=grid.budget_s,
+                        min_reps=min(5, grid.reps))
     med = {name: median(t) for name, t in times.items()}
     bytes_floor_s = dispatch_bytes(work.kept_choices, point.model_dim, point.torch_dtype) / bandwidth_Bps
     floor_plus_bytes = [f + bytes_floor_s for f in times["floor"]]
     return {"key": point.key, "point": asdict(point), "capacity": routing.capacity,
             "kept_choices": work.kept_choices, "times_s": times, "median_s": med, "bytes_floor_s": bytes_floor_s,
             "ours_over_deepspeed": paired_ratio(times["ours"], times["deepspeed"]),
+            "ours_over_deepspeed_quartiles": ratio_quartiles(times["ours"], times["deepspeed"]),
             "ours_over_floor": paired_ratio(times["ours"], times["floor"]),
             "deepspeed_over_floor": paired_ratio(times["deepspeed"], times["floor"]),
             "ours_over_floor_plus_bytes": paired_ratio(times["ours"], floor_plus_bytes)}
@@ -254,7 +256,7 @@ def profile(point: Point, device: torch.device, steps: int = 5, top: int = 15) -
                        dy_SM)
     fns = {"ours": lambda: layer_step(ours, x_SM, dy_SM),
            "deepspeed": lambda: layer_step(layers["deepspeed"], x_SM, dy_SM), "floor": lambda: floor_step(work)}
-    wall = {name: median(t) for name, t in interleaved(fns, device, warmup=2, reps=steps).items()}
+    wall = {name: median(t) for name, t in interleaved(fns, device, warmup=2, reps=steps, min_reps=steps).items()}
     samples: Dict[str, List[Dict[str, Tuple[float, int]]]] = {name: [] for name in fns}
     profs = {}
     for _ in range(steps):

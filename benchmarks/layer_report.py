@@ -59,17 +59,20 @@ def markdown(doc: Dict, title: str) -> str:
              f"Python {env['python']}; ds_tutel at {env.get('ds_tutel_revision')}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
              f"other MoE libraries: {others}.", "",
              "Forward+backward, interleaved runs: times are medians, ratios the median of per-round ratios "
-             "(both timed in the same round). S tokens, C capacity, "
+             "(both timed in the same round), IQR their quartiles (a wide one = a noisy point). S tokens, "
+             "C capacity, "
              "floor = expert FFNs alone on the routed tokens, bytes = dispatch bytes at copy bandwidth, "
              "mem = peak memory ours/DS (separate processes).", "",
-             "| point | C | ours ms | DS ms | floor ms | bytes ms | ours/DS | ours/floor | DS/floor | mem |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| point | C | ours ms | DS ms | floor ms | bytes ms | ours/DS | ours/DS IQR | ours/floor | DS/floor | mem |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         med = r["median_s"]
         mem = memory.get(r["key"])
         mem_text = f"{mem['ours']['layer_MB'] / mem['deepspeed']['layer_MB']:.3f}" if mem else ""
+        q1, q3 = r.get("ours_over_deepspeed_quartiles", (float("nan"), float("nan")))
         lines.append(f"| {r['key']} | {r['capacity']} | {_ms(med['ours'])} | {_ms(med['deepspeed'])} | "
                      f"{_ms(med['floor'])} | {1e3 * r['bytes_floor_s']:.2f} | {r['ours_over_deepspeed']:.3f} | "
+                     f"{q1:.2f}-{q3:.2f} | "
                      f"{r['ours_over_floor']:.3f} | {r['deepspeed_over_floor']:.3f} | {mem_text} |")
     ratios = [r["ours_over_deepspeed"] for r in rows]
     lines += ["", f"Geometric mean ours/DS: **{geomean(ratios):.3f}** (range {min(ratios):.3f}-{max(ratios):.3f}); "

@@ -27,10 +27,10 @@ def _time_once(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def interleaved(fns: Dict[str, Callable[[], None]], device: torch.device, warmup: int = 2, reps: int = 5,
-                budget_s: Optional[float] = None) -> Dict[str, List[float]]:
+                budget_s: Optional[float] = None, min_reps: int = 5) -> Dict[str, List[float]]:
     """Seconds per call of each candidate: `warmup` untimed rounds, then up to `reps` timed rounds.
 
-    budget_s ends the timed rounds early (never before 3 rounds) once that much time has gone by.
+    budget_s ends the timed rounds early (never before `min_reps` rounds) once that much time has gone by.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -40,7 +40,7 @@ def interleaved(fns: Dict[str, Callable[[], None]], device: torch.device, warmup
     for i in range(reps):
         for name, fn in fns.items():
             times[name].append(_time_once(fn, device))
-        if budget_s is not None and i >= 2 and time.perf_counter() - started > budget_s:
+        if budget_s is not None and i + 1 >= min_reps and time.perf_counter() - started > budget_s:
             break
     return times
 
@@ -53,6 +53,15 @@ def paired_ratio(numerator: List[float], denominator: List[float]) -> float:
     """Median over rounds of numerator[i] / denominator[i]: both were timed in the same round, a few
     milliseconds apart, so a load change on the machine between rounds cancels out of each ratio."""
     return statistics.median(n / d for n, d in zip(numerator, denominator))
+
+
+def ratio_quartiles(numerator: List[float], denominator: List[float]) -> List[float]:
+    """First and third quartile of the per-round ratios: how far one round's ratio strays on this machine."""
+    ratios = sorted(n / d for n, d in zip(numerator, denominator))
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q1, q3]
 
 
 def geomean(values: List[float]) -> float:

@@ -10,7 +10,7 @@ from benchmarks import bench_layer
 from benchmarks.floors import dispatch_bytes, expert_work, floor_output, floor_step, tokens_per_expert
 from benchmarks.layer_impls import Point, build_layers, layer_step, make_inputs
 from benchmarks.layer_report import markdown, targets, write_outputs
-from benchmarks.timing import paired_ratio
+from benchmarks.timing import paired_ratio, ratio_quartiles
 
 CPU = torch.device("cpu")
 
@@ -80,6 +80,7 @@ def test_floor_runs_exactly_the_kept_choices():
 
 def test_paired_ratio_takes_the_median_of_per_round_ratios():
     assert paired_ratio([2.0, 10.0, 3.0], [1.0, 10.0, 2.0]) == 1.5
+    assert ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == [2.0, 4.0]
 
 
 def test_a_tiny_run_writes_json_markdown_and_png(tmp_path):
