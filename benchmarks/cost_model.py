@@ -40,8 +40,9 @@ from ds_tutel.comm import intra_strategy_for  # noqa: E402  (the model follows t
 
 RESULTS = os.path.join(HERE, "results")
 PARAMS = ("t_step", "a_intra", "a_inter", "b_intra", "b_inter", "b_copy")
-# On the CPU cluster one per-message cost serves both links (separate ones are not identifiable from its data).
-CPU_PARAMS = ("t_step", "t_rank", "a_msg", "b_intra", "b_inter", "b_copy")
+# On the CPU cluster one per-message cost serves both links (separate ones are not identifiable from its data),
+# and the inter-node link's bandwidth is the one it was shaped to, not fitted.
+CPU_PARAMS = ("t_step", "t_rank", "a_msg", "b_intra", "b_copy")
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,14 @@ class Fabric:
     # Per rank of the job added to every step: W processes sharing a few CPU cores must all be scheduled before
     # a step completes (0 on GPUs, where every rank has its own device and host thread).
     t_rank: float = 0.0
+    # One inter-node link for the whole node (the emulated cluster) instead of one NIC per rank (NDm A100 v4).
+    shared_link: bool = False
 
     def step(self, W: int) -> float:
         return self.t_step + self.t_rank * W
+
+    def inter_byte(self, m: int) -> float:
+        return self.b_inter * (m if self.shared_link else 1)
 
 
 def _join(f: Fabric, x: float, y: float) -> float:
@@ -70,7 +76,7 @@ def _join(f: Fabric, x: float, y: float) -> float:
 def flat_time(f: Fabric, B: float, n: int, m: int) -> float:
     W = n * m
     intra = (m - 1) * f.a_intra + B * (m - 1) / W * f.b_intra
-    inter = (n - 1) * m * f.a_inter + B * (n - 1) / n * f.b_inter
+    inter = (n - 1) * m * f.a_inter + B * (n - 1) / n * f.inter_byte(m)
     return f.step(W) + _join(f, intra, inter)
 
 
@@ -78,8 +84,8 @@ def twodh_time(f: Fabric, B: float, n: int, m: int, strategy: str = "") -> float
     """2dh with the given intra-node strategy, by default the one the library picks for n nodes."""
     if n == 1 or m == 1:
         return flat_time(f, B, n, m)
-    strategy = strategy or intra_strategy_for(n, f.backend)
-    hop1 = (n - 1) * f.a_inter + B * (n - 1) / n * f.b_inter
+    strategy = strategy or intra_strategy_for(n, f.backend, int(B))
+    hop1 = (n - 1) * f.a_inter + B * (n - 1) / n * f.inter_byte(m)
     if strategy == "per_node":
         own = (m - 1) * f.a_intra + B * (m - 1) / (n * m) * f.b_intra
         hop2 = (n - 1) * f.step(n * m) + (n - 1) * (m - 1) * f.a_intra + B * (n - 1) * (m - 1) / (n * m) * f.b_intra
@@ -128,15 +134,17 @@ def nelder_mead(fn: Callable[[List[float]], float], x0: Sequence[float], step: f
 
 
 def load_points(paths: Sequence[str]) -> List[Tuple[str, float, int, int, float]]:
-    """(variant, bytes, nodes, ranks per node, median seconds) from bench_alltoall.py JSON files."""
+    """(variant, bytes, nodes, ranks per node, best seconds) from bench_alltoall.py JSON files (best of N: the
+    time least disturbed by other work on a shared machine)."""
     points = []
     for path in paths:
         with open(path) as f:
             res = json.load(f)
         for row in res["rows"]:
             for variant in ("flat", "2dh", "2dh_per_node", "2dh_transposed"):
-                if f"{variant}_s" in row:
-                    points.append((variant, row["bytes"], res["nodes"], res["ranks_per_node"], row[f"{variant}_s"]))
+                if f"{variant}_min_s" in row:
+                    points.append((variant, row["bytes"], res["nodes"], res["ranks_per_node"],
+                                   row[f"{variant}_min_s"]))
     return points
 
 
@@ -146,14 +154,15 @@ def predict(f: Fabric, variant: str, B: float, n: int, m: int) -> float:
     return twodh_time(f, B, n, m, {"2dh_transposed": "transposed", "2dh_per_node": "per_node"}.get(variant, ""))
 
 
-def fit(points: Sequence[Tuple[str, float, int, int, float]], concurrent: bool, name: str) -> Tuple[Fabric, float]:
+def fit(points: Sequence[Tuple[str, float, int, int, float]], concurrent: bool, name: str,
+        link_bytes_per_s: float) -> Tuple[Fabric, float]:
     """The CPU fabric whose predictions best match the points (RMS of log error); returns it and that RMS."""
-    start = {"t_step": 1e-3, "t_rank": 2e-4, "a_msg": 1e-4, "b_intra": 1e-9, "b_inter": 4e-9, "b_copy": 2e-10}
+    start = {"t_step": 1e-3, "t_rank": 2e-4, "a_msg": 1e-4, "b_intra": 1e-9, "b_copy": 2e-10}
 
     def fabric(logs: Sequence[float]) -> Fabric:
         v = {p: math.exp(x) for p, x in zip(CPU_PARAMS, logs)}
-        return Fabric(name, v["t_step"], v["a_msg"], v["a_msg"], v["b_intra"], v["b_inter"], v["b_copy"],
-                      concurrent, backend="gloo", t_rank=v["t_rank"])
+        return Fabric(name, v["t_step"], v["a_msg"], v["a_msg"], v["b_intra"], 1 / link_bytes_per_s, v["b_copy"],
+                      concurrent, backend="gloo", t_rank=v["t_rank"], shared_link=True)
 
     def loss(logs: Sequence[float]) -> float:
         f = fabric(logs)
@@ -206,7 +215,8 @@ def main(argv=None) -> int:
                                                  for s in ("2x2", "2x4")])
     p.add_argument("--out", default=os.path.join(RESULTS, "alltoall_cost_model.json"))
     p.add_argument("--png", default=os.path.join(RESULTS, "alltoall_cost_model.png"))
-    p.add_argument("--a-inter-us", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0],
+    p.add_argument("--link-gbit", type=float, default=2.0, help="the emulated link's tbf rate")
+    p.add_argument("--a-inter-us", type=float, nargs="+", default=[2.0, 5.0, 10.0],
                    help="per-message InfiniBand costs to project (microseconds)")
     args = p.parse_args(argv)
 
@@ -214,12 +224,13 @@ def main(argv=None) -> int:
     paths = [path for path in args.fit if os.path.exists(path)]
     if paths:
         points = load_points(paths)
-        fits = [fit(points, concurrent, "emulated cluster (gloo, 2 CPU cores, tbf link)") for concurrent in
-                (False, True)]
+        fits = [fit(points, concurrent, "emulated cluster (gloo, 2 CPU cores, tbf link)", args.link_gbit * 1e9 / 8)
+                for concurrent in (False, True)]
         cpu, rms = min(fits, key=lambda fr: fr[1])
         print(f"calibration on {len(points)} measured points ({', '.join(os.path.basename(x) for x in paths)}):")
         print(f"  join={'max' if cpu.concurrent else 'sum'}  RMS log error {rms:.2f} (x{math.exp(rms):.2f})  "
-              + "  ".join(f"{k}={getattr(cpu, k):.3g}" for k in PARAMS + ("t_rank",)))
+              + "  ".join(f"{k}={getattr(cpu, k):.3g}" for k in PARAMS + ("t_rank",))
+              + f"  (b_inter: the shaped link, {args.link_gbit:g} Gbit/s, shared by a node's ranks)")
         rows = []
         for n, m in sorted({(pt[2], pt[3]) for pt in points}):
             measured = {(v, B): t for v, B, nn, mm, t in points if (nn, mm) == (n, m)}

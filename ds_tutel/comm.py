@@ -12,10 +12,14 @@ rank sends n - 1 large messages over the network (one per remote node, to the ra
 there) instead of (n - 1) * m small ones:
   1. inter-node: block [a, :] (everything for node a) goes to the rank with my local index on node a;
   2. intra-node: each received [a, j] goes to local rank j.
-The blocks for my own node skip the network hop and start their intra-node hop at once, overlapping hop 1.
+The blocks for my own node skip the network hop and start their intra-node hop at once, overlapping hop 1, and
+a rank's block for itself is copied locally rather than through the transport where the split allows it. Up to a
+few nodes hop 2 runs once per source node straight into the output (no layout copies); beyond that, once on a
+transposed copy (one launch). The choice of flat or 2dh is the same on every rank of a group (it depends only on
+the buffer's size and the group's layout), as it must be.
 
 Shape legend: W ranks in the group, n nodes x m ranks per node (W = n * m), X elements per destination block,
-L local experts, C capacity, M model dim.
+L local experts, C capacity, M model dim, R = world size + 1 (one row of the group-membership table).
 """
 from __future__ import annotations
 
@@ -38,8 +42,11 @@ AUTO_THRESHOLD_ENV = "DS_TUTEL_A2A_AUTO_THRESHOLD"
 DEFAULT_AUTO_THRESHOLD_BYTES = 0
 # Up to this many nodes the intra-node hop runs as one collective per source node straight into the output (no
 # copies, n - 1 collective launches); beyond it, as one collective on a transposed copy (two copies, one
-# launch). Launches are dear and copies cheap on GPUs, the reverse on CPUs (benchmarks/cost_model.py).
+# launch). Launches are dear and copies cheap on GPUs, the reverse on CPUs (benchmarks/cost_model.py) -- except
+# for small messages on gloo, where the copies cost nothing and one collective fewer saves a step (measured:
+# docs/ALLTOALL.md).
 PER_NODE_INTRA_MAX_NODES = {"gloo": 8, "default": 2}
+GLOO_PER_NODE_MIN_BYTES = 128 << 10
 INTRA_STRATEGIES = ("per_node", "transposed")
 
 
@@ -278,10 +285,13 @@ def _exchange_blocks(out_WX: torch.Tensor, in_WX: torch.Tensor, group: dist.Proc
     return dist.all_to_all_single(out_WX, in_WX, group=group, async_op=True)
 
 
-def intra_strategy_for(num_nodes: int, backend: str) -> str:
-    """The 2DH intra-node strategy used for a group over num_nodes nodes on this backend."""
-    limit = PER_NODE_INTRA_MAX_NODES.get(str(backend), PER_NODE_INTRA_MAX_NODES["default"])
-    return "per_node" if num_nodes <= limit else "transposed"
+def intra_strategy_for(num_nodes: int, backend: str, nbytes: int) -> str:
+    """The 2DH intra-node strategy for a message of nbytes per rank over num_nodes nodes on this backend."""
+    backend = str(backend)
+    limit = PER_NODE_INTRA_MAX_NODES.get(backend, PER_NODE_INTRA_MAX_NODES["default"])
+    if num_nodes > limit or (backend == "gloo" and nbytes < GLOO_PER_NODE_MIN_BYTES):
+        return "transposed"
+    return "per_node"
 
 
 class _TwoDHPending(Pending):
@@ -392,7 +402,8 @@ class Exchange:
         if self.algorithm_for(x.numel() * x.element_size()) == "flat":
             return _FlatPending(x, self.group)
         h = self.hierarchy
-        strategy = self.intra_strategy or intra_strategy_for(h.num_nodes, dist.get_backend(h.intra))
+        strategy = self.intra_strategy or intra_strategy_for(h.num_nodes, dist.get_backend(h.intra),
+                                                             x.numel() * x.element_size())
         return _TwoDHPending(x, h) if strategy == "per_node" else _TwoDHTransposedPending(x, h)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -413,7 +424,8 @@ def plan_exchange(group: Group, algorithm: str, device: torch.device, *, topolog
     check_algorithm(algorithm)
     threshold = auto_threshold(threshold_bytes)
     hier = None
-    if algorithm != "flat" and group_size(group) > 1:
+    # auto with a zero threshold is flat: no need for subgroups (the threshold must be equal on every rank).
+    if (algorithm == "2dh" or (algorithm == "auto" and threshold > 0)) and group_size(group) > 1:
         topo = topology or from_env()
         if algorithm == "2dh":
             hierarchical_layout(group, topo)  # raises on uneven groups before any collective

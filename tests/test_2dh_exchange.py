@@ -107,8 +107,14 @@ def _check_2x2(rank, world_size):
             exchange_and_compute(torch.zeros(3, 2, M), lambda x: x, uneven, 1, "2dh")
 
     # The exchange is exact: analytic expectation, every algorithm, degree, layout; 2dh == flat bit for bit.
+    # On the group that spans both nodes, with each intra-node strategy (these small messages would get the
+    # transposed one; a zero size limit gives them the per-node one).
     checked = 0
-    for group, ranks in groups:
+    default_min_bytes = comm.GLOO_PER_NODE_MIN_BYTES
+    cases = [(world, [0, 1, 2, 3], 0), (world, [0, 1, 2, 3], default_min_bytes)] + [(g, r, default_min_bytes)
+                                                                                     for g, r in groups[1:]]
+    for group, ranks, min_bytes in cases:
+        comm.GLOO_PER_NODE_MIN_BYTES = min_bytes
         me = ranks.index(rank)
         for L, C in [(1, 1), (1, 5), (2, 4), (3, 2)]:
             expected = _expected(ranks, me, L, C)
@@ -121,6 +127,7 @@ def _check_2x2(rank, world_size):
                     for g, f in zip(got, results["flat"]):
                         assert torch.equal(g, f), (alg, ranks, L, C, degree)
                 checked += 1
+    comm.GLOO_PER_NODE_MIN_BYTES = default_min_bytes
     for strategy in comm.INTRA_STRATEGIES:
         ex = comm.plan_exchange(world, "2dh", torch.device("cpu"), intra_strategy=strategy)
         for L, C in [(1, 3), (2, 2)]:
@@ -142,18 +149,23 @@ def _check_2x2(rank, world_size):
     L, C = 2, 3
     block = L * C * M
     intra_ranks, inter_ranks = (node * 2, node * 2 + 1), (local, local + 2)
-    with _Recorder() as rec:
+    x = _buf(rank, 4 * L, C)
+    with _Recorder() as rec:  # per node: my node's other block, the other node's 2 blocks, then the one for my peer
+        comm.plan_exchange(world, "2dh", x.device, intra_strategy="per_node").start(x).wait()
+    assert rec.calls == [(intra_ranks, block, True), (inter_ranks, 2 * block, True), (intra_ranks, block, True)]
+    with _Recorder() as rec:  # transposed: the other node's 2 blocks, then both source nodes' blocks for my peer
+        comm.plan_exchange(world, "2dh", x.device, intra_strategy="transposed").start(x).wait()
+    assert rec.calls == [(inter_ranks, 2 * block, True), (intra_ranks, 2 * block, True)]
+    with _Recorder() as rec:  # the layer's exchange: small messages on gloo take the transposed strategy
         _run_exchange(world, [0, 1, 2, 3], L, C, "2dh", 1)
-    # Per exchange, (fwd + bwd) x (dispatch + combine): my node's other block, the other node's 2 blocks, then
-    # what arrived for my local peer.
-    assert rec.calls == [(intra_ranks, block, True), (inter_ranks, 2 * block, True), (intra_ranks, block, True)] * 4
+    assert rec.calls == [(inter_ranks, 2 * block, True), (intra_ranks, 2 * block, True)] * 4  # (fwd+bwd) x 2
     with _Recorder() as rec:
         _run_exchange(world, [0, 1, 2, 3], L, C, "flat", 1)
     assert rec.calls == [((0, 1, 2, 3), 4 * block, True)] * 4
     # ... and the overlapped exchange issues all its communication asynchronously.
     with _Recorder() as rec:
         _run_exchange(world, [0, 1, 2, 3], L, C, "2dh", 3)
-    assert len(rec.calls) == 3 * 4 * 3 and all(is_async for _, _, is_async in rec.calls)
+    assert len(rec.calls) == 3 * 4 * 2 and all(is_async for _, _, is_async in rec.calls)
 
     # auto: 2dh up to the threshold (bytes per rank), flat above, the same choice on every rank.
     x = torch.zeros(4, 2, M, dtype=torch.float64)  # 192 bytes
@@ -179,18 +191,23 @@ def _check_2x2(rank, world_size):
 
 def test_2dh_equals_flat_and_analytic_on_2_nodes_x_2():
     results = run_ranks(_check_2x2, 4, local_size=2, timeout=240)
-    assert results == [results[0]] * 4 and results[0] == 3 * 4 * 3
+    assert results == [results[0]] * 4 and results[0] == 4 * 4 * 3
 
 
 def _check_2x4(rank, world_size):
     import torch.distributed as dist
+    from ds_tutel import comm
 
     world = dist.new_group(list(range(8)))
     halves = [dist.new_group([0, 2, 4, 6]), dist.new_group([1, 3, 5, 7])]  # 2 nodes x 2 of each group
     groups = [(world, list(range(8))), (halves[rank % 2], list(range(rank % 2, 8, 2)))]
+    default_min_bytes = comm.GLOO_PER_NODE_MIN_BYTES
     for group, ranks in groups:
         me = ranks.index(rank)
-        for L, C, degree in [(1, 3, 1), (2, 4, 2), (1, 5, 4)]:
+        # A zero size limit gives these small messages the per-node strategy (middle ranks of 4 per node send
+        # their own block through the transport), the default the transposed one.
+        for L, C, degree, min_bytes in [(1, 3, 1, 0), (2, 4, 2, default_min_bytes), (1, 5, 4, 0)]:
+            comm.GLOO_PER_NODE_MIN_BYTES = min_bytes
             expected = _expected(ranks, me, L, C)
             flat = _run_exchange(group, ranks, L, C, "flat", degree)
             two = _run_exchange(group, ranks, L, C, "2dh", degree)

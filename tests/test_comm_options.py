@@ -37,9 +37,12 @@ def test_auto_chooses_by_size_and_only_with_a_hierarchy():
         comm.Exchange(None, "2dh", hier, intra_strategy="diagonal")
 
 
-def test_intra_strategy_by_backend_and_nodes():
-    assert [comm.intra_strategy_for(n, "gloo") for n in (2, 8, 9)] == ["per_node", "per_node", "transposed"]
-    assert [comm.intra_strategy_for(n, "nccl") for n in (2, 3, 64)] == ["per_node", "transposed", "transposed"]
+def test_intra_strategy_by_backend_nodes_and_size():
+    big, small = 1 << 20, 1 << 10
+    assert [comm.intra_strategy_for(n, "gloo", big) for n in (2, 8, 9)] == ["per_node", "per_node", "transposed"]
+    assert comm.intra_strategy_for(2, "gloo", small) == "transposed"
+    assert [comm.intra_strategy_for(n, "nccl", s) for n, s in ((2, small), (3, big), (64, big))] == [
+        "per_node", "transposed", "transposed"]
 
 
 class _Fake(comm.Pending):
