@@ -72,17 +72,17 @@ def test_reshard_2_to_1_and_1_to_2_keeps_validation_loss_and_optimizer_state(sou
     assert json.loads(result.stdout[result.stdout.index("{"):])["to"] == {"world_size": 1, "ep_size": 1}
     assert _tree_digest(source["ckpt"]) == resharded["source_digest"]  # the input is never modified
 
-    val_two = _eval(2, source["ckpt"], str(tmp_path / "e2"))
+    val_two = source["summary"]["final_val_loss"]  # at step 4, on 2 ranks, from the checkpointed weights
     val_one = _eval(1, one, str(tmp_path / "e1"))
     assert (val_one["world_size"], val_one["ep_size"], val_one["step"]) == (1, 1, 4)
-    assert val_one["val_loss"] == pytest.approx(val_two["val_loss"], rel=1e-4)
-    assert val_two["val_loss"] == pytest.approx(source["summary"]["final_val_loss"], rel=1e-9)
+    assert val_one["val_loss"] == pytest.approx(val_two, rel=1e-4)  # bf16 matmuls batched differently
     _assert_same_states(_full_states(source["ckpt"]), _full_states(one))
 
     from ds_tutel.reshard import reshard
     reshard(one, two, world_size=2, ep_size=2)
     val_back = _eval(2, two, str(tmp_path / "e3"))
-    assert val_back["val_loss"] == pytest.approx(val_two["val_loss"], rel=1e-6)
+    assert (val_back["world_size"], val_back["ep_size"]) == (2, 2)
+    assert val_back["val_loss"] == pytest.approx(val_two, rel=1e-6)  # the original layout, the same numbers
     _assert_same_states(_full_states(source["ckpt"]), _full_states(two))
 
     # A resharded checkpoint trains on at its new size.
