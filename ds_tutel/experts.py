@@ -50,3 +50,53 @@ class Experts(nn.Module):
             out_nM = expert(x_nM)
             outputs.append(out_nM[0] if isinstance(out_nM, tuple) else out_nM)
         return outputs
+
+    def forward_filled(self, buf_WLCM: torch.Tensor, filled_WL: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Like forward, but each expert runs only on the filled slots: filled_WL[w][l] rows of buf_WLCM[w, l]
+        (filled slots are a prefix of each buffer). Outputs of empty slots are zero and never read."""
+        inputs_nM = _PackFilled.apply(buf_WLCM, filled_WL)
+        return _UnpackFilled.apply(buf_WLCM.shape, filled_WL, *self.forward_grouped(inputs_nM))
+
+
+def _rows_of(filled_WL: Sequence[Sequence[int]], l: int) -> List[int]:
+    return [int(filled_L[l]) for filled_L in filled_WL]
+
+
+class _PackFilled(torch.autograd.Function):
+    """buf_WLCM -> per local expert l, the filled rows of every source rank w, stacked: [sum_w n_wl, M]."""
+
+    @staticmethod
+    def forward(ctx, buf_WLCM: torch.Tensor, filled_WL: Sequence[Sequence[int]]):
+        ctx.shape = buf_WLCM.shape
+        ctx.filled_WL = filled_WL
+        W, L = buf_WLCM.shape[:2]
+        return tuple(torch.cat([buf_WLCM[w, l, :n] for w, n in enumerate(_rows_of(filled_WL, l))])
+                     for l in range(L))
+
+    @staticmethod
+    def backward(ctx, *grads_nM: torch.Tensor):
+        grad_WLCM = grads_nM[0].new_zeros(ctx.shape)
+        for l, grad_nM in enumerate(grads_nM):
+            for w, part_nM in enumerate(torch.split(grad_nM, _rows_of(ctx.filled_WL, l))):
+                grad_WLCM[w, l, :part_nM.shape[0]] = part_nM
+        return grad_WLCM, None
+
+
+class _UnpackFilled(torch.autograd.Function):
+    """The inverse of _PackFilled: per-expert outputs back into a zero buffer [W, L, C, M]."""
+
+    @staticmethod
+    def forward(ctx, shape: torch.Size, filled_WL: Sequence[Sequence[int]], *outs_nM: torch.Tensor):
+        ctx.filled_WL = filled_WL
+        out_WLCM = outs_nM[0].new_zeros(shape)
+        for l, out_nM in enumerate(outs_nM):
+            for w, part_nM in enumerate(torch.split(out_nM, _rows_of(filled_WL, l))):
+                out_WLCM[w, l, :part_nM.shape[0]] = part_nM
+        return out_WLCM
+
+    @staticmethod
+    def backward(ctx, grad_WLCM: torch.Tensor):
+        L = grad_WLCM.shape[1]
+        grads = tuple(torch.cat([grad_WLCM[w, l, :n] for w, n in enumerate(_rows_of(ctx.filled_WL, l))])
+                      for l in range(L))
+        return (None, None, *grads)
