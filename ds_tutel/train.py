@@ -165,7 +165,7 @@ def dry_run(settings: TrainSettings, world_size: Optional[int]) -> Dict[str, Any
 
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """The whole job on this rank; returns the summary (the same on every rank)."""
+    """The whole job on this rank; returns its summary (rank 0's adds the initial loss and wall time)."""
     t_start = time.time()
     args = parse_args(argv)
     from .engine import load_config
