@@ -308,6 +308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's point: k,cf,E,M,dtype")
     parser.add_argument("--tag", default="", help="output name under benchmarks/results (default: layer_<mode>)")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--redraw", metavar="JSON", help="rewrite the markdown and PNG of a saved result")
     args = parser.parse_args(argv)
     # Before anything imports DeepSpeed (it picks its accelerator once, at import).
     os.environ.setdefault("DS_ACCELERATOR", args.device)
@@ -316,6 +317,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     suffix = "_cuda" if device.type == "cuda" else ""
 
+    if args.redraw:
+        from benchmarks.layer_report import write_outputs
+        with open(args.redraw) as f:
+            doc = json.load(f)
+        tag = os.path.splitext(os.path.basename(args.redraw))[0]
+        print("wrote " + ", ".join(write_outputs(doc, os.path.dirname(os.path.abspath(args.redraw)), tag)))
+        return 0
     if args.correctness:
         problems = correctness(multirank=device.type == "cpu")
         print("\n".join(problems) if problems else f"all implementations agree on {len(correctness_points())} "
