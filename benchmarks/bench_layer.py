@@ -303,8 +303,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per point (default: the grid's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory probes")
     parser.add_argument("--no-multirank", action="store_true", help="skip the expert-parallel runs")
-    parser.add_argument("--max-layer-gb", type=float, default=2.0,
-                        help="--full skips points whose expert weights + gradients exceed this (default 2)")
+    parser.add_argument("--max-layer-gb", type=float, default=2.5,
+                        help="--full skips points whose expert weights + gradients exceed this (default 2.5)")
     parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's point: k,cf,E,M,dtype")
     parser.add_argument("--tag", default="", help="output name under benchmarks/results (default: layer_<mode>)")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
