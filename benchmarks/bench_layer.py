@@ -1,11 +1,12 @@
 """The MoE layer, forward+backward: ds_tutel.MoE against DeepSpeed's installed MoE and the two floors.
 
-    python benchmarks/bench_layer.py --quick            small grid, ~3 minutes on 2 CPU cores
+    python benchmarks/bench_layer.py --quick            small grid, ~2-3 minutes on 2 CPU cores
     python benchmarks/bench_layer.py --full             the issue's whole grid (k 1,2,4; cf 1.0,1.25;
                                                         E 4..64; M 256..2048; fp32 and bf16)
     python benchmarks/bench_layer.py --correctness      tiny sizes: every implementation gives the same
                                                         output and gradients on the same weights (exit 1 if not)
-    python benchmarks/bench_layer.py --profile          torch.profiler top ops of each layer on one point
+    python benchmarks/bench_layer.py --profile          where each layer's time goes on one point (--point)
+    python benchmarks/bench_layer.py --redraw F.json    rewrite the markdown and PNG of a saved result
     ... --device cuda                                   the same on a GPU (CUDA events, allocator peaks)
 
 Per point, both layers hold identical weights and the same expert module (Linear(M, 2M) -> GELU ->
@@ -17,6 +18,8 @@ bandwidth. Peak memory per implementation comes from separate processes (benchma
 
 Writes benchmarks/results/<tag>.json, <tag>.md and <tag>.png (tag: layer_quick, layer_full, ...; a cuda run
 appends _cuda). Methodology and how to read the table: docs/BENCHMARKS.md.
+
+Shape legend: S tokens, M model dim, E experts, K choices per token.
 """
 from __future__ import annotations
 
