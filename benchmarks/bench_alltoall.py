@@ -69,6 +69,27 @@ def recommended_threshold(rows: List[Dict], margin: float = WIN_MARGIN) -> int:
     return threshold
 
 
+# Peak buffers of one size on one rank, in units of the message: input, output, and the 2dh variants' scratch.
+BUFFERS_PER_SIZE = 6
+
+
+def _fits_in_memory(nbytes: int) -> bool:
+    """Whether every rank sees nbytes within half of MemAvailable (a collective: all ranks agree)."""
+    import torch
+    import torch.distributed as dist
+    available = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        available = 1 << 62  # unknown: do not refuse
+    ok = torch.tensor([1.0 if nbytes <= available // 2 else 0.0])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def measure(sizes: List[int], variants: List[str], iters: int, budget_s: float, warmup: int = 1,
             log=print) -> List[Dict]:
     """Runs on every rank of an initialised job; returns rows (identical on every rank)."""
@@ -83,6 +104,10 @@ def measure(sizes: List[int], variants: List[str], iters: int, budget_s: float, 
     rows = []
     for nbytes in sizes:
         numel = max(world, nbytes // 4 // world * world)
+        if not _fits_in_memory(world * numel * 4 * BUFFERS_PER_SIZE):
+            if dist.get_rank() == 0:
+                log(f"{numel * 4:>10d} B skipped: {world} ranks would need more than half the available memory")
+            break
         x = torch.randn(numel)
         times: Dict[str, List[float]] = {name: [] for name in variants}
         started = time.monotonic()

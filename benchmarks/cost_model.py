@@ -288,10 +288,10 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {os.path.relpath(args.out)}")
     if args.png:
         _plot(out, args.png)
-        print(f"wrote {args.png}")
+        print(f"wrote {os.path.relpath(args.png)}")
     return 0
 
 

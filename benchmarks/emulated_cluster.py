@@ -127,10 +127,14 @@ def run_ranks(net: TwoNodeNet, ranks_per_node: int, bench_args: List[str], timeo
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
+    failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
+    if failed:
+        print(f"ranks failed (rank, exit code): {failed}; the others were stopped", file=sys.stderr)
+        return 1
     if any(c is None for c in codes):
         print(f"ranks still running after {timeout}s: killed", file=sys.stderr)
         return 124
-    return max(abs(c) for c in codes)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
