@@ -5,6 +5,8 @@ Two ways to run it:
                                                                      all on loopback), writes JSON (+ PNG)
   python benchmarks/bench_alltoall.py --worker --rank R ...          one rank of a job started by someone else
                                                                      (benchmarks/emulated_cluster.py)
+  deepspeed benchmarks/bench_alltoall.py --worker --from-env --backend nccl ...   a real cluster, the
+                                                                     launcher's ranks and topology
   python benchmarks/bench_alltoall.py --plot a.json [b.json ...] --png out.png   redraws results
   python benchmarks/bench_alltoall.py --overlap ...                  the whole exchange (dispatch, experts,
                                                                      combine, forward + backward) at overlap
@@ -73,24 +75,33 @@ def recommended_threshold(rows: List[Dict], margin: float = WIN_MARGIN) -> int:
 BUFFERS_PER_SIZE = 6
 
 
-def _fits_in_memory(nbytes: int) -> bool:
-    """Whether every rank sees nbytes within half of MemAvailable (a collective: all ranks agree)."""
+def _fits_in_memory(nbytes: int, device) -> bool:
+    """Whether every rank sees nbytes within half of its free memory (a collective: all ranks agree)."""
     import torch
     import torch.distributed as dist
-    available = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        available = 1 << 62  # unknown: do not refuse
-    ok = torch.tensor([1.0 if nbytes <= available // 2 else 0.0])
+    available = 1 << 62  # unknown: do not refuse
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        available = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    ok = torch.tensor([1.0 if nbytes <= available // 2 else 0.0], device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
 
 
-def measure(sizes: List[int], variants: List[str], iters: int, budget_s: float, warmup: int = 1,
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # NCCL's wait() only orders streams; the clock needs the host to wait
+
+
+def measure(sizes: List[int], variants: List[str], iters: int, budget_s: float, device, warmup: int = 1,
             log=print) -> List[Dict]:
     """Runs on every rank of an initialised job; returns rows (identical on every rank)."""
     import torch
@@ -98,17 +109,18 @@ def measure(sizes: List[int], variants: List[str], iters: int, budget_s: float, 
     from ds_tutel import comm
 
     world = dist.get_world_size()
-    device = torch.device("cpu")
     exchanges = {name: comm.plan_exchange(None, VARIANTS[name][0], device, intra_strategy=VARIANTS[name][1])
                  for name in variants}
     rows = []
     for nbytes in sizes:
         numel = max(world, nbytes // 4 // world * world)
-        if not _fits_in_memory(world * numel * 4 * BUFFERS_PER_SIZE):
+        # CPU ranks may all share one machine's memory (they do here); a GPU has its own.
+        sharing = world if device.type == "cpu" else 1
+        if not _fits_in_memory(sharing * numel * 4 * BUFFERS_PER_SIZE, device):
             if dist.get_rank() == 0:
                 log(f"{numel * 4:>10d} B skipped: {world} ranks would need more than half the available memory")
             break
-        x = torch.randn(numel)
+        x = torch.randn(numel, device=device)
         times: Dict[str, List[float]] = {name: [] for name in variants}
         started = time.monotonic()
         for it in range(warmup + iters):
@@ -116,12 +128,13 @@ def measure(sizes: List[int], variants: List[str], iters: int, budget_s: float, 
                 dist.barrier()
                 t0 = time.perf_counter()
                 exchanges[name].start(x).wait()
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                _sync(device)
+                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 if it >= warmup:
                     times[name].append(float(elapsed))
             # Every rank must take the same decision to stop: broadcast rank 0's clock.
-            over = torch.tensor([float(time.monotonic() - started > budget_s)])
+            over = torch.tensor([float(time.monotonic() - started > budget_s)], device=device)
             dist.broadcast(over, 0)
             if it >= warmup and over.item():
                 break
@@ -139,7 +152,7 @@ def measure(sizes: List[int], variants: List[str], iters: int, budget_s: float, 
     return rows
 
 
-def measure_overlap(sizes: List[int], degrees: List[int], hidden: int, iters: int, budget_s: float,
+def measure_overlap(sizes: List[int], degrees: List[int], hidden: int, iters: int, budget_s: float, device,
                     log=print) -> List[Dict]:
     """exchange_and_compute forward + backward with an FFN expert (model dim 64, `hidden` wide), flat and 2dh at
     each overlap degree, next to its floors: the experts alone and the exchange alone (identity experts)."""
@@ -151,8 +164,8 @@ def measure_overlap(sizes: List[int], degrees: List[int], hidden: int, iters: in
     world = dist.get_world_size()
     M = 64
     gen = torch.Generator().manual_seed(dist.get_rank())
-    w1_MH = torch.randn(M, hidden, generator=gen).div_(M ** 0.5).requires_grad_()
-    w2_HM = torch.randn(hidden, M, generator=gen).div_(hidden ** 0.5).requires_grad_()
+    w1_MH = torch.randn(M, hidden, generator=gen).div_(M ** 0.5).to(device).requires_grad_()
+    w2_HM = torch.randn(hidden, M, generator=gen).div_(hidden ** 0.5).to(device).requires_grad_()
 
     def ffn(x_WLCM: torch.Tensor) -> torch.Tensor:
         return F.gelu(x_WLCM @ w1_MH) @ w2_HM
@@ -160,7 +173,7 @@ def measure_overlap(sizes: List[int], degrees: List[int], hidden: int, iters: in
     rows = []
     for nbytes in sizes:
         C = max(1, nbytes // (4 * world * M))
-        buf_ECM = torch.randn(world, C, M, generator=gen)
+        buf_ECM = torch.randn(world, C, M, generator=gen).to(device)
         cases = {"experts only": lambda: ffn(buf_ECM.view(world, 1, C, M).requires_grad_()).sum().backward(),
                  "exchange only": lambda: exchange_and_compute(buf_ECM.clone().requires_grad_(), lambda x: x * 1.0,
                                                                None, 1, "flat").sum().backward()}
@@ -175,11 +188,12 @@ def measure_overlap(sizes: List[int], degrees: List[int], hidden: int, iters: in
                 dist.barrier()
                 t0 = time.perf_counter()
                 step()
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                _sync(device)
+                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 if it >= 1:
                     times[name].append(float(elapsed))
-            over = torch.tensor([float(time.monotonic() - started > budget_s)])
+            over = torch.tensor([float(time.monotonic() - started > budget_s)], device=device)
             dist.broadcast(over, 0)
             if it >= 1 and over.item():
                 break
@@ -202,7 +216,7 @@ def report(rows: List[Dict], args: argparse.Namespace, setup: str) -> Dict:
         "date": datetime.date.today().isoformat(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform(terse=True)},
-        "backend": "gloo", "setup": setup,
+        "backend": args.backend, "setup": setup,
         "world": topo.world_size, "nodes": topo.num_nodes, "ranks_per_node": topo.local_size,
         "iters": args.iters, "budget_s": args.budget, "win_margin": WIN_MARGIN,
         "recommended_auto_threshold_bytes": (recommended_threshold(rows) if "2dh" in args.variants
@@ -251,25 +265,36 @@ def plot(results: List[Dict], png: str) -> None:
     plt.close(fig)
 
 
-def _init(rank: int, world: int, local_size: int, master_addr: str, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % local_size),
-                      LOCAL_SIZE=str(local_size), LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR=master_addr,
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+def _init(args: argparse.Namespace, rank: int) -> "torch.device":
+    """Initialises this rank (DeepSpeed's communication) and returns the device its buffers live on."""
+    if not args.from_env:  # else the launcher (deepspeed, torchrun, mpirun) has set the variables
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.world), LOCAL_RANK=str(rank % args.local_size),
+                          LOCAL_SIZE=str(args.local_size), LOCAL_WORLD_SIZE=str(args.local_size),
+                          MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port))
+    if args.backend == "gloo":
+        os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     import torch
-    torch.set_num_threads(1)
+    if args.backend == "gloo":
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend=args.backend, verbose=False)
+    return device
 
 
 def _worker(rank: int, args: argparse.Namespace, setup: str) -> None:
     import torch.distributed as dist
-    _init(rank, args.world, args.local_size, args.master_addr, args.master_port)
+    device = _init(args, rank)
     try:
         sizes = sizes_between(parse_size(args.min_bytes), parse_size(args.max_bytes), args.factor)
         if args.overlap:
-            rows = measure_overlap(sizes, args.degrees, args.hidden, args.iters, args.budget)
+            rows = measure_overlap(sizes, args.degrees, args.hidden, args.iters, args.budget, device)
         else:
-            rows = measure(sizes, args.variants, args.iters, args.budget)
+            rows = measure(sizes, args.variants, args.iters, args.budget, device)
         if rank == 0:
             result = report(rows, args, setup)
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -306,6 +331,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1")
     p.add_argument("--master-port", type=int, default=0)
+    p.add_argument("--from-env", action="store_true",
+                   help="with --worker: rank, world and topology from the launcher's environment (a real cluster)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="nccl: CUDA buffers, one GPU a rank")
     p.add_argument("--plot", nargs="+", default=None, help="JSON results to draw into --png")
     p.add_argument("--overlap", action="store_true", help="time the overlapped exchange instead (see above)")
     p.add_argument("--degrees", type=int, nargs="+", default=[1, 2, 4])
@@ -323,9 +352,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--local-size {args.local_size} must divide --world {args.world}")
     if "flat" not in args.variants:
         args.variants.insert(0, "flat")
-    setup = args.setup or "one machine, loopback (gloo over TCP)"
+    setup = args.setup or ("launcher's cluster" if args.from_env else "one machine, loopback (gloo over TCP)")
     if args.worker:
-        _worker(args.rank, args, setup)
+        _worker(int(os.environ.get("RANK", args.rank)) if args.from_env else args.rank, args, setup)
         return 0
     import torch.multiprocessing as mp
     args.master_port = args.master_port or _free_port()
