@@ -122,51 +122,47 @@ def grouped_plan(routing: Routing) -> GroupedPlan:
 
 
 class _GatherPerExpert(torch.autograd.Function):
-    """x_SM -> one [n_e, M] tensor per expert; backward adds every expert's gradient into one [S, M]."""
+    """x_SM -> one [n_e, M] view per expert of a single gathered [J, M]; backward is one index_add_.
+
+    One gather for all experts (not one per expert) keeps the operator count independent of E.
+    """
 
     @staticmethod
     def forward(ctx: Any, x_SM: torch.Tensor, token_J: torch.Tensor, rows_per_expert: List[int]):
         ctx.save_for_backward(token_J)
         ctx.num_tokens = x_SM.shape[0]
-        return tuple(x_SM.index_select(0, t) for t in torch.split(token_J, rows_per_expert))
+        return torch.split(x_SM.index_select(0, token_J), rows_per_expert)
 
     @staticmethod
     def backward(ctx: Any, *grads_nM: torch.Tensor):
         (token_J,) = ctx.saved_tensors
-        grad_SM = grads_nM[0].new_zeros(ctx.num_tokens, grads_nM[0].shape[1])
-        for t, g in zip(torch.split(token_J, [g.shape[0] for g in grads_nM]), grads_nM):
-            if g.shape[0] > 0:
-                grad_SM.index_add_(0, t, g)
+        grad_JM = torch.cat(grads_nM)
+        grad_SM = grad_JM.new_zeros(ctx.num_tokens, grad_JM.shape[1])
+        grad_SM.index_add_(0, token_J, grad_JM)
         return grad_SM, None, None
 
 
 class _CombinePerExpert(torch.autograd.Function):
-    """y_SM = sum over experts of gate * output, added into fp32 at each row's token; no concatenation."""
+    """y_SM = sum over kept choices of gate * expert output, added in fp32 at each row's token."""
 
     @staticmethod
     def forward(ctx: Any, token_J: torch.Tensor, gates_J: torch.Tensor, num_tokens: int, *outs_nM: torch.Tensor):
-        rows = [o.shape[0] for o in outs_nM]
-        ctx.save_for_backward(token_J, gates_J, *outs_nM)
-        ctx.rows = rows
-        acc = accumulation_dtype(outs_nM[0].dtype)
-        y_SM = outs_nM[0].new_zeros(num_tokens, outs_nM[0].shape[1], dtype=acc)
-        for t, g, o in zip(torch.split(token_J, rows), torch.split(gates_J, rows), outs_nM):
-            if o.shape[0] > 0:
-                y_SM.index_add_(0, t, o.to(acc) * g.unsqueeze(1))
-        return y_SM.to(outs_nM[0].dtype)
+        out_JM = torch.cat(outs_nM)
+        ctx.save_for_backward(token_J, gates_J, out_JM)
+        ctx.rows = [o.shape[0] for o in outs_nM]
+        acc = accumulation_dtype(out_JM.dtype)
+        y_SM = out_JM.new_zeros(num_tokens, out_JM.shape[1], dtype=acc)
+        y_SM.index_add_(0, token_J, out_JM.to(acc) * gates_J.unsqueeze(1))
+        return y_SM.to(out_JM.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_SM: torch.Tensor):
-        token_J, gates_J, *outs_nM = ctx.saved_tensors
+        token_J, gates_J, out_JM = ctx.saved_tensors
         acc = accumulation_dtype(grad_SM.dtype)
-        grad_f_SM = grad_SM.to(acc)
-        grad_gates = []
-        grad_outs = []
-        for t, g, o in zip(torch.split(token_J, ctx.rows), torch.split(gates_J, ctx.rows), outs_nM):
-            grad_nM = grad_f_SM.index_select(0, t)
-            grad_gates.append((grad_nM * o.to(acc)).sum(dim=1).to(gates_J.dtype))
-            grad_outs.append((grad_nM * g.unsqueeze(1)).to(o.dtype))
-        return (None, torch.cat(grad_gates), None, *grad_outs)
+        grad_JM = grad_SM.to(acc).index_select(0, token_J)
+        grad_gates_J = (grad_JM * out_JM.to(acc)).sum(dim=1).to(gates_J.dtype)
+        grad_out_JM = (grad_JM * gates_J.unsqueeze(1)).to(out_JM.dtype)
+        return (None, grad_gates_J, None, *torch.split(grad_out_JM, ctx.rows))
 
 
 def grouped_encode(x_SM: torch.Tensor, plan: GroupedPlan) -> Tuple[torch.Tensor, ...]:

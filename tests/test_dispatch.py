@@ -46,7 +46,7 @@ def test_capacity_path_equals_dense_reference_and_passes_gradcheck(k, cf, tutel)
     r = _routing(S, E, k, cf, tutel=tutel)
     x = torch.randn(S, M, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(decode(encode(x, r) * 3.0, r), _dense_combine(x, r, 3.0))
-    gates = r.gates_SK.detach().clone().requires_grad_(True)
+    gates = r.gates_SK.detach().double().requires_grad_(True)
 
     def fn(x_SM, gates_SK):
         r.gates_SK = gates_SK
@@ -70,7 +70,7 @@ def test_grouped_path_equals_capacity_path_and_passes_gradcheck(k, cf, tutel):
     y_ref = decode(encode(x, r) * torch.arange(1, E + 1, dtype=torch.float64).view(E, 1, 1), r)
     torch.testing.assert_close(y, y_ref)
 
-    gates = r.gates_SK.detach().clone().requires_grad_(True)
+    gates = r.gates_SK.detach().double().requires_grad_(True)
 
     def fn(x_SM, gates_SK):
         r.gates_SK = gates_SK
