@@ -31,7 +31,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -278,7 +278,8 @@ def main(argv=None) -> int:
         for n in (1, 2, 4, 8, 16, 32, 64):
             speed = [flat_time(f, B, n, 8) / twodh_time(f, B, n, 8) for B in SIZES]
             table[str(n)] = {"speedup": speed, "threshold_bytes": crossover(f, n, 8)}
-            print(f"  {n:>5} " + "".join(f"{s:8.2f}" for s in speed[::2]) + f"   {_size(table[str(n)]['threshold_bytes'])}")
+            print(f"  {n:>5} " + "".join(f"{s:8.2f}" for s in speed[::2])
+                  + f"   {_size(table[str(n)]['threshold_bytes'])}")
         at_512 = table["64"]["speedup"]
         above = [B for B, sp in zip(SIZES, at_512) if sp >= PUBLISHED_MIN]
         if above:
