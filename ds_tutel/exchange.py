@@ -39,7 +39,8 @@ def check_exchange_args(buf_ECM: torch.Tensor, group: comm.Group, num_local_expe
 
 def exchange_and_compute(buf_ECM: torch.Tensor, experts: ExpertFn, group: comm.Group, num_local_experts: int,
                          algorithm: str = "flat", overlap_degree: int = 1, *, topology: Optional[Topology] = None,
-                         auto_threshold: Optional[int] = None) -> torch.Tensor:
+                         auto_threshold: Optional[int] = None,
+                         kept_E: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sends each expert's slots to the rank that owns it, runs the local experts, returns outputs [E, C, M].
 
     Block w of dim 0 (experts w*L .. w*L+L-1) goes to rank w; rank w receives one [L, C, M] block from every
@@ -48,6 +49,10 @@ def exchange_and_compute(buf_ECM: torch.Tensor, experts: ExpertFn, group: comm.G
       $DS_TUTEL_A2A_AUTO_THRESHOLD or comm.DEFAULT_AUTO_THRESHOLD_BYTES); 2dh is flat on a single node.
     overlap_degree: capacity chunks whose all-to-alls overlap the experts (clamped to C); same result as 1.
     topology: nodes x local ranks; default from the launcher's environment (topology.from_env).
+    kept_E: when given (this rank's filled slots per expert; filled slots are a prefix of each expert's
+      buffer), the counts go through the same exchange first, and experts is called as
+      experts(chunk_WLCM, filled_WL) with the filled slots of that capacity chunk per (source rank, local
+      expert), so that it can skip the empty ones.
     """
     W = check_exchange_args(buf_ECM, group, num_local_experts, algorithm, overlap_degree)
     E, C, M = buf_ECM.shape
@@ -56,14 +61,26 @@ def exchange_and_compute(buf_ECM: torch.Tensor, experts: ExpertFn, group: comm.G
                                   threshold_bytes=auto_threshold)
     degree = max(1, min(overlap_degree, C))
 
+    filled_WL = None if kept_E is None else exchange(kept_E.view(E, 1)).view(W, L).tolist()
+
+    def run(chunk_WLCM: torch.Tensor, first_slot: int) -> torch.Tensor:
+        if filled_WL is None:
+            return experts(chunk_WLCM)
+        size = chunk_WLCM.shape[2]
+        return experts(chunk_WLCM, [[min(max(n - first_slot, 0), size) for n in row] for row in filled_WL])
+
     if degree == 1:
         recv_ECM = exchange(buf_ECM)
-        out_WLCM = experts(recv_ECM.view(W, L, C, M))
+        out_WLCM = run(recv_ECM.view(W, L, C, M), 0)
         return exchange(out_WLCM.reshape(E, C, M))
 
     chunks_ECM = torch.tensor_split(buf_ECM, degree, dim=1)
+    firsts = [0]
+    for chunk_ECM in chunks_ECM[:-1]:
+        firsts.append(firsts[-1] + chunk_ECM.shape[1])
     if W == 1:
-        outs_ECM = [experts(chunk_ECM.reshape(1, L, -1, M)).reshape(E, -1, M) for chunk_ECM in chunks_ECM]
+        outs_ECM = [run(chunk_ECM.reshape(1, L, -1, M), first).reshape(E, -1, M)
+                    for chunk_ECM, first in zip(chunks_ECM, firsts)]
         return torch.cat(outs_ECM, dim=1)
 
     # Issue every chunk's dispatch first; then, chunk by chunk, wait for it, run the experts and issue its
@@ -71,10 +88,10 @@ def exchange_and_compute(buf_ECM: torch.Tensor, experts: ExpertFn, group: comm.G
     schedule = comm.Schedule()
     sent = [comm.all_to_all_start(chunk_ECM.contiguous(), exchange, schedule) for chunk_ECM in chunks_ECM]
     returning = []
-    for (unfilled_ECM, slot), chunk_ECM in zip(sent, chunks_ECM):
+    for (unfilled_ECM, slot), chunk_ECM, first in zip(sent, chunks_ECM, firsts):
         Ci = chunk_ECM.shape[1]
         recv_WLCM = comm.all_to_all_wait(unfilled_ECM, slot).view(W, L, Ci, M)
-        out_WLCM = experts(recv_WLCM)
+        out_WLCM = run(recv_WLCM, first)
         returning.append(comm.all_to_all_start(out_WLCM.reshape(E, Ci, M), exchange, schedule))
     outs_ECM: List[torch.Tensor] = [comm.all_to_all_wait(unfilled_ECM, slot) for unfilled_ECM, slot in returning]
     return torch.cat(outs_ECM, dim=1)

@@ -34,8 +34,10 @@ class MOELayer(nn.Module):
     """gate -> encode -> all-to-all -> experts -> all-to-all -> decode, in DeepSpeed's module layout."""
 
     def __init__(self, gate: Gate, experts: Experts, ep_group_name: str, ep_size: int, num_local_experts: int,
-                 a2a_algorithm: str = "flat", a2a_ffn_overlap_degree: int = 1, dispatch_backend: str = "auto") -> None:
+                 a2a_algorithm: str = "flat", a2a_ffn_overlap_degree: int = 1, dispatch_backend: str = "auto",
+                 a2a_auto_threshold: Optional[int] = None) -> None:
         super().__init__()
+        self.a2a_auto_threshold = a2a_auto_threshold
         self.dispatch_backend = dispatch_backend
         self.a2a_algorithm = a2a_algorithm
         self.a2a_ffn_overlap_degree = a2a_ffn_overlap_degree
@@ -84,9 +86,12 @@ class MOELayer(nn.Module):
             if self.ep_size == 1:  # a None group would mean the whole world to torch.distributed
                 out_ECM = self.experts(buf_ECM.unsqueeze(0)).squeeze(0)
             else:
-                out_ECM = exchange_and_compute(buf_ECM, self.experts, self.ep_group, self.num_local_experts,
-                                               algorithm=self.a2a_algorithm,
-                                               overlap_degree=self.a2a_ffn_overlap_degree)
+                # The kept counts travel with the buffer so that the experts skip empty slots.
+                out_ECM = exchange_and_compute(buf_ECM, self.experts.forward_filled, self.ep_group,
+                                               self.num_local_experts, algorithm=self.a2a_algorithm,
+                                               overlap_degree=self.a2a_ffn_overlap_degree,
+                                               auto_threshold=self.a2a_auto_threshold,
+                                               kept_E=routing.kept_per_expert())
             y_SM = decode(out_ECM, routing)
         return y_SM.reshape(hidden_states.shape)
 
@@ -102,6 +107,8 @@ class MoE(ds_layer.MoE):
       a2a_algorithm: "flat" | "2dh" | "auto", the all-to-all over the expert-parallel group.
       a2a_ffn_overlap_degree: split the dispatched buffer into this many capacity chunks so that the
         all-to-all of one chunk overlaps the experts of another.
+      a2a_auto_threshold: with a2a_algorithm="auto", 2dh for messages up to this many bytes per rank (default:
+        $DS_TUTEL_A2A_AUTO_THRESHOLD, else 0 = always flat; measure it with benchmarks/bench_alltoall.py).
       dispatch_backend: "auto" (Triton kernels for tensors on a GPU, torch on the CPU) | "triton" | "torch".
     """
 
@@ -134,6 +141,7 @@ class MoE(ds_layer.MoE):
                  expert_bias_rate: float = 1e-3,
                  a2a_algorithm: str = "flat",
                  a2a_ffn_overlap_degree: int = 1,
+                 a2a_auto_threshold: Optional[int] = None,
                  dispatch_backend: str = "auto") -> None:
         options = RouterOptions(capacity_mode=capacity_mode, batch_prioritized_routing=batch_prioritized_routing,
                                 normalize_gate=normalize_gate, gate_noise=gate_noise, input_dropout=input_dropout,
@@ -144,6 +152,7 @@ class MoE(ds_layer.MoE):
                           min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy,
                           allowed_policies=NOISY_GATE_POLICIES, capacity_mode=capacity_mode)
         check_exchange(a2a_algorithm, a2a_ffn_overlap_degree)
+        comm.auto_threshold(a2a_auto_threshold)
         check_backend(dispatch_backend)
         # DeepSpeed's own __init__ would build its layer only for us to replace it: initialise nn.Module directly.
         nn.Module.__init__(self)
@@ -161,7 +170,7 @@ class MoE(ds_layer.MoE):
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
                                       a2a_algorithm=a2a_algorithm, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
-                                      dispatch_backend=dispatch_backend)
+                                      dispatch_backend=dispatch_backend, a2a_auto_threshold=a2a_auto_threshold)
         if use_residual:
             self.mlp = expert
             self.coefficient = nn.Linear(hidden_size, 2)

@@ -13,6 +13,7 @@ import socket
 import time
 import traceback
 from typing import Any, Callable, List
+from ds_tutel.shm import remove_deepspeed_shm_buffers
 
 
 class RankFailure(RuntimeError):
@@ -75,6 +76,7 @@ def run_local_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 
             if p.is_alive():
                 p.kill()
                 p.join()
+        remove_deepspeed_shm_buffers("127.0.0.1", port)
     if failure is not None:
         raise RankFailure(failure)
     return [done[r] for r in range(world_size)]

@@ -17,5 +17,9 @@ else
 fi
 PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 echo "training the default MoE language model on $RANKS rank(s); outputs in $OUT"
-exec deepspeed --num_gpus "$RANKS" --master_port "$PORT" --module ds_tutel.train \
-    --config deepspeed_config.json --out "$OUT" "$@"
+status=0
+deepspeed --num_gpus "$RANKS" --master_port "$PORT" --module ds_tutel.train \
+    --config deepspeed_config.json --out "$OUT" "$@" || status=$?
+# DeepSpeed's CPU communication leaves one shared-memory buffer per rank behind (see ds_tutel/shm.py).
+python -c "from ds_tutel.shm import remove_deepspeed_shm_buffers as rm; rm('127.0.0.1', $PORT)" || true
+exit $status

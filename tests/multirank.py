@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch.multiprocessing as mp
 
+from ds_tutel.shm import remove_deepspeed_shm_buffers
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -93,6 +95,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
         if p.is_alive():
             p.kill()
             p.join()
+    remove_deepspeed_shm_buffers("127.0.0.1", port)
     if errors:
         raise AssertionError("a rank failed:\n" + "\n".join(errors))
     if len(results) < world_size:
