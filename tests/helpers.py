@@ -38,3 +38,19 @@ def run_step(layer: nn.Module, x: torch.Tensor, seed: int = 1):
     loss = (out.float() * torch.linspace(-1, 1, out.shape[-1])).square().sum() + 0.1 * l_aux
     loss.backward()
     return out.detach(), l_aux.detach(), counts, x.grad.detach(), grads(layer)
+
+
+EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+
+
+def local_expert_state(state: dict, first: int, count: int) -> dict:
+    """A full layer's state (or grads) restricted to experts first .. first+count-1, renumbered from 0."""
+    out = {}
+    for name, value in state.items():
+        if name.startswith(EXPERT_PREFIX):
+            index, rest = name[len(EXPERT_PREFIX):].split(".", 1)
+            if first <= int(index) < first + count:
+                out[f"{EXPERT_PREFIX}{int(index) - first}.{rest}"] = value
+        else:
+            out[name] = value
+    return out

@@ -7,6 +7,7 @@ Shape legend: S tokens, M model dim.
 import pytest
 import torch
 
+from helpers import EXPERT_PREFIX as PREFIX, local_expert_state
 from multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -14,20 +15,6 @@ pytestmark = pytest.mark.multirank
 M = 6
 TOKENS_PER_RANK = [7, 12, 3, 9]
 LAYOUTS = [(4, 4, 1), (4, 8, 2), (2, 4, 2)]  # (ep_size, num_experts, k)
-PREFIX = "deepspeed_moe.experts.deepspeed_experts."
-
-
-def _local_experts(state: dict, first: int, count: int) -> dict:
-    """A full layer's state restricted to experts first .. first+count-1, renumbered from 0."""
-    out = {}
-    for name, value in state.items():
-        if name.startswith(PREFIX):
-            index, rest = name[len(PREFIX):].split(".", 1)
-            if first <= int(index) < first + count:
-                out[f"{PREFIX}{int(index) - first}.{rest}"] = value
-        else:
-            out[name] = value
-    return out
 
 
 def _step(layer, x_SM):
@@ -57,14 +44,14 @@ def _check_layer(rank, world_size):
 
         ref = {r: _step(reference, inputs[r]) for r in group}
         ref_expert_grads = {n: sum(ref[r][2][n] for r in group) for n in ref[rank][2] if n.startswith(PREFIX)}
-        ref_expert_grads = _local_experts(ref_expert_grads, ep_rank * num_local, num_local)
+        ref_expert_grads = local_expert_state(ref_expert_grads, ep_rank * num_local, num_local)
 
         results = {}
         for algorithm in ("flat", "2dh", "auto"):
             for degree in (1, 2, 4):
                 layer = ds_tutel.MoE(M, expert_ffn(M), ep_size=ep_size, a2a_algorithm=algorithm,
                                      a2a_ffn_overlap_degree=degree, **kwargs)
-                layer.load_state_dict(_local_experts(reference.state_dict(), ep_rank * num_local, num_local))
+                layer.load_state_dict(local_expert_state(reference.state_dict(), ep_rank * num_local, num_local))
                 layer.set_deepspeed_parallelism()
                 out_SM, grad_x_SM, grads = results[algorithm, degree] = _step(layer, inputs[rank])
                 what = f"ep_size={ep_size} E={num_experts} k={k} {algorithm} d={degree}"

@@ -75,8 +75,14 @@ def _follow_deepspeed(rank, world_size, bf16, settings):
         torch.testing.assert_close(our_losses, ds_losses, **tol, msg=lambda m: f"{stage, ep_size}: {m}")
         ds_state, our_state = _state(ds_engine), _state(our_engine)
         assert ds_state.keys() == our_state.keys()
+        # In bf16 the experts' matmuls see different row sets (ours skips empty slots), so a gradient element
+        # near zero can round to the other sign, and Adam moves it by up to lr per step the other way: bound
+        # each element by that, and the mean difference tightly.
+        param_tol = dict(atol=2 * STEPS * 1e-2, rtol=0) if bf16 else tol
         for name in ds_state:
-            torch.testing.assert_close(our_state[name], ds_state[name], **tol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(our_state[name], ds_state[name], **param_tol, msg=lambda m: f"{name}: {m}")
+            if bf16:
+                assert float((our_state[name] - ds_state[name]).abs().mean()) < 2e-3, name
         assert our_losses[-1] != our_losses[0]  # the engine really trained
         results[(stage, ep_size)] = our_state
     return results

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from helpers import local_expert_state
 from multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -15,20 +16,6 @@ LAYOUTS = [  # (ep_size, num_experts, k, drop_tokens)
     (4, 8, 3, True),
     (4, 8, 1, False),
 ]
-
-
-def _global_to_local(state: dict, first_expert: int, num_local: int) -> dict:
-    """Picks experts first_expert .. first_expert+num_local-1 out of a full layer's state, renumbered from 0."""
-    prefix = "deepspeed_moe.experts.deepspeed_experts."
-    local = {}
-    for name, value in state.items():
-        if name.startswith(prefix):
-            index, rest = name[len(prefix):].split(".", 1)
-            if first_expert <= int(index) < first_expert + num_local:
-                local[f"{prefix}{int(index) - first_expert}.{rest}"] = value
-        else:
-            local[name] = value
-    return local
 
 
 def _loss(out, l_aux):
@@ -47,7 +34,7 @@ def _check_layouts(rank, world_size, tokens_per_rank):
         layer = ds_tutel.MoE(M, expert_ffn(M), ep_size=ep_size, **kwargs)
         num_local = num_experts // ep_size
         ep_rank = rank % ep_size  # DeepSpeed's expert-parallel groups are consecutive ranks
-        layer.load_state_dict(_global_to_local(reference.state_dict(), ep_rank * num_local, num_local))
+        layer.load_state_dict(local_expert_state(reference.state_dict(), ep_rank * num_local, num_local))
         layer.set_deepspeed_parallelism()
 
         inputs = [torch.randn(tokens_per_rank[r], M, generator=torch.Generator().manual_seed(100 + r))
@@ -69,7 +56,7 @@ def _check_layouts(rank, world_size, tokens_per_rank):
                 assert torch.equal(counts, ref_counts)
                 ref_gate_grad = reference.deepspeed_moe.gate.wg.weight.grad.clone()
         torch.testing.assert_close(layer.deepspeed_moe.gate.wg.weight.grad, ref_gate_grad)
-        ref_grads = _global_to_local({n: p.grad for n, p in reference.named_parameters() if "experts" in n},
+        ref_grads = local_expert_state({n: p.grad for n, p in reference.named_parameters() if "experts" in n},
                                      ep_rank * num_local, num_local)
         for name, p in layer.named_parameters():
             if "experts" in name:
