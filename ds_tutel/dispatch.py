@@ -107,62 +107,75 @@ class GroupedPlan:
 
 def grouped_plan(routing: Routing) -> GroupedPlan:
     """Orders the kept choices expert after expert (slot order inside an expert) without sorting."""
-    kept_SK = routing.kept_SK
-    rows_J = routing.grouped_rows_SK()[kept_SK]
-    S, K = kept_SK.shape
-    token_SK = torch.arange(S, device=kept_SK.device).unsqueeze(1).expand(S, K)
-    token_J = torch.empty_like(rows_J)
-    token_J[rows_J] = token_SK[kept_SK]
-    # rows_J is a permutation of 0..J-1: invert it to put the gates in row order, keeping their autograd.
-    order_J = torch.empty_like(rows_J)
-    order_J[rows_J] = torch.arange(rows_J.numel(), device=rows_J.device)
-    gates_J = routing.gates_SK[kept_SK].index_select(0, order_J)
-    return GroupedPlan(token_J=token_J, gates_J=gates_J, rows_per_expert=routing.kept_per_expert().tolist(),
-                       num_tokens=S)
+    S, K = routing.indices_SK.shape
+    choice_J = routing.kept_SK.reshape(-1).nonzero().squeeze(1)  # kept choices in (token, choice) order
+    expert_J = routing.indices_SK.reshape(-1).index_select(0, choice_J)
+    kept_E = torch.bincount(expert_J, minlength=routing.num_experts)
+    start_E = torch.cumsum(kept_E, dim=0) - kept_E
+    row_J = start_E.index_select(0, expert_J) + routing.locations_SK.reshape(-1).index_select(0, choice_J)
+    # row_J is a permutation of 0..J-1: invert it to list the choices in row order.
+    choice_in_row_J = torch.empty_like(choice_J)
+    choice_in_row_J[row_J] = choice_J
+    return GroupedPlan(token_J=torch.div(choice_in_row_J, K, rounding_mode="floor"),
+                       gates_J=routing.gates_SK.reshape(-1).index_select(0, choice_in_row_J),
+                       rows_per_expert=kept_E.tolist(), num_tokens=S)
 
 
 class _GatherPerExpert(torch.autograd.Function):
-    """x_SM -> one [n_e, M] view per expert of a single gathered [J, M]; backward is one index_add_.
+    """x_SM -> one [n_e, M] view per expert of a single gathered [J, M]; backward adds each expert's rows back.
 
-    One gather for all experts (not one per expert) keeps the operator count independent of E.
+    One gather for all experts (not one per expert) keeps the forward's operator count independent of E.
     """
 
     @staticmethod
     def forward(ctx: Any, x_SM: torch.Tensor, token_J: torch.Tensor, rows_per_expert: List[int]):
         ctx.save_for_backward(token_J)
+        ctx.rows = rows_per_expert
         ctx.num_tokens = x_SM.shape[0]
         return torch.split(x_SM.index_select(0, token_J), rows_per_expert)
 
     @staticmethod
     def backward(ctx: Any, *grads_nM: torch.Tensor):
         (token_J,) = ctx.saved_tensors
-        grad_JM = torch.cat(grads_nM)
-        grad_SM = grad_JM.new_zeros(ctx.num_tokens, grad_JM.shape[1])
-        grad_SM.index_add_(0, token_J, grad_JM)
+        grad_SM = grads_nM[0].new_zeros(ctx.num_tokens, grads_nM[0].shape[1])
+        # Straight from each expert's gradient: concatenating them first would write one more [J, M] buffer.
+        for token_n, grad_nM in zip(torch.split(token_J, ctx.rows), grads_nM):
+            grad_SM.index_add_(0, token_n, grad_nM)
         return grad_SM, None, None
 
 
 class _CombinePerExpert(torch.autograd.Function):
-    """y_SM = sum over kept choices of gate * expert output, added in fp32 at each row's token."""
+    """y_SM = sum over kept choices of gate * expert output, added in fp32 at each row's token.
+
+    Work is done expert by expert on [n_e, M] slices: whole-[J, M] temporaries (fp32 copies of half-precision
+    outputs, products) are fresh allocations, and on the CPU a fresh buffer costs a page fault per 4 KB.
+    """
 
     @staticmethod
     def forward(ctx: Any, token_J: torch.Tensor, gates_J: torch.Tensor, num_tokens: int, *outs_nM: torch.Tensor):
-        out_JM = torch.cat(outs_nM)
-        ctx.save_for_backward(token_J, gates_J, out_JM)
+        ctx.save_for_backward(token_J, gates_J, *outs_nM)
         ctx.rows = [o.shape[0] for o in outs_nM]
-        acc = accumulation_dtype(out_JM.dtype)
-        y_SM = out_JM.new_zeros(num_tokens, out_JM.shape[1], dtype=acc)
-        y_SM.index_add_(0, token_J, out_JM.to(acc) * gates_J.unsqueeze(1))
-        return y_SM.to(out_JM.dtype)
+        dtype, M = outs_nM[0].dtype, outs_nM[0].shape[1]
+        acc = accumulation_dtype(dtype)
+        weighted_JM = outs_nM[0].new_empty(token_J.shape[0], M, dtype=acc)
+        for out_nM, gates_n, weighted_nM in zip(outs_nM, torch.split(gates_J, ctx.rows),
+                                                torch.split(weighted_JM, ctx.rows)):
+            torch.mul(out_nM.to(acc), gates_n.unsqueeze(1), out=weighted_nM)
+        y_SM = weighted_JM.new_zeros(num_tokens, M)
+        y_SM.index_add_(0, token_J, weighted_JM)
+        return y_SM.to(dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_SM: torch.Tensor):
-        token_J, gates_J, out_JM = ctx.saved_tensors
+        token_J, gates_J, *outs_nM = ctx.saved_tensors
         acc = accumulation_dtype(grad_SM.dtype)
-        grad_JM = grad_SM.to(acc).index_select(0, token_J)
-        grad_gates_J = (grad_JM * out_JM.to(acc)).sum(dim=1).to(gates_J.dtype)
-        grad_out_JM = (grad_JM * gates_J.unsqueeze(1)).to(out_JM.dtype)
-        return (None, grad_gates_J, None, *torch.split(grad_out_JM, ctx.rows))
+        grad_gates_n, grad_outs_nM = [], []
+        for grad_nM, out_nM, gates_n in zip(torch.split(grad_SM.index_select(0, token_J), ctx.rows), outs_nM,
+                                            torch.split(gates_J, ctx.rows)):
+            grad_nM = grad_nM.to(acc)  # a fresh copy for half types, the slice itself in fp32
+            grad_gates_n.append((grad_nM * out_nM.to(acc)).sum(dim=1))
+            grad_outs_nM.append(grad_nM.mul_(gates_n.unsqueeze(1)).to(grad_SM.dtype))
+        return (None, torch.cat(grad_gates_n).to(gates_J.dtype), None, *grad_outs_nM)
 
 
 def grouped_encode(x_SM: torch.Tensor, plan: GroupedPlan) -> Tuple[torch.Tensor, ...]:

@@ -18,6 +18,8 @@ from torch import nn
 from . import losses, noise
 from .options import RouterOptions
 from .routing import CapacityAgreement, Routing
+from .slots import rank_by_score_within_groups, rank_within_groups
+from .softmax import router_softmax
 from .tutel_gating import route_tutel
 
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
@@ -33,13 +35,11 @@ def deepspeed_capacity(num_tokens: int, num_experts: int, capacity_factor: float
     return max(int(capacity), int(min_capacity))
 
 
-def _sparse(probs_SE: torch.Tensor, choice_SK: torch.Tensor, kept_SE: torch.Tensor, location_SE: torch.Tensor,
-            gates_SE: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reads each choice's (location, gate) out of dense [S, E] tables; dropped choices get (-1, 0)."""
-    kept_SK = kept_SE.gather(1, choice_SK).bool()
-    locations_SK = torch.where(kept_SK, location_SE.gather(1, choice_SK), torch.full_like(choice_SK, -1))
-    gates_SK = gates_SE.gather(1, choice_SK)
-    return locations_SK, gates_SK
+def _used_mask(used_S: Optional[torch.Tensor], num_tokens: int, device: torch.device) -> torch.Tensor:
+    """bool [S]: the tokens that take part in routing (`used_token` nonzero, or all)."""
+    if used_S is None:
+        return torch.ones(num_tokens, dtype=torch.bool, device=device)
+    return used_S != 0
 
 
 def _only_used(wanted_SE: torch.Tensor, used_S: Optional[torch.Tensor]) -> torch.Tensor:
@@ -49,14 +49,18 @@ def _only_used(wanted_SE: torch.Tensor, used_S: Optional[torch.Tensor]) -> torch
     return wanted_SE * (used_S != 0).to(wanted_SE.dtype).unsqueeze(1)
 
 
+def _excluded_where_not(kept: torch.Tensor, choice: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The choice's expert where kept, else the excluded group `num_experts` (see ds_tutel.slots)."""
+    return torch.where(kept, choice, torch.full_like(choice, num_experts))
+
+
 def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_rts, rsample, used_S, agree):
     S, E = probs_SE.shape
     if rsample:
         choice_S = torch.argmax(logits_SE + noise.gumbel(logits_SE.shape, logits_SE.device), dim=1)
     else:
         choice_S = torch.argmax(probs_SE, dim=1)
-    wanted_SE = F.one_hot(choice_S, num_classes=E)
-    wanted_SE = _only_used(wanted_SE, used_S)
+    wanted_SE = _only_used(F.one_hot(choice_S, num_classes=E), used_S)
     counts_E = wanted_SE.sum(dim=0)
     if drop_tokens:
         capacity = deepspeed_capacity(S, E, capacity_factor, 1, min_capacity)
@@ -64,88 +68,86 @@ def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_r
         capacity = min(int(counts_E.max()), S)
     capacity = agree(capacity)
 
-    # Random token selection: among the tokens that want an expert, keep a random `capacity` of them.
+    # Which of an overflowing expert's tokens stay is torch.topk's choice over this very table (random scores
+    # with use_rts, ties otherwise), so it is made exactly as DeepSpeed makes it; the rest is sparse.
     score_SE = wanted_SE * noise.uniform(wanted_SE.shape, probs_SE.device) if use_rts else wanted_SE
     top_CE = torch.topk(score_SE, k=min(capacity, S), dim=0)[1]
-    kept_SE = wanted_SE * torch.zeros_like(wanted_SE).scatter_(0, top_CE, 1)
-    location_SE = torch.cumsum(kept_SE, dim=0) - 1
+    choice_S1 = choice_S.unsqueeze(1)
+    selected_S = torch.zeros_like(wanted_SE).scatter_(0, top_CE, 1).gather(1, choice_S1)[:, 0]
+    kept_S = (wanted_SE.gather(1, choice_S1)[:, 0] * selected_S).bool()
+    location_S, _ = rank_within_groups(_excluded_where_not(kept_S, choice_S, E), E)
 
     me_E = probs_SE.mean(dim=0)
-    ce_E = wanted_SE.float().mean(dim=0)
+    ce_E = counts_E.float() / S
     l_aux = torch.sum(me_E * ce_E) * E
 
-    choice_SK = choice_S.unsqueeze(1)
-    locations_SK, gates_SK = _sparse(probs_SE, choice_SK, kept_SE, location_SE, probs_SE * kept_SE)
-    return choice_SK, locations_SK, gates_SK, capacity, counts_E, l_aux
+    gates_S = torch.where(kept_S, probs_SE.gather(1, choice_S1)[:, 0], torch.zeros((), device=probs_SE.device))
+    locations_S = torch.where(kept_S, location_S, torch.full_like(location_S, -1))
+    return choice_S1, locations_S.unsqueeze(1), gates_S.unsqueeze(1), capacity, counts_E, l_aux
 
 
 def _top2(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, second_expert_sampling, used_S, agree):
     S, E = probs_SE.shape
     first_S = torch.argmax(probs_SE, dim=1)
-    first_SE = F.one_hot(first_S, num_classes=E)
+    logits_SE = logits_SE.detach()
     if second_expert_sampling:
         logits_SE = logits_SE + noise.gumbel(logits_SE.shape, logits_SE.device)
-    second_S = torch.argmax(logits_SE.masked_fill(first_SE.bool(), float("-inf")), dim=1)
-    second_SE = _only_used(F.one_hot(second_S, num_classes=E), used_S)
-    first_SE = _only_used(first_SE, used_S)
+    second_S = torch.argmax(logits_SE.scatter(1, first_S.unsqueeze(1), float("-inf")), dim=1)
+    choice_SK = torch.stack([first_S, second_S], dim=1)
 
-    # Second choices queue behind every first choice of the same expert.
-    location1_SE = torch.cumsum(first_SE, dim=0) - 1
-    location2_SE = torch.cumsum(second_SE, dim=0) - 1 + first_SE.sum(dim=0, keepdim=True)
+    # First choices rank among first choices (groups 0..E-1), second ones among second ones (E..2E-1) and then
+    # queue behind every first choice of their expert.
+    used_S1 = _used_mask(used_S, S, probs_SE.device).unsqueeze(1)
+    rank_SK, counts_G = rank_within_groups(
+        _excluded_where_not(used_S1, choice_SK + torch.tensor([0, E], device=choice_SK.device), 2 * E).view(-1),
+        2 * E)
+    counts1_E, counts2_E = counts_G[:E], counts_G[E:]
+    location_SK = rank_SK.view(S, 2)
+    location_SK[:, 1] += counts1_E[second_S]
 
     me_E = probs_SE.mean(dim=0)
-    ce_E = first_SE.float().mean(dim=0)
+    ce_E = counts1_E.float() / S
     l_aux = torch.mean(me_E * ce_E) * E * E
 
-    counts_E = (first_SE + second_SE).sum(dim=0)
+    counts_E = counts1_E + counts2_E
     if drop_tokens:
         capacity = deepspeed_capacity(S, E, capacity_factor, 2, min_capacity)
     else:
         capacity = int(counts_E.max())
     capacity = agree(capacity)
 
-    kept1_SE = first_SE * (location1_SE < capacity)
-    kept2_SE = second_SE * (location2_SE < capacity)
-    gate1_S = (probs_SE * kept1_SE).sum(dim=1)
-    gate2_S = (probs_SE * kept2_SE).sum(dim=1)
-    denom_S = torch.clamp(gate1_S + gate2_S, min=torch.finfo(probs_SE.dtype).eps)
-    gates_SK = torch.stack([gate1_S / denom_S, gate2_S / denom_S], dim=1)
-
-    choice_SK = torch.stack([first_S, second_S], dim=1)
-    kept_SK = torch.stack([kept1_SE.sum(dim=1), kept2_SE.sum(dim=1)], dim=1).bool()
-    location_SK = torch.stack([location1_SE.gather(1, first_S.unsqueeze(1))[:, 0],
-                               location2_SE.gather(1, second_S.unsqueeze(1))[:, 0]], dim=1)
+    kept_SK = used_S1 & (location_SK < capacity)
+    gates_SK = torch.where(kept_SK, probs_SE.gather(1, choice_SK), torch.zeros((), device=probs_SE.device))
+    denom_S1 = torch.clamp(gates_SK[:, :1] + gates_SK[:, 1:], min=torch.finfo(probs_SE.dtype).eps)
     locations_SK = torch.where(kept_SK, location_SK, torch.full_like(location_SK, -1))
-    return choice_SK, locations_SK, gates_SK, capacity, counts_E, l_aux
+    return choice_SK, locations_SK, gates_SK / denom_S1, capacity, counts_E, l_aux
 
 
 def _topk(probs_SE, k, capacity_factor, min_capacity, drop_tokens, used_S, agree):
     S, E = probs_SE.shape
-    top_gate_SK, choice_SK = torch.topk(probs_SE, k=k, dim=1)
-    wanted_SE = torch.zeros_like(probs_SE, dtype=torch.bool).scatter_(1, choice_SK, True)
-    wanted_SE = _only_used(wanted_SE, used_S)
-    counts_E = wanted_SE.sum(dim=0)
+    top_gate_SK, choice_SK = torch.topk(probs_SE.detach(), k=k, dim=1)
+    wanted_SK = _used_mask(used_S, S, probs_SE.device).unsqueeze(1).expand(S, k)
+    counts_E = torch.bincount(choice_SK[wanted_SK], minlength=E)
 
     me_E = probs_SE.mean(dim=0)
-    ce_E = wanted_SE.float().mean(dim=0)
+    ce_E = counts_E.float() / S
     l_aux = torch.mean(me_E * ce_E) * E * E / k
 
     if drop_tokens:
         capacity = agree(deepspeed_capacity(S, E, capacity_factor, k, min_capacity))
-        # Each expert keeps the `capacity` choices with the highest gate values.
-        scores_SE = torch.zeros_like(probs_SE).scatter(1, choice_SK, top_gate_SK)
-        _, top_CE = torch.topk(scores_SE, k=min(capacity, S), dim=0, sorted=False)
-        kept_SE = wanted_SE & torch.zeros_like(wanted_SE).scatter_(0, top_CE, True)
+        # Each expert keeps the `capacity` choices with the highest gate values (equal values: earlier token).
+        score_rank_J = rank_by_score_within_groups(_excluded_where_not(wanted_SK, choice_SK, E).reshape(-1),
+                                                   top_gate_SK.reshape(-1), E)
+        kept_SK = wanted_SK & (score_rank_J.view(S, k) < capacity)
     else:
         capacity = agree(int(counts_E.max()))
-        kept_SE = wanted_SE
-    location_SE = torch.cumsum(kept_SE, dim=0) - 1
+        kept_SK = wanted_SK
+    location_J, _ = rank_within_groups(_excluded_where_not(kept_SK, choice_SK, E).reshape(-1), E)
+    locations_SK = torch.where(kept_SK, location_J.view(S, k), torch.full_like(choice_SK, -1))
 
-    gates_SE = probs_SE * kept_SE
-    denom_S1 = torch.clamp(gates_SE.sum(dim=-1, keepdim=True), min=torch.finfo(gates_SE.dtype).eps)
-    gates_SE = gates_SE / denom_S1
-    locations_SK, gates_SK = _sparse(probs_SE, choice_SK, kept_SE, location_SE, gates_SE)
-    return choice_SK, locations_SK, gates_SK, capacity, counts_E, l_aux
+    gates_SK = torch.where(kept_SK, probs_SE.gather(1, choice_SK), torch.zeros((), device=probs_SE.device))
+    denom_S1 = torch.clamp(gates_SK.sum(dim=1, keepdim=True), min=torch.finfo(gates_SK.dtype).eps)
+    return choice_SK, locations_SK, gates_SK / denom_S1, capacity, counts_E, l_aux
 
 
 def route_deepspeed(logits_SE: torch.Tensor,
@@ -165,7 +167,7 @@ def route_deepspeed(logits_SE: torch.Tensor,
     `used_token_S` (nonzero = used) removes tokens from routing for every k.
     """
     agree = agree_capacity or _same_capacity
-    probs_SE = F.softmax(logits_SE, dim=1)
+    probs_SE = router_softmax(logits_SE)
     if k == 1:
         parts = _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_rts, rsample,
                       used_token_S, agree)
@@ -280,7 +282,7 @@ class Gate(nn.Module):
             else:
                 scores_SE = None
                 if noisy_SE is not logits_SE or opts.expert_bias:
-                    scores_SE = F.softmax(noisy_SE, dim=1)
+                    scores_SE = router_softmax(noisy_SE)
                     if opts.expert_bias:
                         scores_SE = scores_SE + self.expert_bias
                 routing = tutel_router(logits_SE, k=k, capacity_factor=capacity_factor,

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .routing import CapacityAgreement, Routing
+from .slots import rank_within_groups
+from .softmax import router_softmax
 
 
 def padded_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
@@ -37,18 +38,6 @@ def tutel_capacity(counts_E: torch.Tensor, num_tokens: int, k: int, capacity_fac
     return min(largest, agree(padded_capacity(num_tokens, E, k, capacity_factor)))
 
 
-def queue_positions(indices_J: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """For choices listed in priority order, each one's place in its expert's queue (0, 1, ...)."""
-    order_J = torch.sort(indices_J, stable=True).indices
-    counts_E = torch.bincount(indices_J, minlength=num_experts)
-    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
-    sorted_expert_J = indices_J[order_J]
-    place_sorted_J = torch.arange(indices_J.numel(), device=indices_J.device) - starts_E[sorted_expert_J]
-    positions_J = torch.empty_like(place_sorted_J)
-    positions_J[order_J] = place_sorted_J
-    return positions_J
-
-
 def route_tutel(logits_SE: torch.Tensor,
                 k: int = 1,
                 capacity_factor: float = 1.0,
@@ -66,7 +55,7 @@ def route_tutel(logits_SE: torch.Tensor,
     agree = agree_capacity or (lambda c: c)
     logits_SE = logits_SE.float()
     S, E = logits_SE.shape
-    probs_SE = F.softmax(logits_SE, dim=1)
+    probs_SE = router_softmax(logits_SE)
     if selection_scores_SE is None:
         top_SK, indices_SK = torch.topk(probs_SE, k=k, dim=1)
     else:
@@ -83,7 +72,7 @@ def route_tutel(logits_SE: torch.Tensor,
         token_order_S = torch.arange(S, device=logits_SE.device)
     # Priority order: k-major, tokens in token_order_S; unused tokens queue at a sentinel expert E.
     ordered_KS = indices_SK[token_order_S].t().masked_fill(~used_S[token_order_S].unsqueeze(0), E)
-    positions_KS = queue_positions(ordered_KS.reshape(-1), E + 1).view(k, S)
+    positions_KS = rank_within_groups(ordered_KS.reshape(-1), E)[0].view(k, S)
     positions_SK = torch.empty_like(indices_SK)
     positions_SK[token_order_S] = positions_KS.t()
 

@@ -1,0 +1,41 @@
+"""Slot arithmetic in sparse form: the position of each choice among the choices of its expert.
+
+DeepSpeed computes a choice's slot as a cumulative sum down a dense one-hot [S, E] table; the same integers come
+from one stable sort of the S * K choices by expert, which touches O(S * K) elements instead of O(S * E).
+
+Shape legend: J choices (flattened in token order), G groups (experts, or experts of one choice rank).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+
+def _ranks_in_order(group_J: torch.Tensor, order_J: torch.Tensor, num_groups: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ranks given order_J, a permutation that sorts group_J (clamped) and, inside a group, the wanted order."""
+    counts_G = torch.bincount(group_J, minlength=num_groups + 1)
+    start_G = torch.cumsum(counts_G, dim=0) - counts_G
+    rank_J = torch.empty_like(group_J)
+    rank_J[order_J] = torch.arange(group_J.numel(), device=group_J.device) - start_G[group_J[order_J]]
+    return rank_J, counts_G[:num_groups]
+
+
+def rank_within_groups(group_J: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rank_J, counts_G): how many earlier elements (in J order) share each element's group, and group sizes.
+
+    Elements whose group is `num_groups` or more are excluded: they are not counted, and their rank is
+    meaningless. Exact integer arithmetic, equal to cumsum(one_hot(group_J), dim=0) - 1 read at each group.
+    """
+    group_J = group_J.clamp(max=num_groups)
+    return _ranks_in_order(group_J, torch.argsort(group_J, stable=True), num_groups)
+
+
+def rank_by_score_within_groups(group_J: torch.Tensor, score_J: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Rank of each element inside its group when the group is ordered by score, highest first (equal scores
+    in J order). Excluded elements (group >= num_groups) get meaningless ranks."""
+    group_J = group_J.clamp(max=num_groups)
+    by_score_J = torch.argsort(score_J, descending=True, stable=True)
+    order_J = by_score_J[torch.argsort(group_J[by_score_J], stable=True)]
+    return _ranks_in_order(group_J, order_J, num_groups)[0]
