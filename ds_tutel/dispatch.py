@@ -121,10 +121,15 @@ def grouped_plan(routing: Routing) -> GroupedPlan:
                        rows_per_expert=kept_E.tolist(), num_tokens=S)
 
 
-class _GatherPerExpert(torch.autograd.Function):
-    """x_SM -> one [n_e, M] view per expert of a single gathered [J, M]; backward adds each expert's rows back.
+def _split_by_expert(tensor_J: torch.Tensor, rows_per_expert: List[int]) -> Tuple[torch.Tensor, ...]:
+    return torch.split(tensor_J, rows_per_expert)
 
-    One gather for all experts (not one per expert) keeps the forward's operator count independent of E.
+
+class _GatherPerExpert(torch.autograd.Function):
+    """x_SM -> each expert's input rows [n_e, M]; backward adds each expert's gradient rows back at its tokens.
+
+    Expert by expert, in both directions: each buffer is [n_e, M], small enough for the allocator to reuse,
+    where one [J, M] buffer would be fresh memory (a page fault per 4 KB on the CPU) at every step.
     """
 
     @staticmethod
@@ -132,14 +137,13 @@ class _GatherPerExpert(torch.autograd.Function):
         ctx.save_for_backward(token_J)
         ctx.rows = rows_per_expert
         ctx.num_tokens = x_SM.shape[0]
-        return torch.split(x_SM.index_select(0, token_J), rows_per_expert)
+        return tuple(x_SM.index_select(0, token_n) for token_n in _split_by_expert(token_J, rows_per_expert))
 
     @staticmethod
     def backward(ctx: Any, *grads_nM: torch.Tensor):
         (token_J,) = ctx.saved_tensors
         grad_SM = grads_nM[0].new_zeros(ctx.num_tokens, grads_nM[0].shape[1])
-        # Straight from each expert's gradient: concatenating them first would write one more [J, M] buffer.
-        for token_n, grad_nM in zip(torch.split(token_J, ctx.rows), grads_nM):
+        for token_n, grad_nM in zip(_split_by_expert(token_J, ctx.rows), grads_nM):
             grad_SM.index_add_(0, token_n, grad_nM)
         return grad_SM, None, None
 
@@ -147,22 +151,20 @@ class _GatherPerExpert(torch.autograd.Function):
 class _CombinePerExpert(torch.autograd.Function):
     """y_SM = sum over kept choices of gate * expert output, added in fp32 at each row's token.
 
-    Work is done expert by expert on [n_e, M] slices: whole-[J, M] temporaries (fp32 copies of half-precision
-    outputs, products) are fresh allocations, and on the CPU a fresh buffer costs a page fault per 4 KB.
+    Expert by expert for the same reason as _GatherPerExpert; the order of the additions is fixed (expert
+    after expert, rows in slot order), so results are deterministic.
     """
 
     @staticmethod
     def forward(ctx: Any, token_J: torch.Tensor, gates_J: torch.Tensor, num_tokens: int, *outs_nM: torch.Tensor):
         ctx.save_for_backward(token_J, gates_J, *outs_nM)
         ctx.rows = [o.shape[0] for o in outs_nM]
-        dtype, M = outs_nM[0].dtype, outs_nM[0].shape[1]
+        dtype = outs_nM[0].dtype
         acc = accumulation_dtype(dtype)
-        weighted_JM = outs_nM[0].new_empty(token_J.shape[0], M, dtype=acc)
-        for out_nM, gates_n, weighted_nM in zip(outs_nM, torch.split(gates_J, ctx.rows),
-                                                torch.split(weighted_JM, ctx.rows)):
-            torch.mul(out_nM.to(acc), gates_n.unsqueeze(1), out=weighted_nM)
-        y_SM = weighted_JM.new_zeros(num_tokens, M)
-        y_SM.index_add_(0, token_J, weighted_JM)
+        y_SM = outs_nM[0].new_zeros(num_tokens, outs_nM[0].shape[1], dtype=acc)
+        for out_nM, gates_n, token_n in zip(outs_nM, _split_by_expert(gates_J, ctx.rows),
+                                            _split_by_expert(token_J, ctx.rows)):
+            y_SM.index_add_(0, token_n, out_nM.to(acc) * gates_n.unsqueeze(1))
         return y_SM.to(dtype)
 
     @staticmethod
@@ -170,9 +172,9 @@ class _CombinePerExpert(torch.autograd.Function):
         token_J, gates_J, *outs_nM = ctx.saved_tensors
         acc = accumulation_dtype(grad_SM.dtype)
         grad_gates_n, grad_outs_nM = [], []
-        for grad_nM, out_nM, gates_n in zip(torch.split(grad_SM.index_select(0, token_J), ctx.rows), outs_nM,
-                                            torch.split(gates_J, ctx.rows)):
-            grad_nM = grad_nM.to(acc)  # a fresh copy for half types, the slice itself in fp32
+        for out_nM, gates_n, token_n in zip(outs_nM, _split_by_expert(gates_J, ctx.rows),
+                                            _split_by_expert(token_J, ctx.rows)):
+            grad_nM = grad_SM.index_select(0, token_n).to(acc)
             grad_gates_n.append((grad_nM * out_nM.to(acc)).sum(dim=1))
             grad_outs_nM.append(grad_nM.mul_(gates_n.unsqueeze(1)).to(grad_SM.dtype))
         return (None, torch.cat(grad_gates_n).to(gates_J.dtype), None, *grad_outs_nM)

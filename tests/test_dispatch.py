@@ -89,3 +89,25 @@ def test_bf16_decode_accumulates_in_fp32():
     ref = _dense_combine(x.double(), r).to(torch.bfloat16)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, ref, atol=0, rtol=0)  # one rounding at the end only
+
+
+def test_bf16_grouped_path_accumulates_in_fp32_forward_and_backward():
+    S, E, M, k = 32, 4, 16, 4
+    r = _routing(S, E, k, 0.0, tutel=True)
+    gates = r.gates_SK.detach().float().requires_grad_(True)
+    r.gates_SK = gates
+    x = torch.randn(S, M).bfloat16().requires_grad_(True)
+    plan = grouped_plan(r)
+    y = grouped_decode(list(grouped_encode(x, plan)), plan)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, _dense_combine(x.detach().double(), r).to(torch.bfloat16), atol=0, rtol=0)
+
+    dy = torch.randn(S, M).bfloat16()
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_(True)
+    g64 = gates.detach().double().requires_grad_(True)
+    r.gates_SK = g64
+    _dense_combine(x64, r).backward(dy.double())
+    assert x.grad.dtype == torch.bfloat16 and gates.grad.dtype == torch.float32
+    torch.testing.assert_close(gates.grad.double(), g64.grad, atol=1e-5, rtol=1e-5)  # fp32 products and sums
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=0.05, rtol=0.02)
