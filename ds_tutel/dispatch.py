@@ -126,10 +126,11 @@ def _split_by_expert(tensor_J: torch.Tensor, rows_per_expert: List[int]) -> Tupl
 
 
 class _GatherPerExpert(torch.autograd.Function):
-    """x_SM -> each expert's input rows [n_e, M]; backward adds each expert's gradient rows back at its tokens.
+    """x_SM -> one [n_e, M] view per expert of a single gathered [J, M]; backward adds each expert's gradient
+    rows back at its tokens, straight from that expert's gradient (no [J, M] concatenation).
 
-    Expert by expert, in both directions: each buffer is [n_e, M], small enough for the allocator to reuse,
-    where one [J, M] buffer would be fresh memory (a page fault per 4 KB on the CPU) at every step.
+    The gathered rows live until the experts' backward; one buffer for them kept the first step's peak memory
+    lower than one buffer per expert (measured, E=64), at the same speed.
     """
 
     @staticmethod
@@ -137,7 +138,7 @@ class _GatherPerExpert(torch.autograd.Function):
         ctx.save_for_backward(token_J)
         ctx.rows = rows_per_expert
         ctx.num_tokens = x_SM.shape[0]
-        return tuple(x_SM.index_select(0, token_n) for token_n in _split_by_expert(token_J, rows_per_expert))
+        return _split_by_expert(x_SM.index_select(0, token_J), rows_per_expert)
 
     @staticmethod
     def backward(ctx: Any, *grads_nM: torch.Tensor):
