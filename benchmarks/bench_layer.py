@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.fresh_process import FreshProcesses  # noqa: E402
 from benchmarks.floors import copy_bandwidth, dispatch_bytes, expert_work, floor_output, floor_step  # noqa: E402
 from benchmarks.layer_impls import (IMPLEMENTATIONS, Point, build_layers, layer_step, make_inputs,  # noqa: E402
                                     other_libraries)
@@ -121,7 +122,7 @@ def measure_point(point: Point, device: torch.device, grid: Grid, bandwidth_Bps:
             "ours_over_deepspeed_quartiles": ratio_quartiles(times["ours"], times["deepspeed"]),
             "ours_over_floor": paired_ratio(times["ours"], times["floor"]),
             "deepspeed_over_floor": paired_ratio(times["deepspeed"], times["floor"]),
-            "ours_over_floor_plus_bytes": paired_ratio(times["ours"], floor_plus_bytes)}
+            "ours_over_floor_plus_bytes": paired_ratio(times["ours"], floor_plus_bytes), "pid": os.getpid()}
 
 
 def check_point(point: Point) -> List[str]:
@@ -209,13 +210,37 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, log=print) -> Dict:
-    """Measures the whole grid; returns the result document (see docs/BENCHMARKS.md for its fields)."""
+def measure_point_alone(point_fields: Dict, device_type: str, timing: Dict, bandwidth_Bps: float,
+                        threads: int) -> Dict:
+    """measure_point, as the entry point of a fresh process (the point inherits no heap from earlier ones).
+
+    Plain data in and out: the child imports this module under its own name, not as __main__.
+    """
+    torch.set_num_threads(threads)
+    point = Point(**point_fields)
+    grid = Grid(points=[point], memory_points=[], multirank_points=[], **timing)
+    return measure_point(point, torch.device(device_type), grid, bandwidth_Bps)
+
+
+def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_process: bool = False,
+        log=print) -> Dict:
+    """Measures the whole grid; returns the result document (see docs/BENCHMARKS.md for its fields).
+
+    Each point runs in a fresh process unless same_process: on the CPU the allocator's state left by earlier
+    points moved a layer's time by up to 10 %, differently for each layer.
+    """
     bandwidth = copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    processes = None if same_process else FreshProcesses()
     rows = []
     for i, point in enumerate(grid.points):
-        row = measure_point(point, device, grid, bandwidth)
+        if processes is None:
+            row = measure_point(point, device, grid, bandwidth)
+        else:
+            from benchmarks import bench_layer  # this file under its module name, which a child can import
+            timing = {"warmup": grid.warmup, "reps": grid.reps, "budget_s": grid.budget_s}
+            row = processes.call(bench_layer.measure_point_alone, asdict(point), device.type, timing, bandwidth,
+                                 torch.get_num_threads(), what=f"point {point.key}")
         rows.append(row)
         med = row["median_s"]
         log(f"[{i + 1}/{len(grid.points)}] {point.key}: ours {1e3 * med['ours']:.1f} ms, deepspeed "
@@ -306,6 +331,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per point (default: the grid's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory probes")
     parser.add_argument("--no-multirank", action="store_true", help="skip the expert-parallel runs")
+    parser.add_argument("--same-process", action="store_true",
+                        help="time every point in this process (default: a fresh process per point)")
     parser.add_argument("--max-layer-gb", type=float, default=2.5,
                         help="--full skips points whose expert weights + gradients exceed this (default 2.5)")
     parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's point: k,cf,E,M,dtype")
@@ -344,7 +371,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     grid = full_grid(int(args.max_layer_gb * (1 << 30))) if args.full else quick_grid()
     if args.reps:
         grid.reps = args.reps
-    doc = run(grid, device, memory=not args.no_memory, multirank=not args.no_multirank)
+    doc = run(grid, device, memory=not args.no_memory, multirank=not args.no_multirank,
+              same_process=args.same_process)
+    doc["same_process"] = args.same_process
     doc["mode"] = "full" if args.full else "quick"
     from benchmarks.layer_report import write_outputs
     paths = write_outputs(doc, args.out_dir, (args.tag or f"layer_{doc['mode']}") + suffix)

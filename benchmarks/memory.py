@@ -17,19 +17,17 @@ the baseline subtraction removes). On CUDA the numbers are torch.cuda's allocate
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import re
 import resource
 import sys
 import tempfile
-import traceback
 from dataclasses import asdict
 from typing import Dict, Iterable, List, Optional
 
+from benchmarks.fresh_process import FreshProcesses
 from benchmarks.layer_impls import Point
 
-PRELOAD = ["torch", "deepspeed.moe.layer", "ds_tutel", "benchmarks.layer_impls"]
 _MB = 1 << 20
 
 
@@ -110,52 +108,27 @@ def _live_step_bytes(step) -> int:
     return max(e["Total Allocated"] for e in events) - start
 
 
-def _child_main(conn, point_fields: dict, impl: str, device_type: str, threads: int) -> None:
-    try:
-        conn.send(("ok", _probe(Point(**point_fields), impl, device_type, threads)))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+def probe(point_fields: dict, impl: str, device_type: str, threads: int) -> Dict[str, float]:
+    """The child's entry point (module level, so that a fresh process can import it)."""
+    return _probe(Point(**point_fields), impl, device_type, threads)
 
 
-def _context():
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        return ctx
-    return mp.get_context("spawn")
-
-
-def _run_probe(ctx, point: Point, impl: str, device_type: str, threads: int, timeout: float) -> Dict[str, float]:
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(send, asdict(point), impl, device_type, threads), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        if not recv.poll(timeout):
-            raise TimeoutError(f"memory probe {impl} {point.key} took over {timeout}s")
-        status, payload = recv.recv()
-    finally:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if status != "ok":
-        raise RuntimeError(f"memory probe {impl} {point.key} failed:\n{payload}")
-    return payload
+def _run_probe(processes: FreshProcesses, point: Point, impl: str, device_type: str, threads: int,
+               timeout: float) -> Dict[str, float]:
+    return processes.call(probe, asdict(point), impl, device_type, threads, timeout=timeout,
+                          what=f"memory probe {impl} {point.key}")
 
 
 def peak_memory(points: Iterable[Point], impls: List[str], device_type: str = "cpu", threads: int = 1,
                 timeout: float = 300.0, log=print) -> Dict[str, Dict[str, Dict[str, float]]]:
     """{point key: {impl: {"layer_MB", "step_MB", "peak_MB"}}}, one child process per (point, impl)."""
-    ctx = _context()
+    processes = FreshProcesses()
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for point in points:
-        baseline = _run_probe(ctx, point, "baseline", device_type, threads, timeout)
+        baseline = _run_probe(processes, point, "baseline", device_type, threads, timeout)
         row: Dict[str, Dict[str, float]] = {}
         for impl in impls:
-            probe = _run_probe(ctx, point, impl, device_type, threads, timeout)
+            probe = _run_probe(processes, point, impl, device_type, threads, timeout)
             row[impl] = {"layer_MB": (probe["peak_bytes"] - baseline["peak_bytes"]) / _MB,
                          "step_MB": (probe["peak_bytes"] - probe["before_step_bytes"]) / _MB,
                          "peak_MB": probe["peak_bytes"] / _MB}

@@ -83,10 +83,17 @@ def test_paired_ratio_takes_the_median_of_per_round_ratios():
     assert ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == [2.0, 4.0]
 
 
-def test_a_tiny_run_writes_json_markdown_and_png(tmp_path):
+@pytest.mark.parametrize("same_process", [False, True])
+def test_a_tiny_run_writes_json_markdown_and_png(tmp_path, same_process):
     points = [Point(1, 1.0, 4, model_dim=16, tokens=32), Point(2, 1.0, 4, model_dim=16, tokens=32)]
     grid = bench_layer.Grid(points, memory_points=[], multirank_points=[], warmup=1, reps=3)
-    doc = bench_layer.run(grid, CPU, memory=False, multirank=False, log=lambda *_: None)
+    doc = bench_layer.run(grid, CPU, memory=False, multirank=False, same_process=same_process,
+                          log=lambda *_: None)
+    pids = [row["pid"] for row in doc["rows"]]
+    if same_process:
+        assert pids == [os.getpid()] * len(points)
+    else:  # every point in a process of its own
+        assert os.getpid() not in pids and len(set(pids)) == len(points)
     doc["mode"] = "test"
     json_path, md_path, png_path = write_outputs(doc, str(tmp_path), "layer_test")
     saved = json.loads(open(json_path).read())
