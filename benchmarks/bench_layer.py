@@ -227,7 +227,7 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_pr
     """Measures the whole grid; returns the result document (see docs/BENCHMARKS.md for its fields).
 
     Each point runs in a fresh process unless same_process: on the CPU the allocator's state left by earlier
-    points moved a layer's time by up to 10 %, differently for each layer.
+    points moved a layer's time by 10-30 %, differently for each layer.
     """
     bandwidth = copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")

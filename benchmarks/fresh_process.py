@@ -2,7 +2,7 @@
 
 Two uses in the benchmarks: peak memory (each implementation must start from a clean process) and timing
 (each point must not inherit the heap left by the points before it: glibc's allocator adapts its thresholds to
-past allocations, and on the CPU a layer's time moved by up to 10 % with the history of the process).
+past allocations, and on the CPU a layer's time moved by 10-30 % with the history of the process).
 """
 from __future__ import annotations
 
