@@ -153,6 +153,18 @@ def train_step(engine: Any, corpus: Any, settings: TrainSettings, step: int, ran
             "expert_load": [[round(float(v), 4) for v in row] for row in load_LE]}
 
 
+def publish_to_monitor(engine: Any, collector: Any, record: Dict[str, Any]) -> None:
+    """Step metrics and every MoE layer's routing statistics to DeepSpeed's monitor (the config's csv_monitor,
+    tensorboard, wandb, ...), when one is enabled; DeepSpeed writes on rank 0 only."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not getattr(monitor, "enabled", False):
+        return
+    step = record["step"]
+    monitor.write_events([(f"Train/ds_tutel/{key}", float(record[key]), step)
+                          for key in ("loss", "aux", "dropped", "tokens_per_s", "lr")])
+    collector.to_monitor(monitor, collector.collect(step))
+
+
 def dry_run(settings: TrainSettings, world_size: Optional[int]) -> Dict[str, Any]:
     from .plan import format_plan, memory_plan
     from .presets import PRESET_WORLD_SIZE, get_preset
@@ -245,6 +257,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if start_step == 0:
         log.write({"type": "val", "step": 0, "val_loss": evaluate()})
 
+    from .stats import StatsCollector
+    stats = StatsCollector(engine.module)
     bar = tqdm(total=settings.steps, initial=start_step, disable=rank != 0, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0)
     last_val = None
@@ -256,6 +270,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         record = {"type": "train", "step": step, **metrics, "lr": engine.get_lr()[0],
                   "tokens_per_s": round(tokens_per_step / seconds, 1), "time_s": round(time.time() - t_start, 2)}
         log.write(record)
+        publish_to_monitor(engine, stats, record)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                         drop=f"{metrics['dropped']:.3f}", refresh=False)

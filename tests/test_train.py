@@ -147,3 +147,22 @@ def test_killed_rank_fails_the_job_and_resume_continues_from_last_complete_check
         assert after[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-6), r["step"]
     events = [r for r in read_records(out, "event")]
     assert events[-1]["event"] == "resume" and events[-1]["step"] == latest
+
+
+def test_config_csv_monitor_receives_step_metrics_and_routing_stats(tmp_path):
+    """A DeepSpeed csv_monitor in the JSON config gets the loss and every MoE layer's routing statistics."""
+    with open(CONFIG) as f:
+        config = json.load(f)
+    config["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "job"}
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    args = TINY + ["--config", str(config_path), "--steps", "3", "--eval-every", "3", "--save-every", "3",
+                   "--precision", "fp32", "--out", str(tmp_path / "run")]
+    train_on_ranks(2, args)
+    files = {os.path.relpath(os.path.join(d, n), tmp_path / "monitor" / "job")
+             for d, _, names in os.walk(tmp_path / "monitor" / "job") for n in names}
+    losses = [line.split(",") for line in open(tmp_path / "monitor" / "job" / "Train_ds_tutel_loss.csv")][1:]
+    logged = [r["loss"] for r in read_records(str(tmp_path / "run"), "train")]
+    assert [int(step) for step, _ in losses] == [1, 2, 3]
+    assert [float(v) for _, v in losses] == pytest.approx(logged, rel=1e-6)
+    assert any("imbalance" in name for name in files) and any("load_expert_0" in name for name in files), files
