@@ -232,13 +232,13 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_pr
     bandwidth = copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     processes = None if same_process else FreshProcesses()
+    from benchmarks import bench_layer  # this file under its module name, which a child can import
+    timing = {"warmup": grid.warmup, "reps": grid.reps, "budget_s": grid.budget_s}
     rows = []
     for i, point in enumerate(grid.points):
         if processes is None:
             row = measure_point(point, device, grid, bandwidth)
         else:
-            from benchmarks import bench_layer  # this file under its module name, which a child can import
-            timing = {"warmup": grid.warmup, "reps": grid.reps, "budget_s": grid.budget_s}
             row = processes.call(bench_layer.measure_point_alone, asdict(point), device.type, timing, bandwidth,
                                  torch.get_num_threads(), what=f"point {point.key}")
         rows.append(row)
@@ -248,6 +248,7 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_pr
             f"{1e3 * row['bytes_floor_s']:.2f} ms | ours/ds {row['ours_over_deepspeed']:.3f} ours/floor "
             f"{row['ours_over_floor']:.3f} ds/floor {row['deepspeed_over_floor']:.3f}")
     doc = {"environment": environment(device, torch.get_num_threads()), "copy_bandwidth_Bps": bandwidth,
+           "same_process": same_process,
            "rows": rows, "geomean_ours_over_deepspeed": geomean([r["ours_over_deepspeed"] for r in rows])}
     if memory:
         from benchmarks.memory import peak_memory
@@ -373,7 +374,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         grid.reps = args.reps
     doc = run(grid, device, memory=not args.no_memory, multirank=not args.no_multirank,
               same_process=args.same_process)
-    doc["same_process"] = args.same_process
     doc["mode"] = "full" if args.full else "quick"
     from benchmarks.layer_report import write_outputs
     paths = write_outputs(doc, args.out_dir, (args.tag or f"layer_{doc['mode']}") + suffix)

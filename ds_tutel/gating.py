@@ -54,6 +54,18 @@ def _excluded_where_not(kept: torch.Tensor, choice: torch.Tensor, num_experts: i
     return torch.where(kept, choice, torch.full_like(choice, num_experts))
 
 
+def _kept_slots_and_gates(probs_SE: torch.Tensor, choice_SK: torch.Tensor, kept_SK: torch.Tensor,
+                          location_SK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(locations_SK, gates_SK): a kept choice's slot and probability; a dropped one's -1 and 0."""
+    gates_SK = torch.where(kept_SK, probs_SE.gather(1, choice_SK), torch.zeros((), device=probs_SE.device))
+    return torch.where(kept_SK, location_SK, torch.full_like(location_SK, -1)), gates_SK
+
+
+def _normalized(gates_SK: torch.Tensor) -> torch.Tensor:
+    """Each token's kept gates divided by their sum (DeepSpeed's normalisation, eps-clamped)."""
+    return gates_SK / torch.clamp(gates_SK.sum(dim=1, keepdim=True), min=torch.finfo(gates_SK.dtype).eps)
+
+
 def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_rts, rsample, used_S, agree):
     S, E = probs_SE.shape
     if rsample:
@@ -81,9 +93,9 @@ def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_r
     ce_E = counts_E.float() / S
     l_aux = torch.sum(me_E * ce_E) * E
 
-    gates_S = torch.where(kept_S, probs_SE.gather(1, choice_S1)[:, 0], torch.zeros((), device=probs_SE.device))
-    locations_S = torch.where(kept_S, location_S, torch.full_like(location_S, -1))
-    return choice_S1, locations_S.unsqueeze(1), gates_S.unsqueeze(1), capacity, counts_E, l_aux
+    locations_SK, gates_SK = _kept_slots_and_gates(probs_SE, choice_S1, kept_S.unsqueeze(1),
+                                                   location_S.unsqueeze(1))
+    return choice_S1, locations_SK, gates_SK, capacity, counts_E, l_aux
 
 
 def _top2(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, second_expert_sampling, used_S, agree):
@@ -116,11 +128,9 @@ def _top2(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, secon
         capacity = int(counts_E.max())
     capacity = agree(capacity)
 
-    kept_SK = used_S1 & (location_SK < capacity)
-    gates_SK = torch.where(kept_SK, probs_SE.gather(1, choice_SK), torch.zeros((), device=probs_SE.device))
-    denom_S1 = torch.clamp(gates_SK[:, :1] + gates_SK[:, 1:], min=torch.finfo(probs_SE.dtype).eps)
-    locations_SK = torch.where(kept_SK, location_SK, torch.full_like(location_SK, -1))
-    return choice_SK, locations_SK, gates_SK / denom_S1, capacity, counts_E, l_aux
+    locations_SK, gates_SK = _kept_slots_and_gates(probs_SE, choice_SK, used_S1 & (location_SK < capacity),
+                                                   location_SK)
+    return choice_SK, locations_SK, _normalized(gates_SK), capacity, counts_E, l_aux
 
 
 def _topk(probs_SE, k, capacity_factor, min_capacity, drop_tokens, used_S, agree):
@@ -143,11 +153,8 @@ def _topk(probs_SE, k, capacity_factor, min_capacity, drop_tokens, used_S, agree
         capacity = agree(int(counts_E.max()))
         kept_SK = wanted_SK
     location_J, _ = rank_within_groups(_excluded_where_not(kept_SK, choice_SK, E).reshape(-1), E)
-    locations_SK = torch.where(kept_SK, location_J.view(S, k), torch.full_like(choice_SK, -1))
-
-    gates_SK = torch.where(kept_SK, probs_SE.gather(1, choice_SK), torch.zeros((), device=probs_SE.device))
-    denom_S1 = torch.clamp(gates_SK.sum(dim=1, keepdim=True), min=torch.finfo(gates_SK.dtype).eps)
-    return choice_SK, locations_SK, gates_SK / denom_S1, capacity, counts_E, l_aux
+    locations_SK, gates_SK = _kept_slots_and_gates(probs_SE, choice_SK, kept_SK, location_J.view(S, k))
+    return choice_SK, locations_SK, _normalized(gates_SK), capacity, counts_E, l_aux
 
 
 def route_deepspeed(logits_SE: torch.Tensor,

@@ -76,11 +76,3 @@ class Routing:
         """int64 [E]: choices that got a slot in each expert (filled slots are a prefix of each expert's buffer)."""
         kept_indices = self.indices_SK[self.kept_SK]
         return torch.bincount(kept_indices, minlength=self.num_experts)
-
-    def grouped_rows_SK(self) -> torch.Tensor:
-        """Row of each kept choice in a compact buffer that holds only kept choices, expert after expert
-        (expert e's rows start after all kept choices of experts < e); -1 where dropped."""
-        kept_E = self.kept_per_expert()
-        start_E = torch.cumsum(kept_E, dim=0) - kept_E
-        rows_SK = start_E[self.indices_SK] + self.locations_SK
-        return torch.where(self.kept_SK, rows_SK, torch.full_like(rows_SK, -1))

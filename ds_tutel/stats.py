@@ -56,13 +56,16 @@ class StatsCollector:
         self.layers = [(name or "moe", module) for name, module in model.named_modules() if isinstance(module, MoE)]
         self.rows: List[Dict[str, Any]] = []
 
-    def collect(self, step: int) -> List[Dict[str, Any]]:
+    def collect(self, step: int, keep: bool = True) -> List[Dict[str, Any]]:
+        """One row per layer for the last forward; keep=False returns them without storing (long jobs that only
+        forward rows to a monitor would otherwise hold every step's rows)."""
         rows = []
         for name, layer in self.layers:
             routing = layer.deepspeed_moe.last_routing
             if routing is not None:
                 rows.append({"step": step, "layer": name, **routing_stats(routing).as_dict()})
-        self.rows.extend(rows)
+        if keep:
+            self.rows.extend(rows)
         return rows
 
     def summary(self, rows: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:

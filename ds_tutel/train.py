@@ -162,7 +162,7 @@ def publish_to_monitor(engine: Any, collector: Any, record: Dict[str, Any]) -> N
     step = record["step"]
     monitor.write_events([(f"Train/ds_tutel/{key}", float(record[key]), step)
                           for key in ("loss", "aux", "dropped", "tokens_per_s", "lr")])
-    collector.to_monitor(monitor, collector.collect(step))
+    collector.to_monitor(monitor, collector.collect(step, keep=False))
 
 
 def dry_run(settings: TrainSettings, world_size: Optional[int]) -> Dict[str, Any]:

@@ -242,3 +242,5 @@ def test_stats_collector_jsonl_plot_and_monitor(tmp_path):
     collector.plot(str(tmp_path / "load.png"))
     assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ("ds_tutel/b/dropped_fraction", row_b["dropped_fraction"], 0) in events
+    unkept = collector.collect(3, keep=False)  # what a monitor-only job collects: nothing stored
+    assert [r["layer"] for r in unkept] == ["a", "b"] and len(collector.rows) == 6
