@@ -17,6 +17,7 @@ from torch import nn
 
 from . import losses, noise
 from .options import RouterOptions
+from .router_linear import router_linear
 from .routing import CapacityAgreement, Routing
 from .slots import rank_by_score_within_groups, rank_within_groups
 from .softmax import router_softmax
@@ -252,15 +253,16 @@ class Gate(nn.Module):
         """fp32 router logits [S, E], whatever the model dtype or an enclosing autocast."""
         opts = self.options
         with torch.autocast(device_type=x_SM.device.type, enabled=False):
-            x_SM = x_SM.float()
-            if self.training:
+            if self.training and (opts.input_dropout > 0 or opts.input_jitter > 0
+                                  or self.noisy_gate_policy == "Jitter"):
+                x_SM = x_SM.float()
                 if opts.input_dropout > 0:
                     x_SM = F.dropout(x_SM, p=opts.input_dropout, training=True)
                 if opts.input_jitter > 0:
                     x_SM = noise.multiplicative_jitter(x_SM, opts.input_jitter)
                 if self.noisy_gate_policy == "Jitter":
                     x_SM = noise.multiplicative_jitter(x_SM)
-            return F.linear(x_SM, self.wg.weight.float())
+            return router_linear(x_SM, self.wg.weight.float())
 
     def forward(self, x_SM: torch.Tensor, used_token_S: Optional[torch.Tensor] = None,
                 agree_capacity: Optional[CapacityAgreement] = None, capacity_factor: Optional[float] = None,
