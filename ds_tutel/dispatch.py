@@ -103,6 +103,7 @@ class GroupedPlan:
     gates_J: torch.Tensor
     rows_per_expert: List[int]
     num_tokens: int
+    single_choice: bool  # at most one kept choice per token (k=1)
 
 
 def grouped_plan(routing: Routing) -> GroupedPlan:
@@ -118,7 +119,8 @@ def grouped_plan(routing: Routing) -> GroupedPlan:
     choice_in_row_J[row_J] = choice_J
     return GroupedPlan(token_J=torch.div(choice_in_row_J, K, rounding_mode="floor"),
                        gates_J=routing.gates_SK.reshape(-1).index_select(0, choice_in_row_J),
-                       rows_per_expert=kept_E.tolist(), num_tokens=S)
+                       rows_per_expert=kept_E.tolist(), num_tokens=S,
+                       single_choice=K == 1)
 
 
 def _split_by_expert(tensor_J: torch.Tensor, rows_per_expert: List[int]) -> Tuple[torch.Tensor, ...]:
@@ -153,19 +155,28 @@ class _CombinePerExpert(torch.autograd.Function):
     """y_SM = sum over kept choices of gate * expert output, added in fp32 at each row's token.
 
     Expert by expert for the same reason as _GatherPerExpert; the order of the additions is fixed (expert
-    after expert, rows in slot order), so results are deterministic.
+    after expert, rows in slot order), so results are deterministic. Products are formed in fp32 straight from
+    half-precision outputs (type promotion, no converted copy). When every token has at most one kept choice
+    (k=1), its output is that one product rounded once, which an fp32 accumulator would give too: half-precision
+    outputs are then written in place, without an [S, M] fp32 buffer.
     """
 
     @staticmethod
-    def forward(ctx: Any, token_J: torch.Tensor, gates_J: torch.Tensor, num_tokens: int, *outs_nM: torch.Tensor):
+    def forward(ctx: Any, token_J: torch.Tensor, gates_J: torch.Tensor, num_tokens: int, single_choice: bool,
+                *outs_nM: torch.Tensor):
         ctx.save_for_backward(token_J, gates_J, *outs_nM)
         ctx.rows = [o.shape[0] for o in outs_nM]
         dtype = outs_nM[0].dtype
         acc = accumulation_dtype(dtype)
-        y_SM = outs_nM[0].new_zeros(num_tokens, outs_nM[0].shape[1], dtype=acc)
+        write_once = single_choice and acc != dtype
+        y_SM = outs_nM[0].new_zeros(num_tokens, outs_nM[0].shape[1], dtype=dtype if write_once else acc)
         for out_nM, gates_n, token_n in zip(outs_nM, _split_by_expert(gates_J, ctx.rows),
                                             _split_by_expert(token_J, ctx.rows)):
-            y_SM.index_add_(0, token_n, out_nM.to(acc) * gates_n.unsqueeze(1))
+            weighted_nM = out_nM * gates_n.to(acc).unsqueeze(1)
+            if write_once:
+                y_SM.index_copy_(0, token_n, weighted_nM.to(dtype))
+            else:
+                y_SM.index_add_(0, token_n, weighted_nM)
         return y_SM.to(dtype)
 
     @staticmethod
@@ -176,9 +187,9 @@ class _CombinePerExpert(torch.autograd.Function):
         for out_nM, gates_n, token_n in zip(outs_nM, _split_by_expert(gates_J, ctx.rows),
                                             _split_by_expert(token_J, ctx.rows)):
             grad_nM = grad_SM.index_select(0, token_n).to(acc)
-            grad_gates_n.append((grad_nM * out_nM.to(acc)).sum(dim=1))
+            grad_gates_n.append((grad_nM * out_nM).sum(dim=1))
             grad_outs_nM.append(grad_nM.mul_(gates_n.unsqueeze(1)).to(grad_SM.dtype))
-        return (None, torch.cat(grad_gates_n).to(gates_J.dtype), None, *grad_outs_nM)
+        return (None, torch.cat(grad_gates_n).to(gates_J.dtype), None, None, *grad_outs_nM)
 
 
 def grouped_encode(x_SM: torch.Tensor, plan: GroupedPlan) -> Tuple[torch.Tensor, ...]:
@@ -188,4 +199,4 @@ def grouped_encode(x_SM: torch.Tensor, plan: GroupedPlan) -> Tuple[torch.Tensor,
 
 def grouped_decode(outs_nM: Sequence[torch.Tensor], plan: GroupedPlan) -> torch.Tensor:
     """y_SM = sum over a token's kept choices of gate * expert output, accumulated in fp32."""
-    return _CombinePerExpert.apply(plan.token_J, plan.gates_J, plan.num_tokens, *outs_nM)
+    return _CombinePerExpert.apply(plan.token_J, plan.gates_J, plan.num_tokens, plan.single_choice, *outs_nM)

@@ -31,11 +31,14 @@ class _RouterLinear(torch.autograd.Function):
         grad_x_SM = grad_w_EM = None
         if ctx.needs_input_grad[0]:
             grad_x_SM = torch.empty_like(x_SM, memory_format=torch.contiguous_format)
-            for start in range(0, x_SM.shape[0], ROWS_PER_BLOCK):
-                rows = slice(start, start + ROWS_PER_BLOCK)
-                grad_x_SM[rows] = grad_SE[rows].mm(w_EM)
         if ctx.needs_input_grad[1]:
-            grad_w_EM = grad_SE.t().mm(x_SM.float())
+            grad_w_EM = torch.zeros_like(w_EM)
+        for start in range(0, x_SM.shape[0], ROWS_PER_BLOCK):
+            rows = slice(start, start + ROWS_PER_BLOCK)
+            if grad_x_SM is not None:
+                grad_x_SM[rows] = grad_SE[rows].mm(w_EM)
+            if grad_w_EM is not None:
+                grad_w_EM.addmm_(grad_SE[rows].t(), x_SM[rows].float())
         return grad_x_SM, grad_w_EM
 
 

@@ -23,7 +23,7 @@ def test_equals_linear_of_the_fp32_copy(dtype, S, M, E, monkeypatch):
 
     assert logits_SE.dtype == torch.float32 and torch.equal(logits_SE, ref_SE)  # routing decisions depend on it
     assert grad_x.dtype == dtype and torch.equal(grad_x, ref_grad_x)
-    torch.testing.assert_close(grad_w, ref_grad_w)
+    torch.testing.assert_close(grad_w, ref_grad_w, rtol=1e-5, atol=1e-5 * S ** 0.5)  # sums of S products, in blocks
 
 
 def test_gate_keeps_no_fp32_copy_of_half_precision_tokens():
