@@ -3,11 +3,13 @@
     python benchmarks/bench_layer.py --quick            small grid, ~2-3 minutes on 2 CPU cores
     python benchmarks/bench_layer.py --full             the issue's whole grid (k 1,2,4; cf 1.0,1.25;
                                                         E 4..64; M 256..2048; fp32 and bf16)
+    python benchmarks/bench_layer.py --smoke            two tiny points: the harness runs (seconds)
     python benchmarks/bench_layer.py --correctness      tiny sizes: every implementation gives the same
                                                         output and gradients on the same weights (exit 1 if not)
     python benchmarks/bench_layer.py --profile          where each layer's time goes on one point (--point)
     python benchmarks/bench_layer.py --redraw F.json    rewrite the markdown and PNG of a saved result
     ... --device cuda                                   the same on a GPU (CUDA events, allocator peaks)
+    ... --allocator steady                              the whole run with benchmarks/allocator.py's glibc settings
 
 Per point, both layers hold identical weights and the same expert module (Linear(M, 2M) -> GELU ->
 Linear(2M, M)), see the same tokens and output gradient, and run interleaved (ours, deepspeed, floor, ours,
@@ -37,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks import allocator  # noqa: E402
 from benchmarks.fresh_process import FreshProcesses  # noqa: E402
 from benchmarks.floors import copy_bandwidth, dispatch_bytes, expert_work, floor_output, floor_step  # noqa: E402
 from benchmarks.layer_impls import (IMPLEMENTATIONS, Point, build_layers, layer_step, make_inputs,  # noqa: E402
@@ -93,6 +96,12 @@ def full_grid(max_layer_bytes: int) -> Grid:
     return Grid(points, memory, multirank, warmup=2, reps=7, budget_s=10.0)
 
 
+def smoke_grid() -> Grid:
+    """Two tiny points, timed but not measured for memory or on several ranks."""
+    points = [Point(1, 1.0, 4, model_dim=16, tokens=32), Point(2, 1.25, 4, model_dim=16, tokens=32, dtype="bf16")]
+    return Grid(points, [], [], warmup=1, reps=3, budget_s=1.0)
+
+
 def correctness_points() -> List[Point]:
     """Tiny shapes for the correctness mode (and the test suite)."""
     fp32 = [Point(k, cf, E, model_dim=16, tokens=64) for k, cf, E in itertools.product([1, 2, 4], [1.0, 1.25], [4, 8])]
@@ -122,7 +131,8 @@ def measure_point(point: Point, device: torch.device, grid: Grid, bandwidth_Bps:
             "ours_over_deepspeed_quartiles": ratio_quartiles(times["ours"], times["deepspeed"]),
             "ours_over_floor": paired_ratio(times["ours"], times["floor"]),
             "deepspeed_over_floor": paired_ratio(times["deepspeed"], times["floor"]),
-            "ours_over_floor_plus_bytes": paired_ratio(times["ours"], floor_plus_bytes), "pid": os.getpid()}
+            "ours_over_floor_plus_bytes": paired_ratio(times["ours"], floor_plus_bytes), "pid": os.getpid(),
+            "malloc": allocator.describe()}
 
 
 def check_point(point: Point) -> List[str]:
@@ -179,7 +189,8 @@ def environment(device: torch.device, threads: int) -> Dict:
     env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "machine": platform.machine(),
            "processor": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-           "device": str(device), "other_libraries": other_libraries(), "ds_tutel_revision": _revision()}
+           "device": str(device), "other_libraries": other_libraries(), "ds_tutel_revision": _revision(),
+           "malloc": allocator.describe()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -250,10 +261,10 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_pr
     doc = {"environment": environment(device, torch.get_num_threads()), "copy_bandwidth_Bps": bandwidth,
            "same_process": same_process,
            "rows": rows, "geomean_ours_over_deepspeed": geomean([r["ours_over_deepspeed"] for r in rows])}
-    if memory:
+    if memory and grid.memory_points:
         from benchmarks.memory import peak_memory
         doc["memory"] = peak_memory(grid.memory_points, list(IMPLEMENTATIONS), device.type, log=log)
-    if multirank and device.type == "cpu":
+    if multirank and grid.multirank_points and device.type == "cpu":
         from benchmarks.layer_multirank import multirank_times
         doc["multirank"] = multirank_times(grid.multirank_points, grid.world_sizes, warmup=grid.warmup,
                                            reps=grid.reps, log=log)
@@ -323,6 +334,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small grid (the default)")
     mode.add_argument("--full", action="store_true", help="the issue's whole grid")
+    mode.add_argument("--smoke", action="store_true", help="two tiny points, no memory or multi-rank parts: checks "
+                      "that the harness runs (seconds)")
     mode.add_argument("--correctness", action="store_true", help="equal outputs on equal weights, tiny sizes")
     mode.add_argument("--profile", action="store_true", help="profile both layers on one point")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -334,6 +347,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-multirank", action="store_true", help="skip the expert-parallel runs")
     parser.add_argument("--same-process", action="store_true",
                         help="time every point in this process (default: a fresh process per point)")
+    parser.add_argument("--allocator", choices=["default", "steady"], default="default",
+                        help="steady: run everything with benchmarks/allocator.py's STEADY_MALLOC_ENV (glibc keeps "
+                             "freed memory, so no step page-faults its buffers back in); default: glibc as it comes")
     parser.add_argument("--max-layer-gb", type=float, default=2.5,
                         help="--full skips points whose expert weights + gradients exceed this (default 2.5)")
     parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's point: k,cf,E,M,dtype")
@@ -341,6 +357,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--redraw", metavar="JSON", help="rewrite the markdown and PNG of a saved result")
     args = parser.parse_args(argv)
+    if args.allocator == "steady" and not allocator.is_steady():
+        # glibc reads its settings when a process starts: start this run again with them.
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None
+                                                                                  else argv)],
+                  {**os.environ, **allocator.STEADY_MALLOC_ENV})
     # Before anything imports DeepSpeed (it picks its accelerator once, at import).
     os.environ.setdefault("DS_ACCELERATOR", args.device)
     if args.threads and args.device == "cpu":
@@ -369,12 +390,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.write(text + "\n")
         return 0
 
-    grid = full_grid(int(args.max_layer_gb * (1 << 30))) if args.full else quick_grid()
+    if args.full:
+        grid = full_grid(int(args.max_layer_gb * (1 << 30)))
+    elif args.smoke:
+        grid = smoke_grid()
+    else:
+        grid = quick_grid()
     if args.reps:
         grid.reps = args.reps
     doc = run(grid, device, memory=not args.no_memory, multirank=not args.no_multirank,
               same_process=args.same_process)
-    doc["mode"] = "full" if args.full else "quick"
+    doc["mode"] = "full" if args.full else "smoke" if args.smoke else "quick"
     from benchmarks.layer_report import write_outputs
     paths = write_outputs(doc, args.out_dir, (args.tag or f"layer_{doc['mode']}") + suffix)
     print("wrote " + ", ".join(os.path.relpath(p) for p in paths))

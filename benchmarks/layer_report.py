@@ -56,7 +56,7 @@ def markdown(doc: Dict, title: str) -> str:
     lines = [f"### {title}", "",
              f"{env['date']}; {env['device']}; {env['processor']}, {env['cpu_count']} cores, "
              f"{env['torch_threads']} torch threads; torch {env['torch']}, deepspeed {env['deepspeed']}, "
-             f"Python {env['python']}; ds_tutel at {env.get('ds_tutel_revision')}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
+             f"Python {env['python']}; ds_tutel at {env.get('ds_tutel_revision')}; malloc: {env.get('malloc', 'not recorded')}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
              f"other MoE libraries: {others}.", "",
              "Forward+backward, interleaved runs: times are medians, ratios the median of per-round ratios "
              "(both timed in the same round), IQR their quartiles (a wide one = a noisy point). S tokens, "

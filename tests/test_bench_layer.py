@@ -130,3 +130,22 @@ def test_memory_probes_run_in_their_own_processes():
         assert set(probe) == {"layer_MB", "step_MB", "peak_MB", "live_MB"}
         assert probe["live_MB"] >= point.expert_param_bytes() / 2**20
         assert probe["peak_MB"] > probe["layer_MB"] > 0
+
+
+def test_steady_allocator_run_applies_the_malloc_settings_to_every_point(tmp_path):
+    """--allocator steady restarts the run with glibc's settings in the environment, so the points' fresh
+    processes have them too, and the report says which settings a run had."""
+    import subprocess
+    import sys
+    from benchmarks import allocator
+    script = os.path.join(os.path.dirname(bench_layer.__file__), "bench_layer.py")
+    env = {k: v for k, v in os.environ.items() if k not in allocator.STEADY_MALLOC_ENV}
+    subprocess.run([sys.executable, script, "--smoke", "--allocator", "steady", "--out-dir", str(tmp_path)],
+                   env=env, check=True, capture_output=True, timeout=300)
+    doc = json.loads((tmp_path / "layer_smoke.json").read_text())
+    steady = allocator.describe(allocator.STEADY_MALLOC_ENV)
+    assert "MALLOC_TRIM_THRESHOLD_" in steady and allocator.describe({}) == "glibc defaults"
+    assert doc["environment"]["malloc"] == steady
+    assert [row["malloc"] for row in doc["rows"]] == [steady] * len(bench_layer.smoke_grid().points)
+    assert all(row["pid"] != os.getpid() for row in doc["rows"])
+    assert f"malloc: {steady}" in (tmp_path / "layer_smoke.md").read_text()
