@@ -5,19 +5,14 @@ rank's own E / ranks experts), feeds its own tokens, and runs them interleaved. 
 barrier; its time is the slowest rank's (one all-reduce of all samples at the end, outside the timing). The
 first step also checks that both layers gave the same output on every rank.
 
-Ranks are spawned with tests/multirank.py's `run_ranks` (one thread per rank, DS_ACCELERATOR=cpu).
+Ranks are spawned with ds_tutel.ranks (one thread per rank, DS_ACCELERATOR=cpu).
 """
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import asdict
 from typing import Dict, List
 
 from benchmarks.layer_impls import IMPLEMENTATIONS, Point
-
-_TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-
 
 def _rank_times(rank: int, world_size: int, point_fields: List[dict], warmup: int, reps: int) -> List[dict]:
     """Runs on every rank: per point, {impl: [slowest-rank seconds per step]} and the equality check."""
@@ -62,14 +57,13 @@ def _rank_times(rank: int, world_size: int, point_fields: List[dict], warmup: in
 def multirank_times(points: List[Point], world_sizes: List[int], warmup: int = 2, reps: int = 5,
                     timeout: float = 600.0, log=print) -> List[Dict]:
     """One row per (world size, point): per-implementation slowest-rank step times and whether outputs agreed."""
-    if _TESTS_DIR not in sys.path:
-        sys.path.insert(0, _TESTS_DIR)
-    from multirank import run_ranks
+    from ds_tutel.ranks import run_local_ranks
 
     rows = []
     for world_size in world_sizes:
         usable = [p for p in points if p.num_experts % world_size == 0]
-        results = run_ranks(_rank_times, world_size, [asdict(p) for p in usable], warmup, reps, timeout=timeout)
+        results = run_local_ranks(_rank_times, world_size, [asdict(p) for p in usable], warmup, reps,
+                                  timeout=timeout, threads_per_rank=1)
         for row in results[0]:
             row["world_size"] = world_size
             row["key"] = Point(**row["point"]).key

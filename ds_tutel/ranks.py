@@ -1,18 +1,23 @@
-"""Local CPU ranks for jobs that need a DeepSpeed world of a given size on one machine (checkpoint resharding).
+"""Local CPU ranks: a DeepSpeed world of a given size on one machine, for jobs (checkpoint resharding), the
+benchmarks' expert-parallel runs and the multi-rank tests.
 
-`run_local_ranks(fn, world_size, *args)` spawns `world_size` processes on gloo with DeepSpeed's CPU accelerator,
-runs `fn(rank, world_size, *args)` in each and returns their results in rank order. A rank that raises or dies
-fails the whole call with its message; a call that outlives `timeout` seconds is killed, never left hanging.
+`run_local_ranks(fn, world_size, *args)` spawns `world_size` processes, initialises DeepSpeed's communication on
+gloo in each (DS_ACCELERATOR=cpu), runs `fn(rank, world_size, *args)` and returns the results in rank order.
+A rank that raises or dies fails the whole call with its message; a call that outlives `timeout` seconds is
+killed, never left hanging. `local_size` emulates several nodes: ranks are numbered node by node with
+`local_size` per node, and LOCAL_RANK, LOCAL_SIZE and LOCAL_WORLD_SIZE say so, as a launcher would.
 """
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import queue as queue_module
 import socket
 import time
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
 from ds_tutel.shm import remove_deepspeed_shm_buffers
 
 
@@ -27,28 +32,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_entry(rank: int, world_size: int, port: int, timeout: float, fn: Callable, args: tuple,
-                results: Any) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+def _rank_entry(rank: int, world_size: int, local_size: int, port: int, timeout: float, threads: int,
+                env: Mapping[str, str], fn: Callable, args: tuple, results: Any) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % local_size), WORLD_SIZE=str(world_size),
+                      LOCAL_SIZE=str(local_size), LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
+    os.environ.update(env)
     try:
         import deepspeed
         import torch
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(threads)
         deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=timeout), verbose=False)
-        results.put((rank, True, fn(rank, world_size, *args)))
+        result = fn(rank, world_size, *args)
+        # Bytes, not tensors: tensors sent through the queue would live in this process's shared memory, which
+        # dies with it before the parent reads them.
+        payload = io.BytesIO()
+        torch.save(result, payload)
+        results.put((rank, True, payload.getvalue()))
     except BaseException as e:  # every failure, assertion or exit included, goes back to the parent
         results.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # the result is already reported; a failing teardown must not hide it
+            pass
 
 
-def run_local_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) -> List[Any]:
-    """Runs fn(rank, world_size, *args) on `world_size` spawned gloo ranks; results must be picklable."""
+def run_local_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0,
+                    local_size: Optional[int] = None, env: Optional[Dict[str, str]] = None,
+                    threads_per_rank: Optional[int] = None) -> List[Any]:
+    """Runs fn(rank, world_size, *args) on `world_size` spawned gloo ranks; results must be picklable.
+
+    local_size: ranks per emulated node (default: all on one node); env: extra environment for every rank;
+    threads_per_rank: torch threads per rank (default: the machine's cores shared out).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    local = local_size or world_size
+    if local < 1 or world_size % local != 0:
+        raise ValueError(f"local_size {local_size} must divide world_size {world_size}")
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    import torch
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, timeout, fn, args, results), daemon=True)
+    procs = [ctx.Process(target=_rank_entry, daemon=True,
+                         args=(r, world_size, local, port, timeout, threads, dict(env or {}), fn, args, results))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -61,13 +93,14 @@ def run_local_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 rank, ok, value = results.get(timeout=0.5)
             except queue_module.Empty:
                 if time.monotonic() > deadline:
-                    failure = f"ranks {sorted(set(range(world_size)) - set(done))} did not finish in {timeout:.0f}s"
+                    failure = (f"ranks {sorted(set(range(world_size)) - set(done))} did not finish in {timeout:.0f}s "
+                               "(a hang or a crash)")
                 elif any(p.exitcode not in (None, 0) for p in procs):
                     dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                     failure = f"rank(s) {dead} died (exit codes {[procs[r].exitcode for r in dead]})"
                 continue
             if ok:
-                done[rank] = value
+                done[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 failure = f"rank {rank} failed: {value}"
     finally:
