@@ -33,8 +33,11 @@ class _RouterLinear(torch.autograd.Function):
             grad_x_SM = torch.empty_like(x_SM, memory_format=torch.contiguous_format)
         if ctx.needs_input_grad[1]:
             grad_w_EM = torch.zeros_like(w_EM)
-        for start in range(0, x_SM.shape[0], ROWS_PER_BLOCK):
-            rows = slice(start, start + ROWS_PER_BLOCK)
+        # Blocks keep the CPU's fp32 temporaries small and in cache; a GPU does the whole table at once (one
+        # kernel launch per product, the caching allocator reuses the temporary).
+        block = ROWS_PER_BLOCK if x_SM.device.type == "cpu" else max(1, x_SM.shape[0])
+        for start in range(0, x_SM.shape[0], block):
+            rows = slice(start, start + block)
             if grad_x_SM is not None:
                 grad_x_SM[rows] = grad_SE[rows].mm(w_EM)
             if grad_w_EM is not None:
