@@ -7,6 +7,7 @@
     python benchmarks/bench_layer.py --correctness      tiny sizes: every implementation gives the same
                                                         output and gradients on the same weights (exit 1 if not)
     python benchmarks/bench_layer.py --profile          where each layer's time goes on one point (--point)
+    python benchmarks/bench_layer.py --faults           page faults per step and per operator (--point)
     python benchmarks/bench_layer.py --redraw F.json    rewrite the markdown and PNG of a saved result
     ... --device cuda                                   the same on a GPU (CUDA events, allocator peaks)
     ... --allocator steady                              the whole run with benchmarks/allocator.py's glibc settings
@@ -41,9 +42,9 @@ import torch  # noqa: E402
 
 from benchmarks import allocator  # noqa: E402
 from benchmarks.fresh_process import FreshProcesses  # noqa: E402
-from benchmarks.floors import copy_bandwidth, dispatch_bytes, expert_work, floor_output, floor_step  # noqa: E402
+from benchmarks.floors import copy_bandwidth, dispatch_bytes, floor_output  # noqa: E402
 from benchmarks.layer_impls import (IMPLEMENTATIONS, Point, build_layers, layer_step, make_inputs,  # noqa: E402
-                                    other_libraries)
+                                    other_libraries, timed_steps)
 from benchmarks.timing import geomean, interleaved, median, paired_ratio, ratio_quartiles  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -111,16 +112,9 @@ def correctness_points() -> List[Point]:
 
 def measure_point(point: Point, device: torch.device, grid: Grid, bandwidth_Bps: float) -> Dict:
     """Interleaved median step times of both layers and the expert-FFN floor, plus the bytes floor."""
-    layers = build_layers(point, device)
-    ours, reference = layers["ours"], layers["deepspeed"]
-    x_SM, dy_SM = make_inputs(point, device)
-    layer_step(ours, x_SM, dy_SM)  # routing for the floor (the same set DeepSpeed's layer keeps)
-    routing = ours.deepspeed_moe.last_routing
-    work = expert_work(list(ours.deepspeed_moe.experts.deepspeed_experts), routing, x_SM, dy_SM)
-    fns = {"ours": lambda: layer_step(ours, x_SM, dy_SM),
-           "deepspeed": lambda: layer_step(reference, x_SM, dy_SM),
-           "floor": lambda: floor_step(work)}
-    times = interleaved(fns, device, warmup=grid.warmup, reps=grid.reps, budget_s=grid.budget_s,
+    steps = timed_steps(point, device)
+    routing, work = steps.routing, steps.work
+    times = interleaved(steps.fns, device, warmup=grid.warmup, reps=grid.reps, budget_s=grid.budget_s,
                         min_reps=min(5, grid.reps))
     med = {name: median(t) for name, t in times.items()}
     bytes_floor_s = dispatch_bytes(work.kept_choices, point.model_dim, point.torch_dtype) / bandwidth_Bps
@@ -288,14 +282,7 @@ def profile(point: Point, device: torch.device, steps: int = 5, top: int = 15) -
     """Where each layer's time goes on one point: the operators whose self time most exceeds the expert-FFN
     floor's (per step, medians over `steps` interleaved profiled steps), then torch.profiler's own table of each
     layer's last step."""
-    layers = build_layers(point, device)
-    ours = layers["ours"]
-    x_SM, dy_SM = make_inputs(point, device)
-    layer_step(ours, x_SM, dy_SM)
-    work = expert_work(list(ours.deepspeed_moe.experts.deepspeed_experts), ours.deepspeed_moe.last_routing, x_SM,
-                       dy_SM)
-    fns = {"ours": lambda: layer_step(ours, x_SM, dy_SM),
-           "deepspeed": lambda: layer_step(layers["deepspeed"], x_SM, dy_SM), "floor": lambda: floor_step(work)}
+    fns = timed_steps(point, device).fns
     wall = {name: median(t) for name, t in interleaved(fns, device, warmup=2, reps=steps, min_reps=steps).items()}
     samples: Dict[str, List[Dict[str, Tuple[float, int]]]] = {name: [] for name in fns}
     profs = {}
@@ -338,6 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "that the harness runs (seconds)")
     mode.add_argument("--correctness", action="store_true", help="equal outputs on equal weights, tiny sizes")
     mode.add_argument("--profile", action="store_true", help="profile both layers on one point")
+    mode.add_argument("--faults", action="store_true", help="page faults per step and per operator on one point "
+                      "(--point)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on CPU (default 1: on a shared machine a multi-threaded region stalls "
@@ -352,7 +341,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "freed memory, so no step page-faults its buffers back in); default: glibc as it comes")
     parser.add_argument("--max-layer-gb", type=float, default=2.5,
                         help="--full skips points whose expert weights + gradients exceed this (default 2.5)")
-    parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's point: k,cf,E,M,dtype")
+    parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's and --faults' point: "
+                        "k,cf,E,M,dtype")
     parser.add_argument("--tag", default="", help="output name under benchmarks/results (default: layer_<mode>)")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--redraw", metavar="JSON", help="rewrite the markdown and PNG of a saved result")
@@ -390,6 +380,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.write(text + "\n")
         return 0
 
+    if args.faults:
+        from benchmarks.page_faults import report
+        k, cf, E, M, dtype = args.point.split(",")
+        print(f"malloc: {allocator.describe()}")
+        print(report(_point(int(k), float(cf), int(E), int(M), dtype)))
+        return 0
     if args.full:
         grid = full_grid(int(args.max_layer_gb * (1 << 30)))
     elif args.smoke:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import nn
@@ -145,3 +145,28 @@ def layer_step(layer: nn.Module, x_SM: torch.Tensor, dy_SM: torch.Tensor,
     y_SM, l_aux, _ = layer(x_SM)
     torch.autograd.backward((y_SM, l_aux), (dy_SM, torch.full_like(l_aux, aux_weight)))
     return y_SM.detach(), l_aux.detach(), x_SM.grad
+
+
+@dataclass
+class TimedSteps:
+    """What a timing run of one point needs: a step function per implementation (ours, deepspeed, floor), the
+    routing ours made on the point's tokens, and the floor's work (built from that routing)."""
+
+    fns: Dict[str, Callable[[], object]]
+    routing: object
+    work: object
+
+
+def timed_steps(point: Point, device: torch.device) -> TimedSteps:
+    """Both layers on identical (shared) weights and the expert-FFN floor on exactly the tokens ours kept."""
+    from benchmarks.floors import expert_work, floor_step
+    layers = build_layers(point, device)
+    ours, reference = layers["ours"], layers["deepspeed"]
+    x_SM, dy_SM = make_inputs(point, device)
+    layer_step(ours, x_SM, dy_SM)  # routing for the floor (the same set DeepSpeed's layer keeps)
+    routing = ours.deepspeed_moe.last_routing
+    work = expert_work(list(ours.deepspeed_moe.experts.deepspeed_experts), routing, x_SM, dy_SM)
+    return TimedSteps(fns={"ours": lambda: layer_step(ours, x_SM, dy_SM),
+                           "deepspeed": lambda: layer_step(reference, x_SM, dy_SM),
+                           "floor": lambda: floor_step(work)},
+                      routing=routing, work=work)

@@ -149,3 +149,20 @@ def test_steady_allocator_run_applies_the_malloc_settings_to_every_point(tmp_pat
     assert [row["malloc"] for row in doc["rows"]] == [steady] * len(bench_layer.smoke_grid().points)
     assert all(row["pid"] != os.getpid() for row in doc["rows"])
     assert f"malloc: {steady}" in (tmp_path / "layer_smoke.md").read_text()
+
+
+def test_page_fault_report_counts_steps_and_operators():
+    """--faults: per-step fault counts for every implementation, interleaved and alone, and the operators of
+    ours, each block in a fresh process; a step that allocates tensors touches pages, so some count is positive."""
+    from benchmarks import page_faults
+    point = Point(1, 1.0, 4, model_dim=64, tokens=256)
+    steps = page_faults.fault_steps(point, steps=2, warmup=1)
+    assert set(steps) == {"ours", "deepspeed", "floor"}
+    assert all(len(samples) == 2 and all(s > 0 and f >= 0 for s, f in samples) for samples in steps.values())
+    assert set(page_faults.fault_steps(point, steps=1, warmup=0, only="floor")) == {"floor"}
+    ops = page_faults.faults_by_operator(point, rounds=1, warmup=0)
+    calls = {op: n for op, _, _, n in ops}
+    assert calls.get("aten.index_select", 0) > 0 and calls.get("aten.addmm", 0) > 0  # the gather and the experts
+    assert sum(f for _, f, _, _ in ops) >= 0 and ops == sorted(ops, key=lambda r: (-r[1], -r[2]))
+    text = page_faults.report(point, steps=2)
+    assert text.count("ours ") >= 2 and "deepspeed" in text and "floor" in text and "aten." in text
