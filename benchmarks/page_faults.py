@@ -5,8 +5,8 @@ memory back to the kernel when enough of it lies at the top of the heap, so a st
 large tensors can fault them in again every time (docs/BENCHMARKS.md, "Page faults and the allocator").
 
 `fault_steps` runs the implementations of one point the way the timing does (interleaved, shared expert
-weights) and reports each step's time and minor-fault count; `alone=True` runs each implementation by itself
-instead, as a training job would. `faults_by_operator` counts, over several interleaved rounds, the faults and
+weights) and reports each step's time and minor-fault count; `only="ours"` (or another name) runs that
+implementation by itself instead, as a training job would. `faults_by_operator` counts, over several interleaved rounds, the faults and
 time inside every aten operator of one implementation (a TorchDispatchMode reads getrusage before and after
 each call). `report` runs each of these in a fresh process (benchmarks/fresh_process.py), since the heap a
 process inherits from earlier work decides where the faults fall.
@@ -90,9 +90,9 @@ def faults_by_operator(point: Point, implementation: str = "ours", rounds: int =
     return sorted(rows, key=lambda row: (-row[1], -row[2]))
 
 
-def _in_child(function: str, point_fields: Dict, threads: int, *args):
+def _in_child(function: Callable, point_fields: Dict, threads: int, *args):
     torch.set_num_threads(threads)
-    return globals()[function](Point(**point_fields), *args)
+    return function(Point(**point_fields), *args)
 
 
 def report(point: Point, steps: int = 6, top: int = 10) -> str:
@@ -105,20 +105,20 @@ def report(point: Point, steps: int = 6, top: int = 10) -> str:
     processes = FreshProcesses()
     threads = torch.get_num_threads()
 
-    def child(function: str, *args):
+    def child(function: Callable, *args):
         return processes.call(page_faults._in_child, function, asdict(point), threads, *args,
-                              what=f"{function} of {point.key}")
+                              what=f"{function.__name__} of {point.key}")
 
     def step_line(name: str, samples: List[Tuple[float, int]]) -> str:
         return f"  {name:<10} " + "  ".join(f"{1e3 * s:.1f} ms/{f}" for s, f in samples)
 
     lines = [f"page faults of {point.key}: step time / minor faults, {steps} steps after warm-up, {threads} torch "
              "thread(s), a fresh process for each block", "interleaved as timed (ours, deepspeed, floor):"]
-    lines += [step_line(name, samples) for name, samples in child("fault_steps", steps).items()]
+    lines += [step_line(name, samples) for name, samples in child(page_faults.fault_steps, steps).items()]
     lines.append("each implementation alone, in a process of its own:")
     for name in ("ours", "deepspeed", "floor"):
-        lines += [step_line(n, samples) for n, samples in child("fault_steps", steps, 2, name).items()]
+        lines += [step_line(n, samples) for n, samples in child(page_faults.fault_steps, steps, 2, name).items()]
     lines.append("operators of ours over 4 interleaved rounds, most faults first (faults, ms, calls):")
-    for op, faults, seconds, calls in child("faults_by_operator")[:top]:
+    for op, faults, seconds, calls in child(page_faults.faults_by_operator)[:top]:
         lines.append(f"  {op:<28} {faults:>7} {1e3 * seconds:>8.2f} {calls:>5}")
     return "\n".join(lines)

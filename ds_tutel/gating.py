@@ -253,15 +253,15 @@ class Gate(nn.Module):
         """fp32 router logits [S, E], whatever the model dtype or an enclosing autocast."""
         opts = self.options
         with torch.autocast(device_type=x_SM.device.type, enabled=False):
-            if self.training and (opts.input_dropout > 0 or opts.input_jitter > 0
-                                  or self.noisy_gate_policy == "Jitter"):
-                x_SM = x_SM.float()
+            # Input noise works on an fp32 copy (.float() is free once the copy exists); without noise the tokens
+            # go to router_linear as they are, which keeps no fp32 copy for the backward.
+            if self.training:
                 if opts.input_dropout > 0:
-                    x_SM = F.dropout(x_SM, p=opts.input_dropout, training=True)
+                    x_SM = F.dropout(x_SM.float(), p=opts.input_dropout, training=True)
                 if opts.input_jitter > 0:
-                    x_SM = noise.multiplicative_jitter(x_SM, opts.input_jitter)
+                    x_SM = noise.multiplicative_jitter(x_SM.float(), opts.input_jitter)
                 if self.noisy_gate_policy == "Jitter":
-                    x_SM = noise.multiplicative_jitter(x_SM)
+                    x_SM = noise.multiplicative_jitter(x_SM.float())
             return router_linear(x_SM, self.wg.weight.float())
 
     def forward(self, x_SM: torch.Tensor, used_token_S: Optional[torch.Tensor] = None,
