@@ -67,6 +67,7 @@ class Grid:
     warmup: int = 2
     reps: int = 5
     budget_s: float = 6.0  # per point, after the first 5 timed rounds
+    tokens: str = "fresh"  # a new batch every round ("fresh", as in training) or one batch throughout ("fixed")
 
 
 def _point(k: int, cf: float, E: int, M: int, dtype: str = "fp32", tokens: Optional[int] = None) -> Point:
@@ -112,15 +113,15 @@ def correctness_points() -> List[Point]:
 
 def measure_point(point: Point, device: torch.device, grid: Grid, bandwidth_Bps: float) -> Dict:
     """Interleaved median step times of both layers and the expert-FFN floor, plus the bytes floor."""
-    steps = timed_steps(point, device)
-    routing, work = steps.routing, steps.work
+    steps = timed_steps(point, device, tokens=grid.tokens)
     times = interleaved(steps.fns, device, warmup=grid.warmup, reps=grid.reps, budget_s=grid.budget_s,
-                        min_reps=min(5, grid.reps))
+                        min_reps=min(5, grid.reps), prepare=steps.prepare)
     med = {name: median(t) for name, t in times.items()}
-    bytes_floor_s = dispatch_bytes(work.kept_choices, point.model_dim, point.torch_dtype) / bandwidth_Bps
+    kept_choices = int(median(steps.kept_choices))
+    bytes_floor_s = dispatch_bytes(kept_choices, point.model_dim, point.torch_dtype) / bandwidth_Bps
     floor_plus_bytes = [f + bytes_floor_s for f in times["floor"]]
-    return {"key": point.key, "point": asdict(point), "capacity": routing.capacity,
-            "kept_choices": work.kept_choices, "times_s": times, "median_s": med, "bytes_floor_s": bytes_floor_s,
+    return {"key": point.key, "point": asdict(point), "capacity": steps.routing.capacity, "tokens": grid.tokens,
+            "kept_choices": kept_choices, "times_s": times, "median_s": med, "bytes_floor_s": bytes_floor_s,
             "ours_over_deepspeed": paired_ratio(times["ours"], times["deepspeed"]),
             "ours_over_deepspeed_quartiles": ratio_quartiles(times["ours"], times["deepspeed"]),
             "ours_over_floor": paired_ratio(times["ours"], times["floor"]),
@@ -238,7 +239,7 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_pr
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     processes = None if same_process else FreshProcesses()
     from benchmarks import bench_layer  # this file under its module name, which a child can import
-    timing = {"warmup": grid.warmup, "reps": grid.reps, "budget_s": grid.budget_s}
+    timing = {"warmup": grid.warmup, "reps": grid.reps, "budget_s": grid.budget_s, "tokens": grid.tokens}
     rows = []
     for i, point in enumerate(grid.points):
         if processes is None:
@@ -253,7 +254,7 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_pr
             f"{1e3 * row['bytes_floor_s']:.2f} ms | ours/ds {row['ours_over_deepspeed']:.3f} ours/floor "
             f"{row['ours_over_floor']:.3f} ds/floor {row['deepspeed_over_floor']:.3f}")
     doc = {"environment": environment(device, torch.get_num_threads()), "copy_bandwidth_Bps": bandwidth,
-           "same_process": same_process,
+           "same_process": same_process, "tokens": grid.tokens,
            "rows": rows, "geomean_ours_over_deepspeed": geomean([r["ours_over_deepspeed"] for r in rows])}
     if memory and grid.memory_points:
         from benchmarks.memory import peak_memory
@@ -336,6 +337,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-multirank", action="store_true", help="skip the expert-parallel runs")
     parser.add_argument("--same-process", action="store_true",
                         help="time every point in this process (default: a fresh process per point)")
+    parser.add_argument("--fixed-tokens", action="store_true",
+                        help="one batch of tokens for every step (default: a new batch every round, as in training, "
+                             "so per-expert row counts change from step to step)")
     parser.add_argument("--allocator", choices=["default", "steady"], default="default",
                         help="steady: run everything with benchmarks/allocator.py's STEADY_MALLOC_ENV (glibc keeps "
                              "freed memory, so no step page-faults its buffers back in); default: glibc as it comes")
@@ -394,6 +398,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         grid = quick_grid()
     if args.reps:
         grid.reps = args.reps
+    if args.fixed_tokens:
+        grid.tokens = "fixed"
     doc = run(grid, device, memory=not args.no_memory, multirank=not args.no_multirank,
               same_process=args.same_process)
     doc["mode"] = "full" if args.full else "smoke" if args.smoke else "quick"

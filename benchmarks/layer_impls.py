@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -147,26 +147,61 @@ def layer_step(layer: nn.Module, x_SM: torch.Tensor, dy_SM: torch.Tensor,
     return y_SM.detach(), l_aux.detach(), x_SM.grad
 
 
+TOKENS = ("fresh", "fixed")
+
+
 @dataclass
 class TimedSteps:
-    """What a timing run of one point needs: a step function per implementation (ours, deepspeed, floor), the
-    routing ours made on the point's tokens, and the floor's work (built from that routing)."""
+    """What a timing run of one point needs: a step function per implementation (ours, deepspeed, floor, in
+    that order), the untimed preparation each needs before its step, the routing ours made on the first batch,
+    and the floor's work (built from ours' routing of the batch it steps on)."""
 
     fns: Dict[str, Callable[[], object]]
+    prepare: Dict[str, Callable[[], None]]
     routing: object
     work: object
+    kept_choices: List[int] = field(default_factory=list)  # the floor's kept choices, one per prepared batch
 
 
-def timed_steps(point: Point, device: torch.device) -> TimedSteps:
-    """Both layers on identical (shared) weights and the expert-FFN floor on exactly the tokens ours kept."""
+def fresh_batch(point: Point, device: torch.device, index: int) -> torch.Tensor:
+    """Batch number `index` of a point's token stream (deterministic, distinct from make_inputs' tokens)."""
+    gen = torch.Generator().manual_seed(1_000_003 + index)
+    return torch.randn(point.tokens, point.model_dim, generator=gen).to(device, point.torch_dtype)
+
+
+def timed_steps(point: Point, device: torch.device, tokens: str = "fixed") -> TimedSteps:
+    """Both layers on identical (shared) weights and the expert-FFN floor on exactly the tokens ours kept.
+
+    tokens="fixed": every step sees the same batch, so every step routes alike and repeats the same per-expert
+    row counts. tokens="fresh": each round (ours, deepspeed, floor) gets a new batch, as training steps do;
+    the row counts change from step to step, and anything a layer pays per new shape shows in its time.
+    """
     from benchmarks.floors import expert_work, floor_step
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens must be one of {TOKENS}, got {tokens!r}")
     layers = build_layers(point, device)
     ours, reference = layers["ours"], layers["deepspeed"]
+    experts = list(ours.deepspeed_moe.experts.deepspeed_experts)
     x_SM, dy_SM = make_inputs(point, device)
     layer_step(ours, x_SM, dy_SM)  # routing for the floor (the same set DeepSpeed's layer keeps)
     routing = ours.deepspeed_moe.last_routing
-    work = expert_work(list(ours.deepspeed_moe.experts.deepspeed_experts), routing, x_SM, dy_SM)
-    return TimedSteps(fns={"ours": lambda: layer_step(ours, x_SM, dy_SM),
-                           "deepspeed": lambda: layer_step(reference, x_SM, dy_SM),
-                           "floor": lambda: floor_step(work)},
-                      routing=routing, work=work)
+    work = expert_work(experts, routing, x_SM, dy_SM)
+    state = {"x_SM": x_SM, "work": work, "batches": 0}
+    steps = TimedSteps(fns={"ours": lambda: layer_step(ours, state["x_SM"], dy_SM),
+                            "deepspeed": lambda: layer_step(reference, state["x_SM"], dy_SM),
+                            "floor": lambda: floor_step(state["work"])},
+                       prepare={}, routing=routing, work=work, kept_choices=[work.kept_choices])
+    if tokens == "fresh":
+        def next_batch() -> None:
+            state["batches"] += 1
+            state["x_SM"] = fresh_batch(point, device, state["batches"])
+
+        def floor_work() -> None:  # ours stepped on this round's batch first: the floor takes its routing
+            state["work"] = expert_work(experts, ours.deepspeed_moe.last_routing, state["x_SM"], dy_SM)
+            steps.kept_choices.append(state["work"].kept_choices)
+            # One untimed step first: the floor is the FFNs' arithmetic alone, so it pays no first-use cost of
+            # a new shape (CPU bf16 matmul primitives); ours and DeepSpeed's layers pay theirs in their time.
+            floor_step(state["work"])
+
+        steps.prepare = {"ours": next_batch, "floor": floor_work}
+    return steps

@@ -48,6 +48,14 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.1f}"
 
 
+TOKENS_NOTE = {
+    "fresh": "Tokens: a new batch every round (all three timed on the same batch), as in training: routing and "
+             "per-expert row counts change from step to step.",
+    "fixed": "Tokens: one batch for every step (--fixed-tokens): every step repeats the same routing and row "
+             "counts, so per-shape costs (CPU bf16 matmul primitives) are paid once, in warm-up.",
+}
+
+
 def markdown(doc: Dict, title: str) -> str:
     env = doc["environment"]
     rows = doc["rows"]
@@ -56,8 +64,10 @@ def markdown(doc: Dict, title: str) -> str:
     lines = [f"### {title}", "",
              f"{env['date']}; {env['device']}; {env['processor']}, {env['cpu_count']} cores, "
              f"{env['torch_threads']} torch threads; torch {env['torch']}, deepspeed {env['deepspeed']}, "
-             f"Python {env['python']}; ds_tutel at {env.get('ds_tutel_revision')}; malloc: {env.get('malloc', 'not recorded')}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
+             f"Python {env['python']}; ds_tutel at {env.get('ds_tutel_revision')}; "
+             f"malloc: {env.get('malloc', 'not recorded')}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
              f"other MoE libraries: {others}.", "",
+             TOKENS_NOTE[doc.get("tokens", "fixed")], "",
              "Forward+backward, interleaved runs: times are medians, ratios the median of per-round ratios "
              "(both timed in the same round), IQR their quartiles (a wide one = a noisy point). S tokens, "
              "C capacity, "

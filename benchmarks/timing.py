@@ -27,18 +27,25 @@ def _time_once(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def interleaved(fns: Dict[str, Callable[[], None]], device: torch.device, warmup: int = 2, reps: int = 5,
-                budget_s: Optional[float] = None, min_reps: int = 5) -> Dict[str, List[float]]:
+                budget_s: Optional[float] = None, min_reps: int = 5,
+                prepare: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, List[float]]:
     """Seconds per call of each candidate: `warmup` untimed rounds, then up to `reps` timed rounds.
 
+    prepare[name], when given, runs untimed just before each call of fns[name] (a new batch, say).
     budget_s ends the timed rounds early (never before `min_reps` rounds) once that much time has gone by.
     """
+    prepare = prepare or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            if name in prepare:
+                prepare[name]()
             fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
     started = time.perf_counter()
     for i in range(reps):
         for name, fn in fns.items():
+            if name in prepare:
+                prepare[name]()
             times[name].append(_time_once(fn, device))
         if budget_s is not None and i + 1 >= min_reps and time.perf_counter() - started > budget_s:
             break

@@ -14,12 +14,13 @@ J kept choices.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
 from .routing import Routing
+from .row_buckets import bucket
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,17 +98,30 @@ def decode(buf_ECM: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 @dataclass
 class GroupedPlan:
-    """Which tokens each expert gets (token_J, expert after expert), their gates, and rows per expert."""
+    """Which tokens each expert gets (token_J, expert after expert), their gates, rows per expert, and the rows
+    each expert runs on (expert_rows: its rows, or more where row_buckets pads them; token_P then lists the
+    tokens of that padded layout, pad rows pointing at token 0 and zeroed after the gather)."""
 
     token_J: torch.Tensor
     gates_J: torch.Tensor
     rows_per_expert: List[int]
     num_tokens: int
     single_choice: bool  # at most one kept choice per token (k=1)
+    expert_rows: List[int] = field(default_factory=list)
+    token_P: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if not self.expert_rows:
+            self.expert_rows = list(self.rows_per_expert)
+        if self.token_P is None:
+            self.token_P = self.token_J
 
 
-def grouped_plan(routing: Routing) -> GroupedPlan:
-    """Orders the kept choices expert after expert (slot order inside an expert) without sorting."""
+def grouped_plan(routing: Routing, bucket_rows: bool = False) -> GroupedPlan:
+    """Orders the kept choices expert after expert (slot order inside an expert) without sorting.
+
+    bucket_rows: each expert runs on its row count rounded up by row_buckets (see there for when and why).
+    """
     S, K = routing.indices_SK.shape
     choice_J = routing.kept_SK.reshape(-1).nonzero().squeeze(1)  # kept choices in (token, choice) order
     expert_J = routing.indices_SK.reshape(-1).index_select(0, choice_J)
@@ -117,10 +131,25 @@ def grouped_plan(routing: Routing) -> GroupedPlan:
     # row_J is a permutation of 0..J-1: invert it to list the choices in row order.
     choice_in_row_J = torch.empty_like(choice_J)
     choice_in_row_J[row_J] = choice_J
-    return GroupedPlan(token_J=torch.div(choice_in_row_J, K, rounding_mode="floor"),
-                       gates_J=routing.gates_SK.reshape(-1).index_select(0, choice_in_row_J),
-                       rows_per_expert=kept_E.tolist(), num_tokens=S,
-                       single_choice=K == 1)
+    token_J = torch.div(choice_in_row_J, K, rounding_mode="floor")
+    rows = kept_E.tolist()
+    plan = GroupedPlan(token_J=token_J, gates_J=routing.gates_SK.reshape(-1).index_select(0, choice_in_row_J),
+                       rows_per_expert=rows, num_tokens=S, single_choice=K == 1)
+    if bucket_rows:
+        plan.expert_rows = [bucket(n) for n in rows]
+        if plan.expert_rows != rows:
+            plan.token_P = _padded_tokens(token_J, rows, plan.expert_rows)
+    return plan
+
+
+def _padded_tokens(token_J: torch.Tensor, rows: List[int], expert_rows: List[int]) -> torch.Tensor:
+    """token_J laid out with each expert's segment grown from rows[e] to expert_rows[e] (pad entries: 0)."""
+    token_P = token_J.new_zeros(sum(expert_rows))
+    src = dst = 0
+    for n, p in zip(rows, expert_rows):
+        token_P[dst:dst + n] = token_J[src:src + n]
+        src, dst = src + n, dst + p
+    return token_P
 
 
 def _split_by_expert(tensor_J: torch.Tensor, rows_per_expert: List[int]) -> Tuple[torch.Tensor, ...]:
@@ -128,27 +157,33 @@ def _split_by_expert(tensor_J: torch.Tensor, rows_per_expert: List[int]) -> Tupl
 
 
 class _GatherPerExpert(torch.autograd.Function):
-    """x_SM -> one [n_e, M] view per expert of a single gathered [J, M]; backward adds each expert's gradient
-    rows back at its tokens, straight from that expert's gradient (no [J, M] concatenation).
+    """x_SM -> one [p_e, M] view per expert of a single gathered buffer: its n_e tokens, then p_e - n_e zero pad
+    rows (none unless the plan buckets rows). Backward adds each expert's first n_e gradient rows back at its
+    tokens, straight from that expert's gradient (no concatenation).
 
     The gathered rows live until the experts' backward; one buffer for them kept the first step's peak memory
     lower than one buffer per expert (measured, E=64), at the same speed.
     """
 
     @staticmethod
-    def forward(ctx: Any, x_SM: torch.Tensor, token_J: torch.Tensor, rows_per_expert: List[int]):
+    def forward(ctx: Any, x_SM: torch.Tensor, token_J: torch.Tensor, token_P: torch.Tensor, rows: List[int],
+                expert_rows: List[int]):
         ctx.save_for_backward(token_J)
-        ctx.rows = rows_per_expert
+        ctx.rows = rows
         ctx.num_tokens = x_SM.shape[0]
-        return _split_by_expert(x_SM.index_select(0, token_J), rows_per_expert)
+        inputs_pM = _split_by_expert(x_SM.index_select(0, token_P), expert_rows)
+        for x_pM, n, p in zip(inputs_pM, rows, expert_rows):
+            if p > n:
+                x_pM[n:].zero_()
+        return inputs_pM
 
     @staticmethod
-    def backward(ctx: Any, *grads_nM: torch.Tensor):
+    def backward(ctx: Any, *grads_pM: torch.Tensor):
         (token_J,) = ctx.saved_tensors
-        grad_SM = grads_nM[0].new_zeros(ctx.num_tokens, grads_nM[0].shape[1])
-        for token_n, grad_nM in zip(_split_by_expert(token_J, ctx.rows), grads_nM):
-            grad_SM.index_add_(0, token_n, grad_nM)
-        return grad_SM, None, None
+        grad_SM = grads_pM[0].new_zeros(ctx.num_tokens, grads_pM[0].shape[1])
+        for token_n, grad_pM in zip(_split_by_expert(token_J, ctx.rows), grads_pM):
+            grad_SM.index_add_(0, token_n, grad_pM[:token_n.shape[0]])
+        return grad_SM, None, None, None, None
 
 
 class _CombinePerExpert(torch.autograd.Function):
@@ -158,21 +193,22 @@ class _CombinePerExpert(torch.autograd.Function):
     after expert, rows in slot order), so results are deterministic. Products are formed in fp32 straight from
     half-precision outputs (type promotion, no converted copy). When every token has at most one kept choice
     (k=1), its output is that one product rounded once, which an fp32 accumulator would give too: half-precision
-    outputs are then written in place, without an [S, M] fp32 buffer.
+    outputs are then written in place, without an [S, M] fp32 buffer. Only the first rows[e] rows of expert e's
+    output are read; its pad rows (bucketed plans) get a zero gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, token_J: torch.Tensor, gates_J: torch.Tensor, num_tokens: int, single_choice: bool,
-                *outs_nM: torch.Tensor):
-        ctx.save_for_backward(token_J, gates_J, *outs_nM)
-        ctx.rows = [o.shape[0] for o in outs_nM]
-        dtype = outs_nM[0].dtype
+                rows: List[int], *outs_pM: torch.Tensor):
+        ctx.save_for_backward(token_J, gates_J, *outs_pM)
+        ctx.rows = rows
+        dtype = outs_pM[0].dtype
         acc = accumulation_dtype(dtype)
         write_once = single_choice and acc != dtype
-        y_SM = outs_nM[0].new_zeros(num_tokens, outs_nM[0].shape[1], dtype=dtype if write_once else acc)
-        for out_nM, gates_n, token_n in zip(outs_nM, _split_by_expert(gates_J, ctx.rows),
-                                            _split_by_expert(token_J, ctx.rows)):
-            weighted_nM = out_nM * gates_n.to(acc).unsqueeze(1)
+        y_SM = outs_pM[0].new_zeros(num_tokens, outs_pM[0].shape[1], dtype=dtype if write_once else acc)
+        for out_pM, gates_n, token_n in zip(outs_pM, _split_by_expert(gates_J, rows),
+                                            _split_by_expert(token_J, rows)):
+            weighted_nM = out_pM[:token_n.shape[0]] * gates_n.to(acc).unsqueeze(1)
             if write_once:
                 y_SM.index_copy_(0, token_n, weighted_nM.to(dtype))
             else:
@@ -181,22 +217,31 @@ class _CombinePerExpert(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_SM: torch.Tensor):
-        token_J, gates_J, *outs_nM = ctx.saved_tensors
+        token_J, gates_J, *outs_pM = ctx.saved_tensors
         acc = accumulation_dtype(grad_SM.dtype)
-        grad_gates_n, grad_outs_nM = [], []
-        for out_nM, gates_n, token_n in zip(outs_nM, _split_by_expert(gates_J, ctx.rows),
+        grad_gates_n, grad_outs_pM = [], []
+        for out_pM, gates_n, token_n in zip(outs_pM, _split_by_expert(gates_J, ctx.rows),
                                             _split_by_expert(token_J, ctx.rows)):
+            n = token_n.shape[0]
             grad_nM = grad_SM.index_select(0, token_n).to(acc)
-            grad_gates_n.append((grad_nM * out_nM).sum(dim=1))
-            grad_outs_nM.append(grad_nM.mul_(gates_n.unsqueeze(1)).to(grad_SM.dtype))
-        return (None, torch.cat(grad_gates_n).to(gates_J.dtype), None, None, *grad_outs_nM)
+            grad_gates_n.append((grad_nM * out_pM[:n]).sum(dim=1))
+            grad_nM.mul_(gates_n.unsqueeze(1))
+            if out_pM.shape[0] == n:
+                grad_outs_pM.append(grad_nM.to(grad_SM.dtype))
+            else:
+                grad_pM = grad_SM.new_empty(out_pM.shape)
+                grad_pM[:n] = grad_nM
+                grad_pM[n:] = 0
+                grad_outs_pM.append(grad_pM)
+        return (None, torch.cat(grad_gates_n).to(gates_J.dtype), None, None, None, *grad_outs_pM)
 
 
 def grouped_encode(x_SM: torch.Tensor, plan: GroupedPlan) -> Tuple[torch.Tensor, ...]:
     """Each expert's input [n_e, M]: the tokens of its kept choices, in slot order."""
-    return _GatherPerExpert.apply(x_SM, plan.token_J, plan.rows_per_expert)
+    return _GatherPerExpert.apply(x_SM, plan.token_J, plan.token_P, plan.rows_per_expert, plan.expert_rows)
 
 
 def grouped_decode(outs_nM: Sequence[torch.Tensor], plan: GroupedPlan) -> torch.Tensor:
     """y_SM = sum over a token's kept choices of gate * expert output, accumulated in fp32."""
-    return _CombinePerExpert.apply(plan.token_J, plan.gates_J, plan.num_tokens, plan.single_choice, *outs_nM)
+    return _CombinePerExpert.apply(plan.token_J, plan.gates_J, plan.num_tokens, plan.single_choice,
+                                   plan.rows_per_expert, *outs_nM)

@@ -13,6 +13,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from .row_buckets import expert_rows
+
 
 def mark_expert_params(module: nn.Module, group_name: str) -> None:
     """Marks parameters as expert-parallel: reduced over the expert-data-parallel group, not the data group."""
@@ -53,50 +55,68 @@ class Experts(nn.Module):
 
     def forward_filled(self, buf_WLCM: torch.Tensor, filled_WL: Sequence[Sequence[int]]) -> torch.Tensor:
         """Like forward, but each expert runs only on the filled slots: filled_WL[w][l] rows of buf_WLCM[w, l]
-        (filled slots are a prefix of each buffer). Outputs of empty slots are zero and never read."""
-        inputs_nM = _PackFilled.apply(buf_WLCM, filled_WL)
-        return _UnpackFilled.apply(buf_WLCM.shape, filled_WL, *self.forward_grouped(inputs_nM))
+        (filled slots are a prefix of each buffer), plus zero pad rows where row_buckets rounds the count up.
+        Outputs of empty slots are zero and never read."""
+        rows_L = [sum(_rows_of(filled_WL, l)) for l in range(buf_WLCM.shape[1])]
+        expert_rows_L = expert_rows(rows_L, buf_WLCM.device, buf_WLCM.dtype)
+        inputs_pM = _PackFilled.apply(buf_WLCM, filled_WL, expert_rows_L)
+        return _UnpackFilled.apply(buf_WLCM.shape, filled_WL, *self.forward_grouped(inputs_pM))
 
 
 def _rows_of(filled_WL: Sequence[Sequence[int]], l: int) -> List[int]:
     return [int(filled_L[l]) for filled_L in filled_WL]
 
 
+def _with_pad(parts_nM: List[torch.Tensor], rows: int) -> List[torch.Tensor]:
+    """parts_nM plus a zero block that brings their rows up to `rows`."""
+    pad = rows - sum(part.shape[0] for part in parts_nM)
+    if pad == 0:
+        return parts_nM
+    like = parts_nM[0]
+    return parts_nM + [like.new_zeros(pad, *like.shape[1:])]
+
+
 class _PackFilled(torch.autograd.Function):
-    """buf_WLCM -> per local expert l, the filled rows of every source rank w, stacked: [sum_w n_wl, M]."""
+    """buf_WLCM -> per local expert l, the filled rows of every source rank w, stacked, then zero pad rows up
+    to expert_rows_L[l]: [expert_rows_L[l], M]."""
 
     @staticmethod
-    def forward(ctx, buf_WLCM: torch.Tensor, filled_WL: Sequence[Sequence[int]]):
+    def forward(ctx, buf_WLCM: torch.Tensor, filled_WL: Sequence[Sequence[int]], expert_rows_L: List[int]):
         ctx.shape = buf_WLCM.shape
         ctx.filled_WL = filled_WL
         W, L = buf_WLCM.shape[:2]
-        return tuple(torch.cat([buf_WLCM[w, l, :n] for w, n in enumerate(_rows_of(filled_WL, l))])
+        return tuple(torch.cat(_with_pad([buf_WLCM[w, l, :n] for w, n in enumerate(_rows_of(filled_WL, l))],
+                                         expert_rows_L[l]))
                      for l in range(L))
 
     @staticmethod
-    def backward(ctx, *grads_nM: torch.Tensor):
-        grad_WLCM = grads_nM[0].new_zeros(ctx.shape)
-        for l, grad_nM in enumerate(grads_nM):
-            for w, part_nM in enumerate(torch.split(grad_nM, _rows_of(ctx.filled_WL, l))):
+    def backward(ctx, *grads_pM: torch.Tensor):
+        grad_WLCM = grads_pM[0].new_zeros(ctx.shape)
+        for l, grad_pM in enumerate(grads_pM):
+            rows = _rows_of(ctx.filled_WL, l)
+            for w, part_nM in enumerate(torch.split(grad_pM[:sum(rows)], rows)):
                 grad_WLCM[w, l, :part_nM.shape[0]] = part_nM
-        return grad_WLCM, None
+        return grad_WLCM, None, None
 
 
 class _UnpackFilled(torch.autograd.Function):
-    """The inverse of _PackFilled: per-expert outputs back into a zero buffer [W, L, C, M]."""
+    """The inverse of _PackFilled: per-expert outputs (pad rows dropped) back into a zero buffer [W, L, C, M]."""
 
     @staticmethod
-    def forward(ctx, shape: torch.Size, filled_WL: Sequence[Sequence[int]], *outs_nM: torch.Tensor):
+    def forward(ctx, shape: torch.Size, filled_WL: Sequence[Sequence[int]], *outs_pM: torch.Tensor):
         ctx.filled_WL = filled_WL
-        out_WLCM = outs_nM[0].new_zeros(shape)
-        for l, out_nM in enumerate(outs_nM):
-            for w, part_nM in enumerate(torch.split(out_nM, _rows_of(filled_WL, l))):
+        ctx.expert_rows_L = [out_pM.shape[0] for out_pM in outs_pM]
+        out_WLCM = outs_pM[0].new_zeros(shape)
+        for l, out_pM in enumerate(outs_pM):
+            rows = _rows_of(filled_WL, l)
+            for w, part_nM in enumerate(torch.split(out_pM[:sum(rows)], rows)):
                 out_WLCM[w, l, :part_nM.shape[0]] = part_nM
         return out_WLCM
 
     @staticmethod
     def backward(ctx, grad_WLCM: torch.Tensor):
         L = grad_WLCM.shape[1]
-        grads = tuple(torch.cat([grad_WLCM[w, l, :n] for w, n in enumerate(_rows_of(ctx.filled_WL, l))])
+        grads = tuple(torch.cat(_with_pad([grad_WLCM[w, l, :n] for w, n in enumerate(_rows_of(ctx.filled_WL, l))],
+                                          ctx.expert_rows_L[l]))
                       for l in range(L))
         return (None, None, *grads)

@@ -24,6 +24,7 @@ from .exchange import exchange_and_compute
 from .experts import Experts
 from .gating import NOISY_GATE_POLICIES, Gate
 from .routing import Routing
+from .row_buckets import buckets_needed
 from .stats import RoutingStats, routing_stats
 from .options import RouterOptions
 from .validation import (check_backend, check_capacity_factor, check_constructor, check_exchange,
@@ -77,7 +78,7 @@ class MOELayer(nn.Module):
 
         if self.ep_size == 1 and backend == "torch":
             # No exchange: each expert runs on exactly its kept tokens.
-            plan = grouped_plan(routing)
+            plan = grouped_plan(routing, bucket_rows=buckets_needed(x_SM.device, x_SM.dtype))
             outs_nM = self.experts.forward_grouped(grouped_encode(x_SM, plan))
             y_SM = grouped_decode(outs_nM, plan)
         else:

@@ -6,11 +6,13 @@ import os
 import pytest
 import torch
 
+import ds_tutel
+
 from benchmarks import bench_layer
 from benchmarks.floors import dispatch_bytes, expert_work, floor_output, floor_step, tokens_per_expert
 from benchmarks.layer_impls import Point, build_layers, layer_step, make_inputs
 from benchmarks.layer_report import markdown, targets, write_outputs
-from benchmarks.timing import paired_ratio, ratio_quartiles
+from benchmarks.timing import interleaved, paired_ratio, ratio_quartiles
 
 CPU = torch.device("cpu")
 
@@ -76,6 +78,49 @@ def test_floor_runs_exactly_the_kept_choices():
     y_SM = layer_step(ours, x_SM, dy_SM)[0]
     torch.testing.assert_close(floor_output(list(ours.deepspeed_moe.experts.deepspeed_experts), routing, x_SM), y_SM)
     assert dispatch_bytes(work.kept_choices, 16, torch.float32) == 8 * work.kept_choices * 16 * 4
+
+
+@pytest.mark.parametrize("tokens", ["fresh", "fixed"])
+def test_token_modes_give_both_layers_and_the_floor_the_same_batch_per_round(monkeypatch, tokens):
+    from benchmarks import floors, layer_impls
+    seen = []  # (who, x_SM or the floor's work, ours' routing or None) per call, in call order
+    real_step, real_floor = layer_impls.layer_step, floors.floor_step
+
+    def recording_step(layer, x_SM, dy_SM):
+        result = real_step(layer, x_SM, dy_SM)
+        is_ours = isinstance(layer, ds_tutel.MoE)
+        seen.append(("ours" if is_ours else "deepspeed", x_SM, layer.deepspeed_moe.last_routing if is_ours else None))
+        return result
+
+    def recording_floor(work):
+        seen.append(("floor", work, None))
+        return real_floor(work)
+
+    monkeypatch.setattr(layer_impls, "layer_step", recording_step)
+    monkeypatch.setattr(floors, "floor_step", recording_floor)
+    point = Point(2, 1.0, 4, model_dim=16, tokens=48)
+    steps = layer_impls.timed_steps(point, CPU, tokens=tokens)
+    seen.clear()
+    interleaved(steps.fns, CPU, warmup=0, reps=3, min_reps=3, prepare=steps.prepare)
+    rounds = []
+    for who, x_SM, routing in seen:
+        if who == "ours":
+            rounds.append({"x": x_SM, "routing": routing, "floors": []})
+        elif who == "deepspeed":
+            assert x_SM is rounds[-1]["x"]  # DeepSpeed's layer steps on ours' batch of the round
+        else:
+            rounds[-1]["floors"].append(x_SM)
+    assert len(rounds) == 3
+    for r in rounds:
+        # The floor's work (a warm-up step and the timed one in fresh mode) holds this round's kept tokens.
+        assert len(r["floors"]) == (2 if tokens == "fresh" else 1)
+        expected = [r["x"].index_select(0, t) for t in tokens_per_expert(r["routing"], point.num_experts)]
+        expected = torch.cat([e for e in expected if e.shape[0]])
+        for work in r["floors"]:
+            torch.testing.assert_close(torch.cat([x.detach() for x in work.inputs_nM]), expected, atol=0, rtol=0)
+    distinct = len({r["x"].data_ptr() for r in rounds}) == 3 and not torch.equal(rounds[0]["x"], rounds[1]["x"])
+    assert distinct == (tokens == "fresh")
+    assert len(steps.kept_choices) == (4 if tokens == "fresh" else 1)
 
 
 def test_paired_ratio_takes_the_median_of_per_round_ratios():
