@@ -95,17 +95,21 @@ def markdown(doc: Dict, title: str) -> str:
               "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in targets(doc)]
     if memory:
-        lines += ["", "Peak memory, one process per implementation: peak RSS in MB over a baseline process holding "
-                  "the same inputs (weights, gradients and the step); step = RSS growth during the step alone; "
-                  "live = most tensor bytes alive at once during a step (torch's allocation records), i.e. "
-                  "without allocator and math-library caches:", "",
-                  "| point | ours MB | DS MB | ours/DS | ours step | DS step | ours live | DS live |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Peak memory, one process per implementation, medians of three such processes (range: "
+                  "lowest-highest): peak RSS in MB over a baseline process holding the same inputs, over "
+                  "several steps on new batches (weights, gradients and the steps); step = RSS growth during the "
+                  "steps alone; live = most tensor bytes alive at once during a step (torch's allocation "
+                  "records), i.e. without allocator and math-library caches:", "",
+                  "| point | ours MB | DS MB | ours/DS | ours range | DS range | ours step | DS step | ours live "
+                  "| DS live |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for key, m in memory.items():
             o, d = m["ours"], m["deepspeed"]
             live = (f"{o['live_MB']:.1f} | {d['live_MB']:.1f}" if "live_MB" in o and "live_MB" in d else " | ")
+            ranges = " | ".join(f"{x['layer_MB_range'][0]:.0f}-{x['layer_MB_range'][1]:.0f}"
+                                if "layer_MB_range" in x else "" for x in (o, d))
             lines.append(f"| {key} | {o['layer_MB']:.1f} | {d['layer_MB']:.1f} | {o['layer_MB'] / d['layer_MB']:.3f} "
-                         f"| {o['step_MB']:.1f} | {d['step_MB']:.1f} | {live} |")
+                         f"| {ranges} | {o['step_MB']:.1f} | {d['step_MB']:.1f} | {live} |")
     if doc.get("multirank"):
         lines += ["", "Expert parallel on CPU ranks (gloo, ep_size = ranks, one thread per rank, slowest rank "
                   "per step, tokens per rank):", "", "| ranks | point | ours ms | DS ms | ours/DS | outputs equal |",

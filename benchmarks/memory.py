@@ -1,12 +1,14 @@
-"""Peak memory of one forward+backward per implementation, each measured in a process of its own.
+"""Peak memory of forward+backward steps per implementation, each measured in a process of its own.
 
 Every probe runs in a fresh child of a fork server that has already imported torch, DeepSpeed and ds_tutel
 (so a probe costs a fork, not a 3 s import). A child resets its peak-RSS mark at start (Linux
-/proc/self/clear_refs), builds one layer and the inputs, runs one step and reports its peak resident set; a
-"baseline" child builds the same inputs without any layer. Reported per implementation:
+/proc/self/clear_refs), builds one layer and the inputs, runs STEPS steps, each on a new batch of tokens as a
+training job would (so routing and per-expert row counts change, and whatever a layer keeps per new shape
+accumulates), and reports its peak resident set; a "baseline" child builds the same inputs without any layer.
+Reported per implementation:
 
-  layer_MB = peak(implementation) - peak(baseline): weights, gradients and everything the step allocated;
-  step_MB  = peak during the step - resident size just before it: the step's transient working set;
+  layer_MB = peak(implementation) - peak(baseline): weights, gradients and everything the steps allocated;
+  step_MB  = peak during the steps - resident size just before the first: the steps' transient working set;
   live_MB  = (CPU) the most tensor bytes alive at once during a second step, over those alive before it, from
              torch.profiler's allocation records: what the step itself holds, without what the memory
              allocator or math libraries (oneDNN's per-shape primitive cache, heap fragmentation) add to RSS.
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import sys
 import tempfile
 from dataclasses import asdict
@@ -29,6 +32,8 @@ from benchmarks.fresh_process import FreshProcesses
 from benchmarks.layer_impls import Point
 
 _MB = 1 << 20
+STEPS = 4
+REPEATS = 3  # RSS peaks of identical runs differ by up to about 5 % here: medians of three
 
 
 def _status_kb(field: str) -> Optional[int]:
@@ -58,9 +63,9 @@ def _host_bytes(peak: bool) -> int:
 
 
 def _probe(point: Point, impl: str, device_type: str, threads: int) -> Dict[str, float]:
-    """Runs in the child: build, one step, peak bytes (see the module docstring)."""
+    """Runs in the child: build, STEPS steps on new batches, peak bytes (see the module docstring)."""
     import torch
-    from benchmarks.layer_impls import build_layer, layer_step, make_inputs
+    from benchmarks.layer_impls import build_layer, fresh_batch, layer_step, make_inputs
 
     torch.set_num_threads(threads)
     device = torch.device(device_type)
@@ -80,6 +85,8 @@ def _probe(point: Point, impl: str, device_type: str, threads: int) -> Dict[str,
     before_step = now(peak=False)
     if layer is not None:
         layer_step(layer, x_SM, dy_SM)
+        for i in range(1, STEPS):
+            layer_step(layer, fresh_batch(point, device, i), dy_SM)
     if cuda:
         torch.cuda.synchronize(device)
     out = {"peak_bytes": now(peak=True), "before_step_bytes": before_step}
@@ -120,20 +127,27 @@ def _run_probe(processes: FreshProcesses, point: Point, impl: str, device_type: 
 
 
 def peak_memory(points: Iterable[Point], impls: List[str], device_type: str = "cpu", threads: int = 1,
-                timeout: float = 300.0, log=print) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{point key: {impl: {"layer_MB", "step_MB", "peak_MB"}}}, one child process per (point, impl)."""
+                timeout: float = 300.0, repeats: int = REPEATS, log=print) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{point key: {impl: {"layer_MB", "step_MB", "peak_MB", "live_MB", "layer_MB_range"}}}: medians over
+    `repeats` rounds, each round one child process per implementation and one for the baseline."""
     processes = FreshProcesses()
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for point in points:
-        baseline = _run_probe(processes, point, "baseline", device_type, threads, timeout)
-        row: Dict[str, Dict[str, float]] = {}
-        for impl in impls:
-            probe = _run_probe(processes, point, impl, device_type, threads, timeout)
-            row[impl] = {"layer_MB": (probe["peak_bytes"] - baseline["peak_bytes"]) / _MB,
-                         "step_MB": (probe["peak_bytes"] - probe["before_step_bytes"]) / _MB,
-                         "peak_MB": probe["peak_bytes"] / _MB}
-            if "live_bytes" in probe:
-                row[impl]["live_MB"] = probe["live_bytes"] / _MB
+        samples: Dict[str, List[Dict[str, float]]] = {impl: [] for impl in impls}
+        for _ in range(repeats):
+            baseline = _run_probe(processes, point, "baseline", device_type, threads, timeout)
+            for impl in impls:
+                probe = _run_probe(processes, point, impl, device_type, threads, timeout)
+                sample = {"layer_MB": (probe["peak_bytes"] - baseline["peak_bytes"]) / _MB,
+                          "step_MB": (probe["peak_bytes"] - probe["before_step_bytes"]) / _MB,
+                          "peak_MB": probe["peak_bytes"] / _MB}
+                if "live_bytes" in probe:
+                    sample["live_MB"] = probe["live_bytes"] / _MB
+                samples[impl].append(sample)
+        row = {impl: {field: statistics.median(s[field] for s in runs) for field in runs[0]}
+               for impl, runs in samples.items()}
+        for impl, runs in samples.items():
+            row[impl]["layer_MB_range"] = [min(s["layer_MB"] for s in runs), max(s["layer_MB"] for s in runs)]
         results[point.key] = row
         log(f"memory {point.key}: " + ", ".join(f"{i} {row[i]['layer_MB']:.1f} MB" for i in impls))
     return results

@@ -168,13 +168,15 @@ def test_memory_probes_run_in_their_own_processes():
     """A baseline child and one child per implementation; the step's live peak includes the expert gradients."""
     from benchmarks.memory import peak_memory
     point = Point(2, 1.0, 4, model_dim=128, tokens=64)
-    result = peak_memory([point], ["ours", "deepspeed"], log=lambda *_: None)
+    result = peak_memory([point], ["ours", "deepspeed"], repeats=2, log=lambda *_: None)
     assert list(result) == [point.key]
     for impl in ("ours", "deepspeed"):
         probe = result[point.key][impl]
-        assert set(probe) == {"layer_MB", "step_MB", "peak_MB", "live_MB"}
+        assert set(probe) == {"layer_MB", "step_MB", "peak_MB", "live_MB", "layer_MB_range"}
         assert probe["live_MB"] >= point.expert_param_bytes() / 2**20
         assert probe["peak_MB"] > probe["layer_MB"] > 0
+        low, high = probe["layer_MB_range"]
+        assert low <= probe["layer_MB"] <= high
 
 
 def test_steady_allocator_run_applies_the_malloc_settings_to_every_point(tmp_path):
