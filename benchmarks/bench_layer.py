@@ -216,18 +216,6 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def measure_point_alone(point_fields: Dict, device_type: str, timing: Dict, bandwidth_Bps: float,
-                        threads: int) -> Dict:
-    """measure_point, as the entry point of a fresh process (the point inherits no heap from earlier ones).
-
-    Plain data in and out: the child imports this module under its own name, not as __main__.
-    """
-    torch.set_num_threads(threads)
-    point = Point(**point_fields)
-    grid = Grid(points=[point], memory_points=[], multirank_points=[], **timing)
-    return measure_point(point, torch.device(device_type), grid, bandwidth_Bps)
-
-
 def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_process: bool = False,
         log=print) -> Dict:
     """Measures the whole grid; returns the result document (see docs/BENCHMARKS.md for its fields).
@@ -239,14 +227,13 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_pr
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     processes = None if same_process else FreshProcesses()
     from benchmarks import bench_layer  # this file under its module name, which a child can import
-    timing = {"warmup": grid.warmup, "reps": grid.reps, "budget_s": grid.budget_s, "tokens": grid.tokens}
     rows = []
     for i, point in enumerate(grid.points):
         if processes is None:
             row = measure_point(point, device, grid, bandwidth)
         else:
-            row = processes.call(bench_layer.measure_point_alone, asdict(point), device.type, timing, bandwidth,
-                                 torch.get_num_threads(), what=f"point {point.key}")
+            row = processes.call_on_point(bench_layer.measure_point, point, torch.get_num_threads(), device, grid,
+                                          bandwidth, what=f"point {point.key}")
         rows.append(row)
         med = row["median_s"]
         log(f"[{i + 1}/{len(grid.points)}] {point.key}: ours {1e3 * med['ours']:.1f} ms, deepspeed "

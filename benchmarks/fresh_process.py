@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import traceback
-from typing import Any, Callable, Sequence
+from dataclasses import asdict
+from typing import Any, Callable, Dict, Sequence
 
 PRELOAD = ["torch", "deepspeed.moe.layer", "ds_tutel", "benchmarks.layer_impls"]
 
@@ -21,6 +22,15 @@ def _child_main(conn, module: str, name: str, args: tuple) -> None:
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
+
+
+def _on_point(function: Callable[..., Any], point_fields: Dict, threads: int, *args: Any) -> Any:
+    """The child's side of FreshProcesses.call_on_point."""
+    import torch
+
+    from benchmarks.layer_impls import Point
+    torch.set_num_threads(threads)
+    return function(Point(**point_fields), *args)
 
 
 class FreshProcesses:
@@ -50,3 +60,10 @@ class FreshProcesses:
         if status != "ok":
             raise RuntimeError(f"{what or fn.__name__} failed in its child process:\n{payload}")
         return payload
+
+    def call_on_point(self, function: Callable[..., Any], point: Any, threads: int, *args: Any,
+                      timeout: float = 600.0, what: str = "") -> Any:
+        """function(point, *args) in a new child running `threads` torch threads. function must be importable
+        under its module's name (not a script's __main__); the point travels as plain fields."""
+        return self.call(_on_point, function, asdict(point), threads, *args, timeout=timeout,
+                         what=what or f"{function.__name__} of {point.key}")

@@ -25,7 +25,6 @@ import resource
 import statistics
 import sys
 import tempfile
-from dataclasses import asdict
 from typing import Dict, Iterable, List, Optional
 
 from benchmarks.fresh_process import FreshProcesses
@@ -62,12 +61,11 @@ def _host_bytes(peak: bool) -> int:
     return kb * 1024
 
 
-def _probe(point: Point, impl: str, device_type: str, threads: int) -> Dict[str, float]:
+def probe(point: Point, impl: str, device_type: str) -> Dict[str, float]:
     """Runs in the child: build, STEPS steps on new batches, peak bytes (see the module docstring)."""
     import torch
     from benchmarks.layer_impls import build_layer, fresh_batch, layer_step, make_inputs
 
-    torch.set_num_threads(threads)
     device = torch.device(device_type)
     cuda = device.type == "cuda"
     if cuda:
@@ -115,15 +113,10 @@ def _live_step_bytes(step) -> int:
     return max(e["Total Allocated"] for e in events) - start
 
 
-def probe(point_fields: dict, impl: str, device_type: str, threads: int) -> Dict[str, float]:
-    """The child's entry point (module level, so that a fresh process can import it)."""
-    return _probe(Point(**point_fields), impl, device_type, threads)
-
-
 def _run_probe(processes: FreshProcesses, point: Point, impl: str, device_type: str, threads: int,
                timeout: float) -> Dict[str, float]:
-    return processes.call(probe, asdict(point), impl, device_type, threads, timeout=timeout,
-                          what=f"memory probe {impl} {point.key}")
+    return processes.call_on_point(probe, point, threads, impl, device_type, timeout=timeout,
+                                   what=f"memory probe {impl} {point.key}")
 
 
 def peak_memory(points: Iterable[Point], impls: List[str], device_type: str = "cpu", threads: int = 1,
@@ -137,12 +130,12 @@ def peak_memory(points: Iterable[Point], impls: List[str], device_type: str = "c
         for _ in range(repeats):
             baseline = _run_probe(processes, point, "baseline", device_type, threads, timeout)
             for impl in impls:
-                probe = _run_probe(processes, point, impl, device_type, threads, timeout)
-                sample = {"layer_MB": (probe["peak_bytes"] - baseline["peak_bytes"]) / _MB,
-                          "step_MB": (probe["peak_bytes"] - probe["before_step_bytes"]) / _MB,
-                          "peak_MB": probe["peak_bytes"] / _MB}
-                if "live_bytes" in probe:
-                    sample["live_MB"] = probe["live_bytes"] / _MB
+                measured = _run_probe(processes, point, impl, device_type, threads, timeout)
+                sample = {"layer_MB": (measured["peak_bytes"] - baseline["peak_bytes"]) / _MB,
+                          "step_MB": (measured["peak_bytes"] - measured["before_step_bytes"]) / _MB,
+                          "peak_MB": measured["peak_bytes"] / _MB}
+                if "live_bytes" in measured:
+                    sample["live_MB"] = measured["live_bytes"] / _MB
                 samples[impl].append(sample)
         row = {impl: {field: statistics.median(s[field] for s in runs) for field in runs[0]}
                for impl, runs in samples.items()}

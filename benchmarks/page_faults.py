@@ -90,24 +90,16 @@ def faults_by_operator(point: Point, implementation: str = "ours", rounds: int =
     return sorted(rows, key=lambda row: (-row[1], -row[2]))
 
 
-def _in_child(function: Callable, point_fields: Dict, threads: int, *args):
-    torch.set_num_threads(threads)
-    return function(Point(**point_fields), *args)
-
-
 def report(point: Point, steps: int = 6, top: int = 10) -> str:
     """Faults and times per step (interleaved, and each implementation alone) and the operators of ours that
     fault, each measured in a fresh process."""
-    from dataclasses import asdict
-
     from benchmarks import page_faults  # this file under its module name, which a child can import
     from benchmarks.fresh_process import FreshProcesses
     processes = FreshProcesses()
     threads = torch.get_num_threads()
 
     def child(function: Callable, *args):
-        return processes.call(page_faults._in_child, function, asdict(point), threads, *args,
-                              what=f"{function.__name__} of {point.key}")
+        return processes.call_on_point(function, point, threads, *args)
 
     def step_line(name: str, samples: List[Tuple[float, int]]) -> str:
         return f"  {name:<10} " + "  ".join(f"{1e3 * s:.1f} ms/{f}" for s, f in samples)
