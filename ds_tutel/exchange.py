@@ -9,7 +9,7 @@ Shape legend: W expert-parallel ranks, L local experts (E = W * L), C capacity (
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -37,10 +37,27 @@ def check_exchange_args(buf_ECM: torch.Tensor, group: comm.Group, num_local_expe
     return W
 
 
+def exchange_counts(kept_E: torch.Tensor, capacity: int, group: comm.Group, num_local_experts: int,
+                    algorithm: str = "flat", *, topology: Optional[Topology] = None,
+                    auto_threshold: Optional[int] = None) -> Tuple[List[List[int]], List[int]]:
+    """(filled_WL, capacity_W): how many slots of each local expert every source rank w filled, and the capacity
+    each rank routed with, in one small all-to-all (the one exchange_and_compute makes for kept_E, with each
+    rank's capacity riding along). Every rank receives every rank's capacity, so all see the same list."""
+    E = kept_E.shape[0]
+    W = comm.group_size(group)
+    if E != W * num_local_experts:
+        raise ValueError(f"{E} kept counts, expected group size {W} x {num_local_experts} local experts")
+    exchange = comm.plan_exchange(group, algorithm, kept_E.device, topology=topology, threshold_bytes=auto_threshold)
+    sent_E2 = torch.stack([kept_E.to(torch.int64), torch.full_like(kept_E, capacity, dtype=torch.int64)], dim=1)
+    recv_WL2 = exchange(sent_E2).view(W, num_local_experts, 2)
+    return recv_WL2[:, :, 0].tolist(), recv_WL2[:, 0, 1].tolist()
+
+
 def exchange_and_compute(buf_ECM: torch.Tensor, experts: ExpertFn, group: comm.Group, num_local_experts: int,
                          algorithm: str = "flat", overlap_degree: int = 1, *, topology: Optional[Topology] = None,
                          auto_threshold: Optional[int] = None,
-                         kept_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         kept_E: Optional[torch.Tensor] = None,
+                         filled_WL: Optional[List[List[int]]] = None) -> torch.Tensor:
     """Sends each expert's slots to the rank that owns it, runs the local experts, returns outputs [E, C, M].
 
     Block w of dim 0 (experts w*L .. w*L+L-1) goes to rank w; rank w receives one [L, C, M] block from every
@@ -53,6 +70,8 @@ def exchange_and_compute(buf_ECM: torch.Tensor, experts: ExpertFn, group: comm.G
       buffer), the counts go through the same exchange first, and experts is called as
       experts(chunk_WLCM, filled_WL) with the filled slots of that capacity chunk per (source rank, local
       expert), so that it can skip the empty ones.
+    filled_WL: the exchanged counts themselves, when the caller already has them (exchange_counts); kept_E is
+      then not exchanged again.
     """
     W = check_exchange_args(buf_ECM, group, num_local_experts, algorithm, overlap_degree)
     E, C, M = buf_ECM.shape
@@ -61,7 +80,8 @@ def exchange_and_compute(buf_ECM: torch.Tensor, experts: ExpertFn, group: comm.G
                                   threshold_bytes=auto_threshold)
     degree = max(1, min(overlap_degree, C))
 
-    filled_WL = None if kept_E is None else exchange(kept_E.view(E, 1)).view(W, L).tolist()
+    if filled_WL is None and kept_E is not None:
+        filled_WL = exchange(kept_E.view(E, 1)).view(W, L).tolist()
 
     def run(chunk_WLCM: torch.Tensor, first_slot: int) -> torch.Tensor:
         if filled_WL is None:

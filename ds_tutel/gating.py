@@ -264,6 +264,18 @@ class Gate(nn.Module):
                     x_SM = noise.multiplicative_jitter(x_SM.float())
             return router_linear(x_SM, self.wg.weight.float())
 
+    def capacity_from_token_count(self, capacity_factor: Optional[float] = None) -> bool:
+        """True when this call's capacity follows from the token count alone and routing changes no state:
+        then ranks with equal token counts route with equal capacities without a collective, and routing again
+        with an agreed capacity gives what agreeing first would have (MOELayer checks the capacities after)."""
+        if capacity_factor is None:
+            capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.options.expert_bias and self.training:
+            return False  # each routing moves the balancing bias
+        if self.options.capacity_mode == "deepspeed":
+            return self.drop_tokens
+        return capacity_factor > 0
+
     def forward(self, x_SM: torch.Tensor, used_token_S: Optional[torch.Tensor] = None,
                 agree_capacity: Optional[CapacityAgreement] = None, capacity_factor: Optional[float] = None,
                 k: Optional[int] = None, tutel_router: Callable[..., Routing] = route_tutel

@@ -20,7 +20,7 @@ from . import comm
 from .backends import dispatch_functions, resolve_backend, tutel_router
 from .dispatch import grouped_decode, grouped_encode, grouped_plan
 from .config import ConfigSource, moe_kwargs
-from .exchange import exchange_and_compute
+from .exchange import exchange_and_compute, exchange_counts
 from .experts import Experts
 from .gating import NOISY_GATE_POLICIES, Gate
 from .routing import Routing
@@ -65,14 +65,34 @@ class MOELayer(nn.Module):
             return None
         return lambda capacity: comm.agree_max(capacity, self.ep_group, device)
 
+    def _exchange_counts(self, routing: Routing):
+        return exchange_counts(routing.kept_per_expert(), routing.capacity, self.ep_group, self.num_local_experts,
+                               algorithm=self.a2a_algorithm, auto_threshold=self.a2a_auto_threshold)
+
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
                 capacity_factor: Optional[float] = None, k: Optional[int] = None) -> torch.Tensor:
         M = hidden_states.shape[-1]
         x_SM = hidden_states.reshape(-1, M)
         used_S = None if used_token is None else used_token.reshape(-1)
         backend = resolve_backend(self.dispatch_backend, x_SM.device)
-        routing, self.l_aux = self.gate(x_SM, used_S, self._agree_capacity(x_SM.device),
-                                        capacity_factor=capacity_factor, k=k, tutel_router=tutel_router(backend))
+
+        def route(agree):
+            return self.gate(x_SM, used_S, agree, capacity_factor=capacity_factor, k=k,
+                             tutel_router=tutel_router(backend))
+
+        # With expert parallelism every rank must route with one capacity. Where it follows from the token count
+        # alone, each rank routes with its own and the capacities ride along with the kept counts' exchange:
+        # only when they differ (unequal token counts) does every rank route again with the largest. Otherwise
+        # (dropless, dynamic capacity) the capacity is agreed by an all-reduce before routing.
+        speculative = self.ep_size > 1 and self.gate.capacity_from_token_count(capacity_factor)
+        routing, self.l_aux = route(None if speculative else self._agree_capacity(x_SM.device))
+        filled_WL = None
+        if self.ep_size > 1:
+            filled_WL, capacity_W = self._exchange_counts(routing)
+            if speculative and len(set(capacity_W)) > 1:
+                agreed = max(capacity_W)
+                routing, self.l_aux = route(lambda capacity: agreed)
+                filled_WL, _ = self._exchange_counts(routing)
         self.exp_counts = routing.counts_E.detach()
         self.last_routing = routing
 
@@ -87,12 +107,11 @@ class MOELayer(nn.Module):
             if self.ep_size == 1:  # a None group would mean the whole world to torch.distributed
                 out_ECM = self.experts(buf_ECM.unsqueeze(0)).squeeze(0)
             else:
-                # The kept counts travel with the buffer so that the experts skip empty slots.
+                # The exchanged kept counts let the experts skip empty slots.
                 out_ECM = exchange_and_compute(buf_ECM, self.experts.forward_filled, self.ep_group,
                                                self.num_local_experts, algorithm=self.a2a_algorithm,
                                                overlap_degree=self.a2a_ffn_overlap_degree,
-                                               auto_threshold=self.a2a_auto_threshold,
-                                               kept_E=routing.kept_per_expert())
+                                               auto_threshold=self.a2a_auto_threshold, filled_WL=filled_WL)
             y_SM = decode(out_ECM, routing)
         return y_SM.reshape(hidden_states.shape)
 

@@ -97,3 +97,48 @@ def _check_layouts_dropless(rank, world_size):
     global LAYOUTS
     LAYOUTS = [(2, 4, 2, False), (4, 8, 1, False)]
     return _check_layouts(rank, world_size, [5, 9, 14, 3])
+
+
+def _collectives_per_forward(rank, world_size):
+    import ds_tutel
+    import ds_tutel.layer as layer_module
+    from ds_tutel import comm
+    from helpers import expert_ffn
+    calls = {"agree": 0, "counts": 0}
+    agree_max, exchange_counts = comm.agree_max, layer_module.exchange_counts
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    comm.agree_max = counting("agree", agree_max)
+    layer_module.exchange_counts = counting("counts", exchange_counts)
+    seen = {}
+    for case, drop_tokens, tokens in [("equal", True, 12), ("unequal", True, 5 + 7 * rank),
+                                      ("dropless", False, 12)]:
+        calls.update(agree=0, counts=0)
+        torch.manual_seed(0)
+        layer = ds_tutel.MoE(M, expert_ffn(M), num_experts=4, ep_size=2, k=2, drop_tokens=drop_tokens,
+                             use_rts=False, top2_2nd_expert_sampling=False)
+        layer.set_deepspeed_parallelism()
+        x = torch.randn(tokens, M, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+        out, l_aux, _ = layer(x)
+        (out.sum() + l_aux).backward()
+        routing = layer.deepspeed_moe.last_routing
+        assert int(routing.kept_per_expert().max()) <= routing.capacity
+        seen[case] = (dict(calls), routing.capacity)
+    return seen
+
+
+def test_capacity_rides_with_the_kept_counts_and_ranks_route_again_only_when_they_differ():
+    """Equal token counts: no all-reduce, one small exchange. Unequal: still no all-reduce, every rank routes
+    again with the largest capacity (one more exchange). Dropless capacity depends on the data: agreed first."""
+    seen = run_ranks(_collectives_per_forward, 2, timeout=120)
+    for rank_seen in seen:
+        assert rank_seen["equal"][0] == {"agree": 0, "counts": 1}
+        assert rank_seen["unequal"][0] == {"agree": 0, "counts": 2}
+        assert rank_seen["dropless"][0]["agree"] >= 1 and rank_seen["dropless"][0]["counts"] == 1
+    for case in ("equal", "unequal", "dropless"):
+        assert seen[0][case][1] == seen[1][case][1]  # one capacity on both ranks
