@@ -1,6 +1,6 @@
 """The MoE layer, forward+backward: ds_tutel.MoE against DeepSpeed's installed MoE and the two floors.
 
-    python benchmarks/bench_layer.py --quick            small grid, ~2-3 minutes on 2 CPU cores
+    python benchmarks/bench_layer.py --quick            small grid, ~5 minutes on 2 CPU cores
     python benchmarks/bench_layer.py --full             the issue's whole grid (k 1,2,4; cf 1.0,1.25;
                                                         E 4..64; M 256..2048; fp32 and bf16)
     python benchmarks/bench_layer.py --smoke            two tiny points: the harness runs (seconds)
@@ -76,7 +76,8 @@ def _point(k: int, cf: float, E: int, M: int, dtype: str = "fp32", tokens: Optio
 
 def quick_grid() -> Grid:
     """13 points over k, capacity factor, E 4..64, M 256..1024 and both dtypes, each step ~0.05-0.3 s on one
-    core (the M=512 points with 512 tokens); ~2-3 minutes with the memory and multi-rank parts."""
+    core (the M=512 points with 512 tokens); ~5 minutes with the memory (three processes per probe) and
+    multi-rank parts."""
     points = [_point(k, cf, 8, 256) for k, cf in itertools.product([1, 2, 4], [1.0, 1.25])]
     points += [_point(2, 1.0, 32, 512, tokens=512), _point(4, 1.25, 32, 512, tokens=512), _point(2, 1.0, 64, 256),
                _point(4, 1.25, 64, 256), _point(2, 1.25, 4, 1024), _point(2, 1.0, 16, 512, "bf16"),
