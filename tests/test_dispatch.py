@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from ds_tutel import dispatch
 from ds_tutel.dispatch import decode, encode, grouped_decode, grouped_encode, grouped_plan
 from ds_tutel.gating import route_deepspeed
 from ds_tutel.tutel_gating import route_tutel
@@ -55,8 +56,11 @@ def test_capacity_path_equals_dense_reference_and_passes_gradcheck(k, cf, tutel)
     assert torch.autograd.gradcheck(fn, (x, gates))
 
 
+@pytest.mark.parametrize("block_bytes", [None, 1])  # one block for all experts; one block per expert
 @pytest.mark.parametrize("k,cf,tutel", [(1, 0.5, False), (2, 1.0, False), (3, 0.6, True), (2, 0.0, True)])
-def test_grouped_path_equals_capacity_path_and_passes_gradcheck(k, cf, tutel):
+def test_grouped_path_equals_capacity_path_and_passes_gradcheck(k, cf, tutel, block_bytes, monkeypatch):
+    if block_bytes is not None:
+        monkeypatch.setattr(dispatch, "BLOCK_BYTES", block_bytes)
     S, E, M = 13, 4, 3
     r = _routing(S, E, k, cf, tutel=tutel)
     plan = grouped_plan(r)
@@ -112,3 +116,47 @@ def test_bf16_grouped_path_accumulates_in_fp32_forward_and_backward(k):
     assert x.grad.dtype == torch.bfloat16 and gates.grad.dtype == torch.float32
     torch.testing.assert_close(gates.grad.double(), g64.grad, atol=1e-5, rtol=1e-5)  # fp32 products and sums
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=0.05, rtol=0.02)
+
+
+def test_blocks_cover_the_experts_in_order_within_the_byte_budget():
+    rows = [5, 0, 7, 30, 2, 2, 9, 0]
+    for budget in (1, 8, 40, 10**9):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dispatch, "BLOCK_BYTES", budget)
+            blocks = dispatch._blocks(rows, 1)
+        assert blocks[0][0] == 0 and blocks[-1][1] == len(rows)
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])) and all(f < l for f, l in blocks)
+        assert all(sum(rows[f:l]) <= budget or l - f == 1 for f, l in blocks)
+    assert len(blocks) == 1  # the last budget holds every expert
+
+
+@pytest.mark.parametrize("dtype,bucket_rows", [(torch.float32, False), (torch.bfloat16, False),
+                                               (torch.bfloat16, True)])
+@pytest.mark.parametrize("k", [1, 2])
+def test_grouped_results_do_not_depend_on_the_block_size(k, dtype, bucket_rows, monkeypatch):
+    """Blocks change how many experts one operator call covers, never the order of additions: bitwise equal."""
+    S, E, M = 300, 6, 8
+    r = _routing(S, E, k, 2.0, seed=1)
+    r.gates_SK = r.gates_SK.float()
+    x0 = torch.randn(S, M).to(dtype)
+    dy = torch.randn(S, M).to(dtype)
+    weights = [torch.randn(M, M).to(dtype) for _ in range(E)]
+
+    def run(block_bytes):
+        monkeypatch.setattr(dispatch, "BLOCK_BYTES", block_bytes)
+        x = x0.clone().requires_grad_(True)
+        gates = r.gates_SK.detach().clone().requires_grad_(True)
+        r.gates_SK = gates
+        plan = grouped_plan(r, bucket_rows=bucket_rows)
+        outs = [x_pM @ w for x_pM, w in zip(grouped_encode(x, plan), weights)]
+        y = grouped_decode(outs, plan)
+        y.backward(dy)
+        return plan, y.detach(), x.grad, gates.grad
+
+    plan, *one = run(1 << 30)
+    _, *each = run(1)
+    _, *some = run(3 * M * 4 * 20)
+    if bucket_rows:
+        assert plan.expert_rows != plan.rows_per_expert, "the test needs at least one padded expert"
+    for a, b, c in zip(one, each, some):
+        assert torch.equal(a, b) and torch.equal(a, c)
