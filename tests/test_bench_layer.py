@@ -11,7 +11,7 @@ import ds_tutel
 from benchmarks import bench_layer
 from benchmarks.floors import dispatch_bytes, expert_work, floor_output, floor_step, tokens_per_expert
 from benchmarks.layer_impls import Point, build_layers, layer_step, make_inputs
-from benchmarks.layer_report import markdown, targets, write_outputs
+from benchmarks.layer_report import ideal_over_deepspeed, markdown, router_share, targets, write_outputs
 from benchmarks.timing import interleaved, paired_ratio, ratio_quartiles
 
 CPU = torch.device("cpu")
@@ -162,6 +162,14 @@ def test_targets_read_memory_and_floor_rows():
     doc["rows"].append(dict(row, key="b", ours_over_deepspeed=1.1, ours_over_floor=1.2))
     doc["memory"]["b"] = {"ours": {"layer_MB": 101.0}, "deepspeed": {"layer_MB": 100.0}}
     assert [t["met"] for t in targets(doc)] == [False, False, False, False]
+
+
+def test_ideal_layer_adds_the_routers_arithmetic_and_the_dispatch_bytes_to_the_floor():
+    # E=16, k=2, H=2*256: the router's 2*S*M*E multiply-adds against k*S*4*M*H for the experts.
+    point = {"k": 2, "num_experts": 16, "model_dim": 256, "hidden_mult": 2}
+    assert router_share(point) == 1 / 128
+    row = {"point": point, "median_s": {"floor": 0.080, "deepspeed": 0.100}, "bytes_floor_s": 0.001}
+    assert abs(ideal_over_deepspeed(row) - (0.080 * (1 + 1 / 128) + 0.001) / 0.100) < 1e-12
 
 
 def test_memory_probes_run_in_their_own_processes():
