@@ -142,8 +142,9 @@ def test_grouped_results_do_not_depend_on_the_block_size(k, dtype, bucket_rows, 
     dy = torch.randn(S, M).to(dtype)
     weights = [torch.randn(M, M).to(dtype) for _ in range(E)]
 
-    def run(block_bytes):
+    def run(block_bytes, call_bytes=dispatch.CALL_BYTES):
         monkeypatch.setattr(dispatch, "BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(dispatch, "CALL_BYTES", call_bytes)  # 0: one index_add_ per expert in every block
         x = x0.clone().requires_grad_(True)
         gates = r.gates_SK.detach().clone().requires_grad_(True)
         r.gates_SK = gates
@@ -156,7 +157,8 @@ def test_grouped_results_do_not_depend_on_the_block_size(k, dtype, bucket_rows, 
     plan, *one = run(1 << 30)
     _, *each = run(1)
     _, *some = run(3 * M * 4 * 20)
+    _, *direct = run(1 << 30, call_bytes=0)
     if bucket_rows:
         assert plan.expert_rows != plan.rows_per_expert, "the test needs at least one padded expert"
-    for a, b, c in zip(one, each, some):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b, c, d in zip(one, each, some, direct):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
