@@ -266,16 +266,17 @@ class _CombinePerExpert(torch.autograd.Function):
                     torch.mul(grad_bM[a:b], _first_rows(outs_pM[e], rows[e]), out=product_bM[a:b])
             torch.sum(product_bM, dim=1, out=grad_gates_J[j0:j1])
             del product_bM
-            grad_bM.mul_(gates_J1[j0:j1])
+            # Scaled in fp32 and rounded once into the outputs' dtype, in one pass (fp32: in place).
             if all(outs_pM[e].shape[0] == rows[e] for e in range(first, last)):
-                # No pad rows in this block: its experts' gradients are views of one buffer (fp32: the scaled
-                # gradient itself, no copy).
-                grad_outs_pM.extend(_split_by_expert(grad_bM.to(grad_SM.dtype), rows[first:last]))
+                # No pad rows in this block: its experts' gradients are views of one buffer.
+                scaled_bM = (grad_bM.mul_(gates_J1[j0:j1]) if grad_bM.dtype == grad_SM.dtype else
+                             torch.mul(grad_bM, gates_J1[j0:j1], out=grad_SM.new_empty(grad_bM.shape)))
+                grad_outs_pM.extend(_split_by_expert(scaled_bM, rows[first:last]))
                 continue
             for e in range(first, last):
                 a, b = start_E[e] - j0, start_E[e + 1] - j0
                 grad_pM = grad_SM.new_empty(outs_pM[e].shape)
-                grad_pM[:rows[e]] = grad_bM[a:b]
+                torch.mul(grad_bM[a:b], gates_J1[j0 + a:j0 + b], out=grad_pM[:rows[e]])
                 grad_pM[rows[e]:] = 0
                 grad_outs_pM.append(grad_pM)
         return (None, grad_gates_J.to(gates_J.dtype), None, None, None, *grad_outs_pM)
