@@ -169,7 +169,7 @@ def _split_by_expert(tensor_J: torch.Tensor, rows_per_expert: List[int]) -> Tupl
 class _GatherPerExpert(torch.autograd.Function):
     """x_SM -> one [p_e, M] view per expert of a single gathered buffer: its n_e tokens, then p_e - n_e zero pad
     rows (none unless the plan buckets rows). Backward adds each expert's first n_e gradient rows back at its
-    tokens, a block of experts per index_add_ (see _blocks).
+    tokens: one index_add_ per expert, or per block of small experts (see _blocks and CALL_BYTES).
 
     The gathered rows live until the experts' backward; one buffer for them kept the first step's peak memory
     lower than one buffer per expert (measured, E=64), at the same speed.
@@ -280,7 +280,6 @@ class _CombinePerExpert(torch.autograd.Function):
                 grad_pM[rows[e]:] = 0
                 grad_outs_pM.append(grad_pM)
         return (None, grad_gates_J.to(gates_J.dtype), None, None, None, *grad_outs_pM)
-
 
 
 def _starts(rows: List[int]) -> List[int]:
