@@ -9,14 +9,4 @@
 # With no arguments it runs launch/moe_step.py (one MoE training step; each rank reports its binding).
 # Settings (environment): TOPOLOGY (local | ndv4, default local), HOSTFILE (multi-node, passwordless ssh and
 # pdsh), NPROC_PER_NODE, DEVICE (auto | gpu | cpu), MASTER_PORT (default 29500), PYTHON, DRY_RUN.
-set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
-
-args=(--launcher deepspeed --topology "${TOPOLOGY:-local}" --master-port "${MASTER_PORT:-29500}")
-if [[ -n "${HOSTFILE:-}" ]]; then args+=(--hostfile "$HOSTFILE"); fi
-if [[ -n "${NPROC_PER_NODE:-}" ]]; then args+=(--nproc-per-node "$NPROC_PER_NODE"); fi
-if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
-if [[ -n "${DRY_RUN:-}" ]]; then args+=(--dry-run); fi
-if [[ $# -eq 0 ]]; then set -- "$HERE/moe_step.py"; fi
-exec "${PYTHON:-python}" -m ds_tutel.launch "${args[@]}" -- "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/start_job.sh" deepspeed "$@"

@@ -11,14 +11,4 @@
 # deepspeed.init_distributed, as moe_step.py does: MPI discovery otherwise uses DeepSpeed's default port.
 # Settings (environment): TOPOLOGY, HOSTFILE, NPROC_PER_NODE, DEVICE, MASTER_PORT, PYTHON, DRY_RUN (as in
 # run_deepspeed.sh). mpirun runs with --bind-to none (ranks bind themselves) and, as root, --allow-run-as-root.
-set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
-
-args=(--launcher mpirun --topology "${TOPOLOGY:-local}" --master-port "${MASTER_PORT:-29500}")
-if [[ -n "${HOSTFILE:-}" ]]; then args+=(--hostfile "$HOSTFILE"); fi
-if [[ -n "${NPROC_PER_NODE:-}" ]]; then args+=(--nproc-per-node "$NPROC_PER_NODE"); fi
-if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
-if [[ -n "${DRY_RUN:-}" ]]; then args+=(--dry-run); fi
-if [[ $# -eq 0 ]]; then set -- "$HERE/moe_step.py"; fi
-exec "${PYTHON:-python}" -m ds_tutel.launch "${args[@]}" -- "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/start_job.sh" mpirun "$@"
