@@ -15,6 +15,7 @@ J kept choices.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -193,19 +194,17 @@ class _GatherPerExpert(torch.autograd.Function):
         rows = ctx.rows
         grad_SM = grads_pM[0].new_zeros(ctx.num_tokens, grads_pM[0].shape[1])
         row_bytes = grad_SM.shape[1] * grad_SM.element_size()
-        start_E = _starts(rows)
+        start_E = list(accumulate(rows, initial=0))  # each expert's first row, then J
         for first, last in _blocks(rows, row_bytes):
-            parts_nM = [_first_rows(grads_pM[e], rows[e]) for e in range(first, last) if rows[e]]
-            if not parts_nM:
-                continue
+            filled = [e for e in range(first, last) if rows[e]]
             # Copying small experts' rows together costs less than an operator call for each; a large expert's
             # rows go in straight from its gradient (a block of one expert, or few rows per call to save).
-            if len(parts_nM) == 1 or sum(rows[first:last]) * row_bytes > (last - first) * CALL_BYTES:
-                for e in range(first, last):
-                    if rows[e]:
-                        grad_SM.index_add_(0, token_J[start_E[e]:start_E[e + 1]], _first_rows(grads_pM[e], rows[e]))
-            else:
+            if len(filled) > 1 and sum(rows[first:last]) * row_bytes <= (last - first) * CALL_BYTES:
+                parts_nM = [_first_rows(grads_pM[e], rows[e]) for e in filled]
                 grad_SM.index_add_(0, token_J[start_E[first]:start_E[last]], torch.cat(parts_nM))
+                continue
+            for e in filled:
+                grad_SM.index_add_(0, token_J[start_E[e]:start_E[e + 1]], _first_rows(grads_pM[e], rows[e]))
         return grad_SM, None, None, None, None
 
 
@@ -232,7 +231,7 @@ class _CombinePerExpert(torch.autograd.Function):
         write_once = single_choice and acc != dtype
         y_SM = outs_pM[0].new_zeros(num_tokens, M, dtype=dtype if write_once else acc)
         gates_J1 = gates_J.to(acc).unsqueeze(1)
-        start_E = _starts(rows)
+        start_E = list(accumulate(rows, initial=0))  # each expert's first row, then J
         for first, last in _blocks(rows, M * y_SM.element_size()):
             j0, j1 = start_E[first], start_E[last]
             weighted_bM = y_SM.new_empty(j1 - j0, M)
@@ -255,7 +254,7 @@ class _CombinePerExpert(torch.autograd.Function):
         gates_J1 = gates_J.to(acc).unsqueeze(1)
         grad_gates_J = gates_J.new_empty(gates_J.shape, dtype=acc)
         grad_outs_pM: List[torch.Tensor] = []
-        start_E = _starts(rows)
+        start_E = list(accumulate(rows, initial=0))  # each expert's first row, then J
         for first, last in _blocks(rows, M * torch.finfo(acc).bits // 8):
             j0, j1 = start_E[first], start_E[last]
             grad_bM = grad_SM.index_select(0, token_J[j0:j1]).to(acc)
@@ -280,14 +279,6 @@ class _CombinePerExpert(torch.autograd.Function):
                 grad_pM[rows[e]:] = 0
                 grad_outs_pM.append(grad_pM)
         return (None, grad_gates_J.to(gates_J.dtype), None, None, None, *grad_outs_pM)
-
-
-def _starts(rows: List[int]) -> List[int]:
-    """Row offset of each expert in the grouped layout, and the total at the end (len(rows) + 1 entries)."""
-    starts = [0]
-    for n in rows:
-        starts.append(starts[-1] + n)
-    return starts
 
 
 def _blocks(rows: List[int], row_bytes: int) -> List[Tuple[int, int]]:

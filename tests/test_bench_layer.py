@@ -165,7 +165,7 @@ def test_targets_read_memory_and_floor_rows():
 
 
 def test_ideal_layer_adds_the_routers_arithmetic_and_the_dispatch_bytes_to_the_floor():
-    # E=16, k=2, H=2*256: the router's 2*S*M*E multiply-adds against k*S*4*M*H for the experts.
+    # E=16, k=2, H=2*256: the router's S*M*E multiply-adds against k*S*2*M*H for the experts.
     point = {"k": 2, "num_experts": 16, "model_dim": 256, "hidden_mult": 2}
     assert router_share(point) == 1 / 128
     row = {"point": point, "median_s": {"floor": 0.080, "deepspeed": 0.100}, "bytes_floor_s": 0.001}
