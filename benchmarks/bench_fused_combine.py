@@ -14,15 +14,16 @@ Shape legend: S tokens, M model dim, E experts, J kept choices (S * k here, none
 """
 from __future__ import annotations
 
-import statistics
+import os
 import sys
-import time
-from typing import Callable, Dict, List
 
-import torch
-from torch.utils.cpp_extension import load_inline
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_tutel.dispatch import _CombinePerExpert
+import torch  # noqa: E402
+from torch.utils.cpp_extension import load_inline  # noqa: E402
+
+from benchmarks.timing import interleaved, median  # noqa: E402
+from ds_tutel.dispatch import _CombinePerExpert  # noqa: E402
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -86,17 +87,6 @@ def compile_fused():
                        extra_cflags=["-O3", "-march=native", "-ffp-contract=off"])
 
 
-def _median_ms(fns: Dict[str, Callable[[], object]], rounds: int = 60, warmup: int = 10) -> Dict[str, float]:
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for i in range(warmup + rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
-
-
 def compare(fused, S: int, M: int, E: int, k: int) -> str:
     """Both combines, forward+backward, on the same random rows: times and the largest differences."""
     gen = torch.Generator().manual_seed(0)
@@ -123,7 +113,9 @@ def compare(fused, S: int, M: int, E: int, k: int) -> str:
     reference, result = torch_ops(), compiled()
     reference = (*reference[:2], torch.cat([o.grad for o in reference[2]]))
     diffs = [float((a - b).abs().max()) for a, b in zip(reference, result)]
-    ms = _median_ms({"torch ops": torch_ops, "fused C++": compiled})
+    times = interleaved({"torch ops": torch_ops, "fused C++": compiled}, torch.device("cpu"), warmup=10, reps=60,
+                        min_reps=60)
+    ms = {name: 1e3 * median(t) for name, t in times.items()}
     return (f"S={S} M={M} E={E} k={k}: torch ops {ms['torch ops']:.3f} ms, fused C++ {ms['fused C++']:.3f} ms "
             f"({ms['torch ops'] / ms['fused C++']:.1f}x); max |difference| output {diffs[0]:.1e}, "
             f"gate gradient {diffs[1]:.1e}, output gradient {diffs[2]:.1e}")
