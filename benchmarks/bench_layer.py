@@ -186,10 +186,16 @@ def environment(device: torch.device, threads: int) -> Dict:
            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "machine": platform.machine(),
            "processor": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": threads,
            "device": str(device), "other_libraries": other_libraries(), "ds_tutel_revision": _revision(),
-           "malloc": allocator.describe()}
+           "malloc": allocator.describe(), "cpu_kernels": _cpu_kernels()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def _cpu_kernels() -> str:
+    """DS_TUTEL_CPU_KERNELS and whether the compiled grouped-dispatch loops loaded (ours' CPU combine)."""
+    from ds_tutel import cpu_kernels
+    return f"{cpu_kernels.mode()} ({'loaded' if cpu_kernels.load() is not None else 'torch operators'})"
 
 
 def _revision() -> Optional[str]:

@@ -80,7 +80,8 @@ def markdown(doc: Dict, title: str) -> str:
              f"{env['date']}; {env['device']}; {env['processor']}, {env['cpu_count']} cores, "
              f"{env['torch_threads']} torch threads; torch {env['torch']}, deepspeed {env['deepspeed']}, "
              f"Python {env['python']}; ds_tutel at {env.get('ds_tutel_revision')}; "
-             f"malloc: {env.get('malloc', 'not recorded')}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
+             f"malloc: {env.get('malloc', 'not recorded')}; "
+             f"CPU dispatch loops: {env.get('cpu_kernels', 'not recorded')}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
              f"other MoE libraries: {others}.", "",
              TOKENS_NOTE[doc.get("tokens", "fixed")], "",
              "Forward+backward, interleaved runs: times are medians, ratios the median of per-round ratios "

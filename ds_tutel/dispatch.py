@@ -20,6 +20,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import cpu_kernels
 from .routing import Routing
 from .row_buckets import bucket
 
@@ -120,6 +121,11 @@ class GroupedPlan:
     single_choice: bool  # at most one kept choice per token (k=1)
     expert_rows: List[int] = field(default_factory=list)
     token_P: Optional[torch.Tensor] = None
+    # For the compiled CPU loops (grouped_kernels.py): each choice's row among the J (-1: dropped), the gates
+    # by choice, and the compiled module; kernels None means the torch-operator path.
+    row_SK: Optional[torch.Tensor] = None
+    gates_SK: Optional[torch.Tensor] = None
+    kernels: Any = None
 
     def __post_init__(self) -> None:
         if not self.expert_rows:
@@ -128,10 +134,13 @@ class GroupedPlan:
             self.token_P = self.token_J
 
 
-def grouped_plan(routing: Routing, bucket_rows: bool = False) -> GroupedPlan:
+def grouped_plan(routing: Routing, bucket_rows: bool = False, use_kernels: Optional[bool] = None) -> GroupedPlan:
     """Orders the kept choices expert after expert (slot order inside an expert) without sorting.
 
     bucket_rows: each expert runs on its row count rounded up by row_buckets (see there for when and why).
+    use_kernels: gather and combine through the compiled CPU loops (grouped_kernels.py); None: wherever the
+    tokens are on the CPU and the loops are built (cpu_kernels.load), False: the torch-operator path, True:
+    the loops or an error.
     """
     S, K = routing.indices_SK.shape
     choice_J = routing.kept_SK.reshape(-1).nonzero().squeeze(1)  # kept choices in (token, choice) order
@@ -150,7 +159,22 @@ def grouped_plan(routing: Routing, bucket_rows: bool = False) -> GroupedPlan:
         plan.expert_rows = [bucket(n) for n in rows]
         if plan.expert_rows != rows:
             plan.token_P = _padded_tokens(token_J, rows, plan.expert_rows)
+    plan.kernels = _kernels_for(routing.gates_SK.device, use_kernels)
+    if plan.kernels is not None:
+        plan.row_SK = torch.full((S, K), -1, dtype=torch.int64, device=choice_J.device)
+        plan.row_SK.view(-1)[choice_J] = row_J
+        plan.gates_SK = routing.gates_SK
     return plan
+
+
+def _kernels_for(device: torch.device, use_kernels: Optional[bool]) -> Any:
+    if use_kernels is False or (use_kernels is None and device.type != "cpu"):
+        return None
+    kernels = cpu_kernels.load()
+    if use_kernels and (kernels is None or device.type != "cpu"):
+        raise RuntimeError(f"use_kernels=True needs CPU tokens and the built CPU kernels (device {device}, "
+                           f"DS_TUTEL_CPU_KERNELS={cpu_kernels.mode()})")
+    return kernels
 
 
 def _padded_tokens(token_J: torch.Tensor, rows: List[int], expert_rows: List[int]) -> torch.Tensor:
@@ -301,10 +325,17 @@ def _first_rows(t_pM: torch.Tensor, n: int) -> torch.Tensor:
 
 def grouped_encode(x_SM: torch.Tensor, plan: GroupedPlan) -> Tuple[torch.Tensor, ...]:
     """Each expert's input [n_e, M]: the tokens of its kept choices, in slot order."""
+    if plan.kernels is not None:
+        return grouped_kernels.compiled_gather(x_SM, plan)
     return _GatherPerExpert.apply(x_SM, plan.token_J, plan.token_P, plan.rows_per_expert, plan.expert_rows)
 
 
 def grouped_decode(outs_nM: Sequence[torch.Tensor], plan: GroupedPlan) -> torch.Tensor:
     """y_SM = sum over a token's kept choices of gate * expert output, accumulated in fp32."""
+    if plan.kernels is not None:
+        return grouped_kernels.compiled_combine(list(outs_nM), plan)
     return _CombinePerExpert.apply(plan.token_J, plan.gates_J, plan.num_tokens, plan.single_choice,
                                    plan.rows_per_expert, *outs_nM)
+
+
+from . import grouped_kernels  # noqa: E402  (it builds on this module's accumulation_dtype)

@@ -20,3 +20,12 @@ def _remove_leaked_deepspeed_shm_buffers():
             os.remove(path)
         except FileNotFoundError:
             pass
+
+
+def pytest_sessionstart(session):
+    """Builds the compiled CPU dispatch loops once, before any test: spawned ranks and launched jobs then load
+    the cached build instead of compiling under their timeouts. DS_TUTEL_CPU_KERNELS=1 (set here unless the
+    caller chose) makes a failed build fail the suite rather than fall back unnoticed."""
+    os.environ.setdefault("DS_TUTEL_CPU_KERNELS", "1")
+    from ds_tutel import cpu_kernels
+    cpu_kernels.load()

@@ -56,14 +56,17 @@ def test_capacity_path_equals_dense_reference_and_passes_gradcheck(k, cf, tutel)
     assert torch.autograd.gradcheck(fn, (x, gates))
 
 
-@pytest.mark.parametrize("block_bytes", [None, 1])  # one block for all experts; one block per expert
+# torch operators with one block for all experts, with one block per expert; the compiled CPU loops.
+@pytest.mark.parametrize("use_kernels,block_bytes", [(False, None), (False, 1), (True, None)])
 @pytest.mark.parametrize("k,cf,tutel", [(1, 0.5, False), (2, 1.0, False), (3, 0.6, True), (2, 0.0, True)])
-def test_grouped_path_equals_capacity_path_and_passes_gradcheck(k, cf, tutel, block_bytes, monkeypatch):
+def test_grouped_path_equals_capacity_path_and_passes_gradcheck(k, cf, tutel, use_kernels, block_bytes,
+                                                                 monkeypatch):
     if block_bytes is not None:
         monkeypatch.setattr(dispatch, "BLOCK_BYTES", block_bytes)
     S, E, M = 13, 4, 3
     r = _routing(S, E, k, cf, tutel=tutel)
-    plan = grouped_plan(r)
+    plan = grouped_plan(r, use_kernels=use_kernels)
+    assert (plan.kernels is not None) == use_kernels
     assert sum(plan.rows_per_expert) == int(r.kept_SK.sum())
     x = torch.randn(S, M, dtype=torch.float64, requires_grad=True)
     per_expert = grouped_encode(x, plan)
@@ -78,7 +81,7 @@ def test_grouped_path_equals_capacity_path_and_passes_gradcheck(k, cf, tutel, bl
 
     def fn(x_SM, gates_SK):
         r.gates_SK = gates_SK
-        p = grouped_plan(r)
+        p = grouped_plan(r, use_kernels=use_kernels)
         return grouped_decode([t.sin() * (e + 1) for e, t in enumerate(grouped_encode(x_SM, p))], p)
 
     assert torch.autograd.gradcheck(fn, (x, gates))
@@ -95,14 +98,15 @@ def test_bf16_decode_accumulates_in_fp32():
     torch.testing.assert_close(y, ref, atol=0, rtol=0)  # one rounding at the end only
 
 
+@pytest.mark.parametrize("use_kernels", [False, True])
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_bf16_grouped_path_accumulates_in_fp32_forward_and_backward(k):
+def test_bf16_grouped_path_accumulates_in_fp32_forward_and_backward(k, use_kernels):
     S, E, M = 32, 4, 16
     r = _routing(S, E, k, 0.0, tutel=True)
     gates = r.gates_SK.detach().float().requires_grad_(True)
     r.gates_SK = gates
     x = torch.randn(S, M).bfloat16().requires_grad_(True)
-    plan = grouped_plan(r)
+    plan = grouped_plan(r, use_kernels=use_kernels)
     y = grouped_decode(list(grouped_encode(x, plan)), plan)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, _dense_combine(x.detach().double(), r).to(torch.bfloat16), atol=0, rtol=0)
@@ -148,7 +152,7 @@ def test_grouped_results_do_not_depend_on_the_block_size(k, dtype, bucket_rows, 
         x = x0.clone().requires_grad_(True)
         gates = r.gates_SK.detach().clone().requires_grad_(True)
         r.gates_SK = gates
-        plan = grouped_plan(r, bucket_rows=bucket_rows)
+        plan = grouped_plan(r, bucket_rows=bucket_rows, use_kernels=False)
         outs = [x_pM @ w for x_pM, w in zip(grouped_encode(x, plan), weights)]
         y = grouped_decode(outs, plan)
         y.backward(dy)
@@ -162,3 +166,44 @@ def test_grouped_results_do_not_depend_on_the_block_size(k, dtype, bucket_rows, 
         assert plan.expert_rows != plan.rows_per_expert, "the test needs at least one padded expert"
     for a, b, c, d in zip(one, each, some, direct):
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+
+
+@pytest.mark.parametrize("dtype,bucket_rows", [(torch.float32, False), (torch.bfloat16, False),
+                                               (torch.bfloat16, True), (torch.float16, True),
+                                               (torch.float64, False)])
+@pytest.mark.parametrize("k,cf", [(1, 0.95), (2, 1.0), (3, 0.9), (4, 0.9)])
+def test_compiled_loops_equal_the_torch_path(k, cf, dtype, bucket_rows):
+    """Outputs, the tokens' and the experts' gradients bitwise (a token's choices added in row order, rounded
+    alike); the gates' gradient is the same dot product summed in another order. Dropped choices included."""
+    S, E, M = 257, 7, 24
+    r = _routing(S, E, k, cf, seed=3, tutel=k > 2)
+    assert not bool(r.kept_SK.all()), "the test needs dropped choices"
+    r.gates_SK = r.gates_SK.float()
+    x0 = torch.randn(S, M).to(dtype)
+    dy = torch.randn(S, M).to(dtype)
+    weights = [torch.randn(M, M).to(dtype) / 4 for _ in range(E)]
+
+    def run(use_kernels):
+        x = x0.clone().requires_grad_(True)
+        gates = r.gates_SK.detach().clone().requires_grad_(True)
+        r.gates_SK = gates
+        plan = grouped_plan(r, bucket_rows=bucket_rows, use_kernels=use_kernels)
+        inputs = [t.detach().requires_grad_(True) for t in grouped_encode(x, plan)]
+        outs = [x_pM @ w for x_pM, w in zip(inputs, weights)]
+        y = grouped_decode(outs, plan)
+        y.backward(dy)
+        # the experts' input gradients go back through the gather on their own, as the layer's would
+        torch.autograd.backward(grouped_encode(x, plan), [t.grad for t in inputs])
+        return plan, y.detach(), x.grad, [t.grad for t in inputs], gates.grad
+
+    plan, y_ref, dx_ref, dins_ref, dgates_ref = run(False)
+    _, y, dx, dins, dgates = run(True)
+    if bucket_rows:
+        assert plan.expert_rows != plan.rows_per_expert, "the test needs at least one padded expert"
+    assert torch.equal(y, y_ref)
+    assert torch.equal(dx, dx_ref) if k <= 2 or dtype in (torch.float32, torch.float64) else \
+        torch.allclose(dx.float(), dx_ref.float(), rtol=1e-2, atol=1e-2)  # half types: one rounding, not k-1
+    assert all(torch.equal(a, b) for a, b in zip(dins, dins_ref))
+    assert dgates.dtype == dgates_ref.dtype
+    torch.testing.assert_close(dgates, dgates_ref, rtol=1e-5, atol=1e-5)
+    assert bool((dgates[~r.kept_SK] == 0).all())

@@ -1,0 +1,208 @@
+// The grouped path's combine and the gather's backward on the CPU, one pass over the kept rows each.
+//
+// The torch-operator path (ds_tutel/dispatch.py) makes several passes per direction (products into a buffer,
+// index_add_, a gather, a sum, a scaling) and allocates a buffer for each. These loops go token by token: a
+// token reads its own kept rows and writes its own output row once, so no output needs zeroing first, no two
+// threads write the same row, and the additions happen in a fixed order (a token's choices in row order, that
+// is expert after expert, as index_add_ adds them in the torch path). Built without floating-point contraction,
+// so a product and a sum round exactly as the torch path's separate operators do.
+//
+// Shape legend: S tokens, K choices per token, M model dim, E experts, J kept rows (expert after expert),
+// P rows the experts run on (J plus bucketed pad rows). row_SK[s][k] is the kept row of choice (s, k) among
+// the J, or -1 where the choice was dropped.
+#include <torch/extension.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Where every kept row lives: rows_E[e] rows of expert e, each at a row stride, possibly followed by pad rows.
+template <typename T>
+std::vector<T*> row_pointers(const std::vector<torch::Tensor>& tensors_E, const std::vector<int64_t>& rows_E,
+                             int64_t J) {
+  std::vector<T*> row_J(J);
+  int64_t j = 0;
+  for (size_t e = 0; e < tensors_E.size(); ++e) {
+    T* base = tensors_E[e].data_ptr<T>();
+    const int64_t stride = tensors_E[e].stride(0);
+    for (int64_t r = 0; r < rows_E[e]; ++r) row_J[j++] = base + r * stride;
+  }
+  return row_J;
+}
+
+// A token's kept choices as (row, choice) in row order: at most K, sorted by insertion (K is small).
+inline int64_t kept_in_row_order(const int64_t* row_K, int64_t K, int64_t* rows, int64_t* choices) {
+  int64_t n = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t row = row_K[k];
+    if (row < 0) continue;
+    int64_t i = n++;
+    for (; i > 0 && rows[i - 1] > row; --i) {
+      rows[i] = rows[i - 1];
+      choices[i] = choices[i - 1];
+    }
+    rows[i] = row;
+    choices[i] = k;
+  }
+  return n;
+}
+
+void check_layout(const std::vector<torch::Tensor>& tensors_E, const std::vector<int64_t>& rows_E,
+                  const torch::Tensor& row_SK, int64_t M) {
+  TORCH_CHECK(!tensors_E.empty() && tensors_E.size() == rows_E.size(), "one tensor and one row count per expert");
+  TORCH_CHECK(row_SK.dim() == 2 && row_SK.scalar_type() == torch::kInt64 && row_SK.is_contiguous(),
+              "row_SK must be a contiguous int64 [S, K] tensor");
+  for (size_t e = 0; e < tensors_E.size(); ++e) {
+    const auto& t = tensors_E[e];
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(1) == M && t.size(0) >= rows_E[e],
+                "expert ", e, ": expected a CPU [>= ", rows_E[e], ", ", M, "] tensor, got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == tensors_E[0].scalar_type(), "all experts' tensors must share a dtype");
+    TORCH_CHECK(t.size(0) == 0 || t.stride(1) == 1, "expert ", e, ": rows must be contiguous");
+  }
+}
+
+constexpr int64_t kGrainTokens = 16;
+
+}  // namespace
+
+// y_SM[s] = sum over s's kept choices, in row order, of gates_SK[s][k] * out row, accumulated in acc_t and
+// rounded once into the outputs' dtype. Tokens without a kept choice get zeros.
+torch::Tensor combine_forward(torch::Tensor row_SK, torch::Tensor gates_SK, std::vector<torch::Tensor> outs_E,
+                              std::vector<int64_t> rows_E) {
+  const int64_t S = row_SK.size(0), K = row_SK.size(1), M = outs_E.at(0).size(1);
+  check_layout(outs_E, rows_E, row_SK, M);
+  auto y_SM = torch::empty({S, M}, outs_E[0].options());
+  int64_t J = 0;
+  for (int64_t n : rows_E) J += n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, y_SM.scalar_type(), "combine_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(gates_SK.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && gates_SK.is_contiguous(),
+                "gates_SK must be contiguous in the accumulation dtype");
+    const auto out_J = row_pointers<scalar_t>(outs_E, rows_E, J);
+    const int64_t* row = row_SK.data_ptr<int64_t>();
+    const acc_t* gate = gates_SK.data_ptr<acc_t>();
+    scalar_t* y = y_SM.data_ptr<scalar_t>();
+    at::parallel_for(0, S, kGrainTokens, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc_M(M);
+      std::vector<int64_t> rows(K), choices(K);
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t n = kept_in_row_order(row + s * K, K, rows.data(), choices.data());
+        std::fill(acc_M.begin(), acc_M.end(), acc_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* out = out_J[rows[i]];
+          const acc_t g = gate[s * K + choices[i]];
+          for (int64_t m = 0; m < M; ++m) {
+            const acc_t product = g * static_cast<acc_t>(out[m]);
+            acc_M[m] = acc_M[m] + product;
+          }
+        }
+        scalar_t* y_row = y + s * M;
+        for (int64_t m = 0; m < M; ++m) y_row[m] = static_cast<scalar_t>(acc_M[m]);
+      }
+    });
+  });
+  return y_SM;
+}
+
+// The combine's backward: grad_gates_SK[s][k] = <dy_SM[s], out row> (zero where dropped) and the outputs'
+// gradient gates_SK[s][k] * dy_SM[s], rounded once into their dtype, laid out as the experts ran: expert after
+// expert, expert_rows_E[e] rows each, pad rows zero. Returns (grad_gates_SK, grad_outs_PM).
+std::vector<torch::Tensor> combine_backward(torch::Tensor row_SK, torch::Tensor gates_SK, torch::Tensor dy_SM,
+                                            std::vector<torch::Tensor> outs_E, std::vector<int64_t> rows_E,
+                                            std::vector<int64_t> expert_rows_E) {
+  const int64_t S = row_SK.size(0), K = row_SK.size(1), M = dy_SM.size(1);
+  check_layout(outs_E, rows_E, row_SK, M);
+  TORCH_CHECK(expert_rows_E.size() == rows_E.size(), "one padded row count per expert");
+  dy_SM = dy_SM.contiguous();
+  int64_t J = 0, P = 0;
+  for (size_t e = 0; e < rows_E.size(); ++e) {
+    TORCH_CHECK(expert_rows_E[e] >= rows_E[e], "an expert runs on at least its kept rows");
+    J += rows_E[e];
+    P += expert_rows_E[e];
+  }
+  auto grad_gates_SK = torch::zeros_like(gates_SK);
+  auto grad_outs_PM = torch::empty({P, M}, outs_E[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, dy_SM.scalar_type(), "combine_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(gates_SK.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && gates_SK.is_contiguous(),
+                "gates_SK must be contiguous in the accumulation dtype");
+    TORCH_CHECK(outs_E[0].scalar_type() == dy_SM.scalar_type(), "dy_SM must have the outputs' dtype");
+    const auto out_J = row_pointers<scalar_t>(outs_E, rows_E, J);
+    std::vector<scalar_t*> grad_J(J);
+    scalar_t* grad = grad_outs_PM.data_ptr<scalar_t>();
+    for (size_t e = 0, j = 0, p = 0; e < rows_E.size(); p += expert_rows_E[e], ++e) {
+      for (int64_t r = 0; r < rows_E[e]; ++r) grad_J[j++] = grad + (p + r) * M;
+      std::memset(grad + (p + rows_E[e]) * M, 0, sizeof(scalar_t) * (expert_rows_E[e] - rows_E[e]) * M);
+    }
+    const int64_t* row = row_SK.data_ptr<int64_t>();
+    const acc_t* gate = gates_SK.data_ptr<acc_t>();
+    acc_t* grad_gate = grad_gates_SK.data_ptr<acc_t>();
+    const scalar_t* dy = dy_SM.data_ptr<scalar_t>();
+    at::parallel_for(0, S, kGrainTokens, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const scalar_t* dy_row = dy + s * M;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t j = row[s * K + k];
+          if (j < 0) continue;
+          const scalar_t* out = out_J[j];
+          scalar_t* grad_row = grad_J[j];
+          const acc_t g = gate[s * K + k];
+          acc_t dot = 0;
+          for (int64_t m = 0; m < M; ++m) {
+            const acc_t d = static_cast<acc_t>(dy_row[m]);
+            const acc_t product = d * static_cast<acc_t>(out[m]);
+            dot = dot + product;
+            grad_row[m] = static_cast<scalar_t>(g * d);
+          }
+          grad_gate[s * K + k] = dot;
+        }
+      }
+    });
+  });
+  return {grad_gates_SK, grad_outs_PM};
+}
+
+// The gather's backward: dx_SM[s] = sum over s's kept choices, in row order, of the gradient of the row the
+// choice was gathered into, accumulated in acc_t and rounded once. Tokens without a kept choice get zeros.
+torch::Tensor gather_backward(torch::Tensor row_SK, std::vector<torch::Tensor> grads_E, std::vector<int64_t> rows_E) {
+  const int64_t S = row_SK.size(0), K = row_SK.size(1), M = grads_E.at(0).size(1);
+  check_layout(grads_E, rows_E, row_SK, M);
+  auto dx_SM = torch::empty({S, M}, grads_E[0].options());
+  int64_t J = 0;
+  for (int64_t n : rows_E) J += n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, dx_SM.scalar_type(), "gather_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto grad_J = row_pointers<scalar_t>(grads_E, rows_E, J);
+    const int64_t* row = row_SK.data_ptr<int64_t>();
+    scalar_t* dx = dx_SM.data_ptr<scalar_t>();
+    at::parallel_for(0, S, kGrainTokens, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc_M(M);
+      std::vector<int64_t> rows(K), choices(K);
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t n = kept_in_row_order(row + s * K, K, rows.data(), choices.data());
+        scalar_t* dx_row = dx + s * M;
+        if (n == 1) {  // one kept choice: a copy
+          std::memcpy(dx_row, grad_J[rows[0]], sizeof(scalar_t) * M);
+          continue;
+        }
+        std::fill(acc_M.begin(), acc_M.end(), acc_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* g = grad_J[rows[i]];
+          for (int64_t m = 0; m < M; ++m) acc_M[m] = acc_M[m] + static_cast<acc_t>(g[m]);
+        }
+        for (int64_t m = 0; m < M; ++m) dx_row[m] = static_cast<scalar_t>(acc_M[m]);
+      }
+    });
+  });
+  return dx_SM;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("combine_forward", &combine_forward, "grouped combine, token by token");
+  m.def("combine_backward", &combine_backward, "grouped combine's backward, token by token");
+  m.def("gather_backward", &gather_backward, "grouped gather's backward, token by token");
+}

@@ -1,0 +1,77 @@
+"""The grouped gather and combine with their backward passes in compiled CPU loops (ds_tutel.cpu_kernels).
+
+Same contract as dispatch._GatherPerExpert / dispatch._CombinePerExpert: outputs, the experts' gradients and
+the tokens' gradients are bitwise those of the torch-operator path (a token's choices are added in row order,
+as its index_add_ adds them, with the same roundings); the gates' gradient is the same dot product summed in
+another order. One pass per direction instead of several, no zero-filled [S, M] or fp32 [J, M] buffers.
+
+Shape legend: S tokens, K choices per token, M model dim, E experts, J kept rows (expert after expert), p_e rows
+expert e runs on (its n_e kept rows, then zero pad rows where row buckets round the count up).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import torch
+
+from .dispatch import accumulation_dtype
+
+
+def gather_rows(x_SM: torch.Tensor, token_P: torch.Tensor, rows: List[int],
+                expert_rows: List[int]) -> Tuple[torch.Tensor, ...]:
+    """One [p_e, M] view per expert of a single buffer of x_SM's rows at token_P, pad rows zeroed."""
+    inputs_pM = torch.split(x_SM.index_select(0, token_P), expert_rows)
+    for x_pM, n, p in zip(inputs_pM, rows, expert_rows):
+        if p > n:
+            x_pM[n:].zero_()
+    return inputs_pM
+
+
+class CompiledGather(torch.autograd.Function):
+    """x_SM -> each expert's input rows; backward sums each token's rows' gradients in one compiled pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x_SM: torch.Tensor, row_SK: torch.Tensor, token_P: torch.Tensor, rows: List[int],
+                expert_rows: List[int], kernels: Any):
+        ctx.save_for_backward(row_SK)
+        ctx.rows, ctx.kernels = rows, kernels
+        return gather_rows(x_SM, token_P, rows, expert_rows)
+
+    @staticmethod
+    def backward(ctx: Any, *grads_pM: torch.Tensor):
+        (row_SK,) = ctx.saved_tensors
+        grad_SM = ctx.kernels.gather_backward(row_SK, list(grads_pM), ctx.rows)
+        return grad_SM, None, None, None, None, None
+
+
+class CompiledCombine(torch.autograd.Function):
+    """y_SM[s] = sum over s's kept choices of gates_SK[s, k] * its expert's output row, in one compiled pass
+    (accumulated in fp32 for half types, rounded once); backward gives the gates' and outputs' gradients in
+    another."""
+
+    @staticmethod
+    def forward(ctx: Any, row_SK: torch.Tensor, gates_SK: torch.Tensor, rows: List[int], expert_rows: List[int],
+                kernels: Any, *outs_pM: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(row_SK, gates_SK, *outs_pM)
+        ctx.rows, ctx.expert_rows, ctx.kernels = rows, expert_rows, kernels
+        return kernels.combine_forward(row_SK, gates_SK, list(outs_pM), rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad_SM: torch.Tensor):
+        row_SK, gates_SK, *outs_pM = ctx.saved_tensors
+        grad_gates_SK, grad_outs_PM = ctx.kernels.combine_backward(row_SK, gates_SK, grad_SM, outs_pM, ctx.rows,
+                                                                   ctx.expert_rows)
+        return (None, grad_gates_SK, None, None, None, *torch.split(grad_outs_PM, ctx.expert_rows))
+
+
+def compiled_gather(x_SM: torch.Tensor, plan: Any) -> Tuple[torch.Tensor, ...]:
+    """grouped_encode through the compiled backward (plan: a dispatch.GroupedPlan with kernels set)."""
+    return CompiledGather.apply(x_SM, plan.row_SK, plan.token_P, plan.rows_per_expert, plan.expert_rows,
+                                plan.kernels)
+
+
+def compiled_combine(outs_pM: List[torch.Tensor], plan: Any) -> torch.Tensor:
+    """grouped_decode through the compiled loops (plan: a dispatch.GroupedPlan with kernels set)."""
+    gates_SK = plan.gates_SK.to(accumulation_dtype(outs_pM[0].dtype)).contiguous()
+    return CompiledCombine.apply(plan.row_SK, gates_SK, plan.rows_per_expert, plan.expert_rows, plan.kernels,
+                                 *outs_pM)

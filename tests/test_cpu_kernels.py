@@ -1,0 +1,83 @@
+"""The compiled CPU dispatch loops: built here, used by the layer on the CPU, switchable, and a failed build
+falls back (or fails loudly when required). Their numerics against the torch path: tests/test_dispatch.py."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import ds_tutel
+from ds_tutel import cpu_kernels, grouped_kernels
+from ds_tutel.dispatch import grouped_plan
+from ds_tutel.gating import route_deepspeed
+from helpers import expert_ffn, run_step
+
+
+def test_the_loops_build_on_this_machine():
+    """The suite runs with DS_TUTEL_CPU_KERNELS=1 (conftest): a broken build or source fails here by name."""
+    module = cpu_kernels.load()
+    assert module is not None
+    assert {"combine_forward", "combine_backward", "gather_backward"} <= set(dir(module))
+
+
+def test_an_unknown_setting_is_rejected(monkeypatch):
+    monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", "yes")
+    with pytest.raises(ValueError, match="DS_TUTEL_CPU_KERNELS"):
+        cpu_kernels.load()
+
+
+def test_switched_off_the_plan_uses_the_torch_path_and_requiring_the_loops_raises(monkeypatch):
+    monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", "0")
+    routing = route_deepspeed(torch.randn(16, 4), k=2, capacity_factor=1.0, min_capacity=0)[0]
+    assert cpu_kernels.load() is None
+    assert grouped_plan(routing).kernels is None
+    with pytest.raises(RuntimeError, match="use_kernels=True"):
+        grouped_plan(routing, use_kernels=True)
+
+
+def test_a_failed_build_warns_and_falls_back_or_raises_when_required(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", "auto")
+    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+        assert cpu_kernels.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.load() is None  # warned once; the result is kept
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", "1")
+    with pytest.raises(RuntimeError, match="did not build"):
+        cpu_kernels.load()
+
+
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 2)])
+def test_the_layer_runs_the_loops_on_the_cpu_with_the_torch_paths_results(dtype, k, monkeypatch):
+    """Same layer, same tokens: with the loops (counted) and without, outputs and the experts' gradients are
+    bitwise equal; the gates' gradients differ by summation order only, and through the router so do the
+    router's and the tokens' gradients."""
+    torch.manual_seed(0)
+    layer = ds_tutel.MoE(16, expert_ffn(16), num_experts=4, k=k, capacity_factor=1.0).to(dtype)
+    x = torch.randn(3, 40, 16).to(dtype)
+    calls = []
+    compiled_combine = grouped_kernels.compiled_combine
+    monkeypatch.setattr(grouped_kernels, "compiled_combine", lambda *a: calls.append(1) or compiled_combine(*a))
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", setting)
+        results[setting] = run_step(copy.deepcopy(layer), x)
+    assert len(calls) == 1  # only the run with the loops on went through them
+    (out0, aux0, counts0, dx0, grads0), (out1, aux1, counts1, dx1, grads1) = results["0"], results["1"]
+    assert torch.equal(out0, out1) and torch.equal(aux0, aux1) and torch.equal(counts0, counts1)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(dx0, dx1, rtol=tolerance, atol=tolerance)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        if ".gate." in name:
+            torch.testing.assert_close(grads0[name], grads1[name], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(grads0[name], grads1[name]), name
