@@ -1,8 +1,10 @@
 """Compiled CPU loops for the grouped dispatch (csrc/grouped_dispatch.cpp), built on first use.
 
 torch.utils.cpp_extension compiles them once per machine (about a minute on 2 cores; ninja and a C++
-compiler needed) and caches the build under torch's extensions directory (TORCH_EXTENSIONS_DIR). Where the
-build fails the layer warns once and keeps the torch-operator path, which gives the same results.
+compiler needed) and caches the build under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), in
+ds_tutel/<name>, the name a digest of the source, flags, torch version and CPU model. Later processes load that
+build directly. Where the build fails the layer warns once and keeps the torch-operator path, which gives the
+same results.
 
 DS_TUTEL_CPU_KERNELS selects: "auto" (default: compile, fall back with a warning), "0" (never: the torch path),
 "1" (required: a failed build raises).
@@ -10,11 +12,14 @@ DS_TUTEL_CPU_KERNELS selects: "auto" (default: compile, fall back with a warning
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import threading
 import warnings
 from typing import Any, Optional
+
+import torch
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "grouped_dispatch.cpp")
 _MODES = ("auto", "0", "1")
@@ -34,15 +39,43 @@ def mode() -> str:
 
 
 def _build_name() -> str:
-    """One build per CPU model: -march=native code must not run on a machine with fewer instruction sets
-    sharing the extensions directory."""
+    """Names a build by everything that goes into it: the source, the flags, torch's version and the CPU model
+    (-march=native code must not run on a CPU with fewer instruction sets sharing the extensions directory).
+    A changed input is a new name, so a build that exists is always current."""
+    digest = hashlib.sha1()
+    with open(_SOURCE, "rb") as f:
+        digest.update(f.read())
+    digest.update(" ".join(_CFLAGS).encode())
+    digest.update(torch.__version__.encode())
     cpu = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu += "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
     except OSError:
         pass
-    return "ds_tutel_grouped_dispatch_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
+    digest.update(cpu.encode())
+    return "ds_tutel_grouped_dispatch_" + digest.hexdigest()[:12]
+
+
+def _build_directory(name: str) -> str:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "torch_extensions")
+    return os.path.join(root, "ds_tutel", name)
+
+
+def _load_built(name: str, directory: str) -> Optional[Any]:
+    """The build in `directory`, loaded directly: importing torch.utils.cpp_extension (setuptools and all)
+    would add about 4.5 MB to every process. None where it is missing or unreadable (half-written, say)."""
+    path = os.path.join(directory, name + ".so")
+    if not os.path.isfile(path):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError:
+        return None
 
 
 def load() -> Optional[Any]:
@@ -56,9 +89,16 @@ def load() -> Optional[Any]:
 
 
 def _build() -> Optional[Any]:
+    name = _build_name()
+    directory = _build_directory(name)
+    module = _load_built(name, directory)
+    if module is not None:
+        return module
     try:
         from torch.utils.cpp_extension import load as load_extension
-        return load_extension(_build_name(), sources=[_SOURCE], extra_cflags=_CFLAGS, verbose=False)
+        os.makedirs(directory, exist_ok=True)
+        return load_extension(name, sources=[_SOURCE], extra_cflags=_CFLAGS, build_directory=directory,
+                              verbose=False)
     except Exception as error:  # a missing compiler or ninja surfaces as several exception types
         if mode() == "1":
             raise RuntimeError(f"DS_TUTEL_CPU_KERNELS=1 but the CPU kernels did not build: {error}") from error

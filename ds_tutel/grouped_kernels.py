@@ -59,9 +59,9 @@ class CompiledCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_SM: torch.Tensor):
         row_SK, gates_SK, *outs_pM = ctx.saved_tensors
-        grad_gates_SK, grad_outs_PM = ctx.kernels.combine_backward(row_SK, gates_SK, grad_SM, outs_pM, ctx.rows,
-                                                                   ctx.expert_rows)
-        return (None, grad_gates_SK, None, None, None, *torch.split(grad_outs_PM, ctx.expert_rows))
+        grad_gates_SK, *grad_outs_pM = ctx.kernels.combine_backward(row_SK, gates_SK, grad_SM, outs_pM, ctx.rows,
+                                                                    ctx.expert_rows)
+        return (None, grad_gates_SK, None, None, None, *grad_outs_pM)
 
 
 def compiled_gather(x_SM: torch.Tensor, plan: Any) -> Tuple[torch.Tensor, ...]:

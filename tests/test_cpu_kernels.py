@@ -1,6 +1,9 @@
 """The compiled CPU dispatch loops: built here, used by the layer on the CPU, switchable, and a failed build
 falls back (or fails loudly when required). Their numerics against the torch path: tests/test_dispatch.py."""
 import copy
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -35,12 +38,23 @@ def test_switched_off_the_plan_uses_the_torch_path_and_requiring_the_loops_raise
         grouped_plan(routing, use_kernels=True)
 
 
-def test_a_failed_build_warns_and_falls_back_or_raises_when_required(monkeypatch):
+def test_a_built_module_loads_without_torchs_extension_builder():
+    """Importing torch.utils.cpp_extension costs every process about 4.5 MB; a current build needs none of it."""
+    code = ("import sys; from ds_tutel import cpu_kernels; assert cpu_kernels.load() is not None; "
+            "print('torch.utils.cpp_extension' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "DS_TUTEL_CPU_KERNELS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_a_failed_build_warns_and_falls_back_or_raises_when_required(monkeypatch, tmp_path):
     import torch.utils.cpp_extension
 
     def no_compiler(*args, **kwargs):
         raise OSError("no C++ compiler")
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no earlier build there
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", "auto")

@@ -109,8 +109,9 @@ torch::Tensor combine_forward(torch::Tensor row_SK, torch::Tensor gates_SK, std:
 }
 
 // The combine's backward: grad_gates_SK[s][k] = <dy_SM[s], out row> (zero where dropped) and the outputs'
-// gradient gates_SK[s][k] * dy_SM[s], rounded once into their dtype, laid out as the experts ran: expert after
-// expert, expert_rows_E[e] rows each, pad rows zero. Returns (grad_gates_SK, grad_outs_PM).
+// gradient gates_SK[s][k] * dy_SM[s], rounded once into their dtype, one tensor per expert of the rows it ran
+// on (expert_rows_E[e], pad rows zero). One tensor per expert rather than one buffer: each is freed as soon as
+// its expert's backward is done, which kept peak memory lower. Returns [grad_gates_SK, grad_out_pM per expert].
 std::vector<torch::Tensor> combine_backward(torch::Tensor row_SK, torch::Tensor gates_SK, torch::Tensor dy_SM,
                                             std::vector<torch::Tensor> outs_E, std::vector<int64_t> rows_E,
                                             std::vector<int64_t> expert_rows_E) {
@@ -118,29 +119,27 @@ std::vector<torch::Tensor> combine_backward(torch::Tensor row_SK, torch::Tensor 
   check_layout(outs_E, rows_E, row_SK, M);
   TORCH_CHECK(expert_rows_E.size() == rows_E.size(), "one padded row count per expert");
   dy_SM = dy_SM.contiguous();
-  int64_t J = 0, P = 0;
+  int64_t J = 0;
   for (size_t e = 0; e < rows_E.size(); ++e) {
     TORCH_CHECK(expert_rows_E[e] >= rows_E[e], "an expert runs on at least its kept rows");
     J += rows_E[e];
-    P += expert_rows_E[e];
   }
-  auto grad_gates_SK = torch::zeros_like(gates_SK);
-  auto grad_outs_PM = torch::empty({P, M}, outs_E[0].options());
+  std::vector<torch::Tensor> results{torch::zeros_like(gates_SK)};
+  for (size_t e = 0; e < rows_E.size(); ++e) results.push_back(torch::empty({expert_rows_E[e], M}, outs_E[0].options()));
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, dy_SM.scalar_type(), "combine_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(gates_SK.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && gates_SK.is_contiguous(),
                 "gates_SK must be contiguous in the accumulation dtype");
     TORCH_CHECK(outs_E[0].scalar_type() == dy_SM.scalar_type(), "dy_SM must have the outputs' dtype");
     const auto out_J = row_pointers<scalar_t>(outs_E, rows_E, J);
-    std::vector<scalar_t*> grad_J(J);
-    scalar_t* grad = grad_outs_PM.data_ptr<scalar_t>();
-    for (size_t e = 0, j = 0, p = 0; e < rows_E.size(); p += expert_rows_E[e], ++e) {
-      for (int64_t r = 0; r < rows_E[e]; ++r) grad_J[j++] = grad + (p + r) * M;
-      std::memset(grad + (p + rows_E[e]) * M, 0, sizeof(scalar_t) * (expert_rows_E[e] - rows_E[e]) * M);
+    const std::vector<torch::Tensor> grads_E(results.begin() + 1, results.end());
+    const auto grad_J = row_pointers<scalar_t>(grads_E, rows_E, J);
+    for (size_t e = 0; e < rows_E.size(); ++e) {
+      if (expert_rows_E[e] > rows_E[e]) grads_E[e].narrow(0, rows_E[e], expert_rows_E[e] - rows_E[e]).zero_();
     }
     const int64_t* row = row_SK.data_ptr<int64_t>();
     const acc_t* gate = gates_SK.data_ptr<acc_t>();
-    acc_t* grad_gate = grad_gates_SK.data_ptr<acc_t>();
+    acc_t* grad_gate = results[0].data_ptr<acc_t>();
     const scalar_t* dy = dy_SM.data_ptr<scalar_t>();
     at::parallel_for(0, S, kGrainTokens, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
@@ -163,7 +162,7 @@ std::vector<torch::Tensor> combine_backward(torch::Tensor row_SK, torch::Tensor 
       }
     });
   });
-  return {grad_gates_SK, grad_outs_PM};
+  return results;
 }
 
 // The gather's backward: dx_SM[s] = sum over s's kept choices, in row order, of the gradient of the row the
