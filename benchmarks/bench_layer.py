@@ -230,6 +230,7 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_pr
     Each point runs in a fresh process unless same_process: on the CPU the allocator's state left by earlier
     points moved a layer's time by 10-30 %, differently for each layer.
     """
+    env = environment(device, torch.get_num_threads())  # at the start: the revision the children import
     bandwidth = copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     processes = None if same_process else FreshProcesses()
@@ -247,7 +248,7 @@ def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_pr
             f"{1e3 * med['deepspeed']:.1f} ms, floor {1e3 * med['floor']:.1f} ms, bytes floor "
             f"{1e3 * row['bytes_floor_s']:.2f} ms | ours/ds {row['ours_over_deepspeed']:.3f} ours/floor "
             f"{row['ours_over_floor']:.3f} ds/floor {row['deepspeed_over_floor']:.3f}")
-    doc = {"environment": environment(device, torch.get_num_threads()), "copy_bandwidth_Bps": bandwidth,
+    doc = {"environment": env, "copy_bandwidth_Bps": bandwidth,
            "same_process": same_process, "tokens": grid.tokens,
            "rows": rows, "geomean_ours_over_deepspeed": geomean([r["ours_over_deepspeed"] for r in rows])}
     if memory and grid.memory_points:

@@ -67,6 +67,40 @@ void check_layout(const std::vector<torch::Tensor>& tensors_E, const std::vector
 
 constexpr int64_t kGrainTokens = 16;
 
+// out_SM[s] = sum over s's kept choices, in row order, of weight * row_J[row], accumulated in acc_t and rounded
+// once (weight: gate_SK[s][k] where kWeighted, else 1; tokens without a kept choice get zeros). Both the combine
+// and the gather's backward are this sum; kWeighted is a template argument so that each gets its own loop.
+template <typename scalar_t, typename acc_t, bool kWeighted>
+void sum_kept_rows(const int64_t* row_SK, const acc_t* gate_SK, const std::vector<scalar_t*>& row_J, int64_t S,
+                   int64_t K, int64_t M, scalar_t* out_SM) {
+  at::parallel_for(0, S, kGrainTokens, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc_M(M);
+    std::vector<int64_t> rows(K), choices(K);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t n = kept_in_row_order(row_SK + s * K, K, rows.data(), choices.data());
+      scalar_t* out_row = out_SM + s * M;
+      if (!kWeighted && n == 1) {  // one unweighted row: a copy
+        std::memcpy(out_row, row_J[rows[0]], sizeof(scalar_t) * M);
+        continue;
+      }
+      std::fill(acc_M.begin(), acc_M.end(), acc_t(0));
+      for (int64_t i = 0; i < n; ++i) {
+        const scalar_t* x = row_J[rows[i]];
+        if (kWeighted) {
+          const acc_t g = gate_SK[s * K + choices[i]];
+          for (int64_t m = 0; m < M; ++m) {
+            const acc_t product = g * static_cast<acc_t>(x[m]);
+            acc_M[m] = acc_M[m] + product;
+          }
+        } else {
+          for (int64_t m = 0; m < M; ++m) acc_M[m] = acc_M[m] + static_cast<acc_t>(x[m]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) out_row[m] = static_cast<scalar_t>(acc_M[m]);
+    }
+  });
+}
+
 }  // namespace
 
 // y_SM[s] = sum over s's kept choices, in row order, of gates_SK[s][k] * out row, accumulated in acc_t and
@@ -82,28 +116,8 @@ torch::Tensor combine_forward(torch::Tensor row_SK, torch::Tensor gates_SK, std:
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(gates_SK.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && gates_SK.is_contiguous(),
                 "gates_SK must be contiguous in the accumulation dtype");
-    const auto out_J = row_pointers<scalar_t>(outs_E, rows_E, J);
-    const int64_t* row = row_SK.data_ptr<int64_t>();
-    const acc_t* gate = gates_SK.data_ptr<acc_t>();
-    scalar_t* y = y_SM.data_ptr<scalar_t>();
-    at::parallel_for(0, S, kGrainTokens, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc_M(M);
-      std::vector<int64_t> rows(K), choices(K);
-      for (int64_t s = begin; s < end; ++s) {
-        const int64_t n = kept_in_row_order(row + s * K, K, rows.data(), choices.data());
-        std::fill(acc_M.begin(), acc_M.end(), acc_t(0));
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* out = out_J[rows[i]];
-          const acc_t g = gate[s * K + choices[i]];
-          for (int64_t m = 0; m < M; ++m) {
-            const acc_t product = g * static_cast<acc_t>(out[m]);
-            acc_M[m] = acc_M[m] + product;
-          }
-        }
-        scalar_t* y_row = y + s * M;
-        for (int64_t m = 0; m < M; ++m) y_row[m] = static_cast<scalar_t>(acc_M[m]);
-      }
-    });
+    sum_kept_rows<scalar_t, acc_t, true>(row_SK.data_ptr<int64_t>(), gates_SK.data_ptr<acc_t>(),
+                                   row_pointers<scalar_t>(outs_E, rows_E, J), S, K, M, y_SM.data_ptr<scalar_t>());
   });
   return y_SM;
 }
@@ -175,27 +189,8 @@ torch::Tensor gather_backward(torch::Tensor row_SK, std::vector<torch::Tensor> g
   for (int64_t n : rows_E) J += n;
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, dx_SM.scalar_type(), "gather_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto grad_J = row_pointers<scalar_t>(grads_E, rows_E, J);
-    const int64_t* row = row_SK.data_ptr<int64_t>();
-    scalar_t* dx = dx_SM.data_ptr<scalar_t>();
-    at::parallel_for(0, S, kGrainTokens, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc_M(M);
-      std::vector<int64_t> rows(K), choices(K);
-      for (int64_t s = begin; s < end; ++s) {
-        const int64_t n = kept_in_row_order(row + s * K, K, rows.data(), choices.data());
-        scalar_t* dx_row = dx + s * M;
-        if (n == 1) {  // one kept choice: a copy
-          std::memcpy(dx_row, grad_J[rows[0]], sizeof(scalar_t) * M);
-          continue;
-        }
-        std::fill(acc_M.begin(), acc_M.end(), acc_t(0));
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* g = grad_J[rows[i]];
-          for (int64_t m = 0; m < M; ++m) acc_M[m] = acc_M[m] + static_cast<acc_t>(g[m]);
-        }
-        for (int64_t m = 0; m < M; ++m) dx_row[m] = static_cast<scalar_t>(acc_M[m]);
-      }
-    });
+    sum_kept_rows<scalar_t, acc_t, false>(row_SK.data_ptr<int64_t>(), nullptr, row_pointers<scalar_t>(grads_E, rows_E, J),
+                                   S, K, M, dx_SM.data_ptr<scalar_t>());
   });
   return dx_SM;
 }
