@@ -95,3 +95,33 @@ def test_the_layer_runs_the_loops_on_the_cpu_with_the_torch_paths_results(dtype,
             torch.testing.assert_close(grads0[name], grads1[name], rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(grads0[name], grads1[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_loops_give_the_same_bits_on_one_thread_and_on_several(dtype):
+    """Each token's sum is one thread's work, in a fixed order: the thread count cannot change a bit."""
+    from ds_tutel.dispatch import grouped_decode, grouped_encode
+    S, E, M, k = 333, 5, 40, 2
+    gen = torch.Generator().manual_seed(7)
+    routing = route_deepspeed(torch.randn(S, E, generator=gen), k=k, capacity_factor=1.0, min_capacity=0)[0]
+    x0 = torch.randn(S, M, generator=gen).to(dtype)
+    dy = torch.randn(S, M, generator=gen).to(dtype)
+    weights = [torch.randn(M, generator=gen).to(dtype) for _ in range(E)]
+
+    def step(threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            x = x0.clone().requires_grad_(True)
+            gates = routing.gates_SK.detach().float().requires_grad_(True)
+            routing.gates_SK = gates
+            plan = grouped_plan(routing, use_kernels=True)
+            # elementwise experts: a matmul's own blocking may change with the thread count
+            y = grouped_decode([(t * w).sin() for t, w in zip(grouped_encode(x, plan), weights)], plan)
+            y.backward(dy)
+            return y.detach(), x.grad, gates.grad
+        finally:
+            torch.set_num_threads(previous)
+
+    for a, b in zip(step(1), step(4)):
+        assert torch.equal(a, b)
