@@ -187,6 +187,17 @@ def _padded_tokens(token_J: torch.Tensor, rows: List[int], expert_rows: List[int
     return token_P
 
 
+def gather_rows(x_SM: torch.Tensor, token_P: torch.Tensor, rows: List[int],
+                expert_rows: List[int]) -> Tuple[torch.Tensor, ...]:
+    """One [p_e, M] view per expert of a single buffer of x_SM's rows at token_P, pad rows zeroed (the grouped
+    gather's forward, for both paths)."""
+    inputs_pM = _split_by_expert(x_SM.index_select(0, token_P), expert_rows)
+    for x_pM, n, p in zip(inputs_pM, rows, expert_rows):
+        if p > n:
+            x_pM[n:].zero_()
+    return inputs_pM
+
+
 def _split_by_expert(tensor_J: torch.Tensor, rows_per_expert: List[int]) -> Tuple[torch.Tensor, ...]:
     return torch.split(tensor_J, rows_per_expert)
 
@@ -206,11 +217,7 @@ class _GatherPerExpert(torch.autograd.Function):
         ctx.save_for_backward(token_J)
         ctx.rows = rows
         ctx.num_tokens = x_SM.shape[0]
-        inputs_pM = _split_by_expert(x_SM.index_select(0, token_P), expert_rows)
-        for x_pM, n, p in zip(inputs_pM, rows, expert_rows):
-            if p > n:
-                x_pM[n:].zero_()
-        return inputs_pM
+        return gather_rows(x_SM, token_P, rows, expert_rows)
 
     @staticmethod
     def backward(ctx: Any, *grads_pM: torch.Tensor):
@@ -338,4 +345,4 @@ def grouped_decode(outs_nM: Sequence[torch.Tensor], plan: GroupedPlan) -> torch.
                                    plan.rows_per_expert, *outs_nM)
 
 
-from . import grouped_kernels  # noqa: E402  (it builds on this module's accumulation_dtype)
+from . import grouped_kernels  # noqa: E402  (it builds on this module's accumulation_dtype and gather_rows)

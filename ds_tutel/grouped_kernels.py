@@ -14,17 +14,7 @@ from typing import Any, List, Tuple
 
 import torch
 
-from .dispatch import accumulation_dtype
-
-
-def gather_rows(x_SM: torch.Tensor, token_P: torch.Tensor, rows: List[int],
-                expert_rows: List[int]) -> Tuple[torch.Tensor, ...]:
-    """One [p_e, M] view per expert of a single buffer of x_SM's rows at token_P, pad rows zeroed."""
-    inputs_pM = torch.split(x_SM.index_select(0, token_P), expert_rows)
-    for x_pM, n, p in zip(inputs_pM, rows, expert_rows):
-        if p > n:
-            x_pM[n:].zero_()
-    return inputs_pM
+from .dispatch import accumulation_dtype, gather_rows
 
 
 class CompiledGather(torch.autograd.Function):

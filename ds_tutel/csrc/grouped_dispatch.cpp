@@ -22,14 +22,12 @@ namespace {
 
 // Where every kept row lives: rows_E[e] rows of expert e, each at a row stride, possibly followed by pad rows.
 template <typename T>
-std::vector<T*> row_pointers(const std::vector<torch::Tensor>& tensors_E, const std::vector<int64_t>& rows_E,
-                             int64_t J) {
-  std::vector<T*> row_J(J);
-  int64_t j = 0;
+std::vector<T*> row_pointers(const std::vector<torch::Tensor>& tensors_E, const std::vector<int64_t>& rows_E) {
+  std::vector<T*> row_J;
   for (size_t e = 0; e < tensors_E.size(); ++e) {
     T* base = tensors_E[e].data_ptr<T>();
     const int64_t stride = tensors_E[e].stride(0);
-    for (int64_t r = 0; r < rows_E[e]; ++r) row_J[j++] = base + r * stride;
+    for (int64_t r = 0; r < rows_E[e]; ++r) row_J.push_back(base + r * stride);
   }
   return row_J;
 }
@@ -133,14 +131,12 @@ torch::Tensor combine_forward(torch::Tensor row_SK, torch::Tensor gates_SK, std:
   const int64_t S = row_SK.size(0), K = row_SK.size(1), M = outs_E.at(0).size(1);
   check_layout(outs_E, rows_E, row_SK, M);
   auto y_SM = torch::empty({S, M}, outs_E[0].options());
-  int64_t J = 0;
-  for (int64_t n : rows_E) J += n;
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, y_SM.scalar_type(), "combine_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(gates_SK.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && gates_SK.is_contiguous(),
                 "gates_SK must be contiguous in the accumulation dtype");
     sum_kept_rows<scalar_t, acc_t, true>(row_SK.data_ptr<int64_t>(), gates_SK.data_ptr<acc_t>(),
-                                   row_pointers<scalar_t>(outs_E, rows_E, J), S, K, M, y_SM.data_ptr<scalar_t>());
+                                   row_pointers<scalar_t>(outs_E, rows_E), S, K, M, y_SM.data_ptr<scalar_t>());
   });
   return y_SM;
 }
@@ -156,10 +152,8 @@ std::vector<torch::Tensor> combine_backward(torch::Tensor row_SK, torch::Tensor 
   check_layout(outs_E, rows_E, row_SK, M);
   TORCH_CHECK(expert_rows_E.size() == rows_E.size(), "one padded row count per expert");
   dy_SM = dy_SM.contiguous();
-  int64_t J = 0;
   for (size_t e = 0; e < rows_E.size(); ++e) {
     TORCH_CHECK(expert_rows_E[e] >= rows_E[e], "an expert runs on at least its kept rows");
-    J += rows_E[e];
   }
   std::vector<torch::Tensor> results{torch::zeros_like(gates_SK)};
   for (size_t e = 0; e < rows_E.size(); ++e) results.push_back(torch::empty({expert_rows_E[e], M}, outs_E[0].options()));
@@ -168,9 +162,9 @@ std::vector<torch::Tensor> combine_backward(torch::Tensor row_SK, torch::Tensor 
     TORCH_CHECK(gates_SK.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && gates_SK.is_contiguous(),
                 "gates_SK must be contiguous in the accumulation dtype");
     TORCH_CHECK(outs_E[0].scalar_type() == dy_SM.scalar_type(), "dy_SM must have the outputs' dtype");
-    const auto out_J = row_pointers<scalar_t>(outs_E, rows_E, J);
+    const auto out_J = row_pointers<scalar_t>(outs_E, rows_E);
     const std::vector<torch::Tensor> grads_E(results.begin() + 1, results.end());
-    const auto grad_J = row_pointers<scalar_t>(grads_E, rows_E, J);
+    const auto grad_J = row_pointers<scalar_t>(grads_E, rows_E);
     for (size_t e = 0; e < rows_E.size(); ++e) {
       if (expert_rows_E[e] > rows_E[e]) grads_E[e].narrow(0, rows_E[e], expert_rows_E[e] - rows_E[e]).zero_();
     }
@@ -202,11 +196,9 @@ torch::Tensor gather_backward(torch::Tensor row_SK, std::vector<torch::Tensor> g
   const int64_t S = row_SK.size(0), K = row_SK.size(1), M = grads_E.at(0).size(1);
   check_layout(grads_E, rows_E, row_SK, M);
   auto dx_SM = torch::empty({S, M}, grads_E[0].options());
-  int64_t J = 0;
-  for (int64_t n : rows_E) J += n;
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, dx_SM.scalar_type(), "gather_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    sum_kept_rows<scalar_t, acc_t, false>(row_SK.data_ptr<int64_t>(), nullptr, row_pointers<scalar_t>(grads_E, rows_E, J),
+    sum_kept_rows<scalar_t, acc_t, false>(row_SK.data_ptr<int64_t>(), nullptr, row_pointers<scalar_t>(grads_E, rows_E),
                                    S, K, M, dx_SM.data_ptr<scalar_t>());
   });
   return dx_SM;
