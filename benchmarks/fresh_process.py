@@ -1,4 +1,5 @@
-"""Calls a function in a fresh child process of a fork server that has already imported the heavy modules.
+"""Calls a function in a fresh child process: forked from a server that has already imported the heavy modules,
+or spawned as a new interpreter with a hash seed of its own.
 
 Two uses in the benchmarks: peak memory (each implementation must start from a clean process) and timing
 (each point must not inherit the heap left by the points before it: glibc's allocator adapts its thresholds to
@@ -6,11 +7,13 @@ past allocations, and on the CPU a layer's time moved by 10-30 % with the histor
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
+import os
 import traceback
 from dataclasses import asdict
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 PRELOAD = ["torch", "deepspeed.moe.layer", "ds_tutel", "benchmarks.layer_impls"]
 
@@ -33,20 +36,48 @@ def _on_point(function: Callable[..., Any], point_fields: Dict, threads: int, *a
     return function(Point(**point_fields), *args)
 
 
-class FreshProcesses:
-    """`call(fn, *args)` runs the module-level function fn in a new child and returns its (picklable) result."""
+@contextlib.contextmanager
+def _environment(name: str, value: Optional[str]) -> Iterator[None]:
+    """os.environ[name] = value (None: unchanged) for the duration, then as it was."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
-    def __init__(self, preload: Sequence[str] = PRELOAD) -> None:
-        if "forkserver" in mp.get_all_start_methods():
+
+class FreshProcesses:
+    """`call(fn, *args)` runs the module-level function fn in a new child and returns its (picklable) result.
+
+    By default children fork from one server that has imported `preload` (a fork instead of an import per call).
+    spawn=True starts every child as a new interpreter instead, so that `call(..., hash_seed=n)` can give each
+    its own PYTHONHASHSEED: the seed orders sets and dicts during the imports, and with them the heap a
+    process starts its work on (see benchmarks/memory.py); forked children all share their server's.
+    """
+
+    def __init__(self, preload: Sequence[str] = PRELOAD, spawn: bool = False) -> None:
+        self.spawn = spawn or "forkserver" not in mp.get_all_start_methods()
+        if self.spawn:
+            self._ctx = mp.get_context("spawn")
+        else:
             self._ctx = mp.get_context("forkserver")
             self._ctx.set_forkserver_preload(list(preload))
-        else:
-            self._ctx = mp.get_context("spawn")
 
-    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 600.0, what: str = "") -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 600.0, what: str = "",
+             hash_seed: Optional[int] = None) -> Any:
+        if hash_seed is not None and not self.spawn:
+            raise ValueError("hash_seed needs FreshProcesses(spawn=True): forked children share their server's")
         recv, send = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=_child_main, args=(send, fn.__module__, fn.__name__, args), daemon=True)
-        proc.start()
+        with _environment("PYTHONHASHSEED", None if hash_seed is None else str(hash_seed)):
+            proc.start()
         send.close()
         try:
             if not recv.poll(timeout):
@@ -62,8 +93,8 @@ class FreshProcesses:
         return payload
 
     def call_on_point(self, function: Callable[..., Any], point: Any, threads: int, *args: Any,
-                      timeout: float = 600.0, what: str = "") -> Any:
+                      timeout: float = 600.0, what: str = "", hash_seed: Optional[int] = None) -> Any:
         """function(point, *args) in a new child running `threads` torch threads. function must be importable
         under its module's name (not a script's __main__); the point travels as plain fields."""
         return self.call(_on_point, function, asdict(point), threads, *args, timeout=timeout,
-                         what=what or f"{function.__name__} of {point.key}")
+                         what=what or f"{function.__name__} of {point.key}", hash_seed=hash_seed)

@@ -1,7 +1,12 @@
 """Peak memory of forward+backward steps per implementation, each measured in a process of its own.
 
-Every probe runs in a fresh child of a fork server that has already imported torch, DeepSpeed and ds_tutel
-(so a probe costs a fork, not a 3 s import). A child resets its peak-RSS mark at start (Linux
+Every probe runs in a new interpreter, as a training job does. Round r of the REPEATS rounds runs all of a
+point's probes with PYTHONHASHSEED=r: the hash seed orders sets and dicts while torch, DeepSpeed and ds_tutel
+import, and so decides the heap the steps start on. Measured on the project's CPU machine (k2_cf1_E64_M256
+fp32), ours' layer_MB was 232.6 MB under seeds 1, 2 and 3 and 258.3 MB under seed 0, DeepSpeed's 229-233 MB
+under all four, while repeats under one seed agreed within 0.3 MB. Children forked from one server (the
+earlier method) all inherit that server's heap, so a whole run drew one layout: the same code came out at
+0.99 of DeepSpeed's peak in one run and 1.25 in the next. A child resets its peak-RSS mark at start (Linux
 /proc/self/clear_refs), builds one layer and the inputs, runs STEPS steps, each on a new batch of tokens as a
 training job would (so routing and per-expert row counts change, and whatever a layer keeps per new shape
 accumulates), and reports its peak resident set; a "baseline" child builds the same inputs without any layer.
@@ -13,7 +18,7 @@ Reported per implementation:
              torch.profiler's allocation records: what the step itself holds, without what the memory
              allocator or math libraries (oneDNN's per-shape primitive cache, heap fragmentation) add to RSS.
 
-Without /proc the children fall back to getrusage's ru_maxrss (then both include the fork server's size, which
+Without /proc the children fall back to getrusage's ru_maxrss (then both include the imports' size, which
 the baseline subtraction removes). On CUDA the numbers are torch.cuda's allocated bytes instead of RSS.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ from benchmarks.layer_impls import Point
 
 _MB = 1 << 20
 STEPS = 4
-REPEATS = 3  # RSS peaks of identical runs differ by up to about 5 % here: medians of three
+REPEATS = 3  # hash seeds 0, 1, 2: the median of three heap layouts (see above)
 
 
 def _status_kb(field: str) -> Optional[int]:
@@ -87,7 +92,8 @@ def probe(point: Point, impl: str, device_type: str) -> Dict[str, float]:
             layer_step(layer, fresh_batch(point, device, i), dy_SM)
     if cuda:
         torch.cuda.synchronize(device)
-    out = {"peak_bytes": now(peak=True), "before_step_bytes": before_step}
+    out = {"peak_bytes": now(peak=True), "before_step_bytes": before_step,
+           "hash_seed": os.environ.get("PYTHONHASHSEED")}
     if layer is not None and not cuda:
         out["live_bytes"] = _live_step_bytes(lambda: layer_step(layer, x_SM, dy_SM))
     return out
@@ -114,23 +120,26 @@ def _live_step_bytes(step) -> int:
 
 
 def _run_probe(processes: FreshProcesses, point: Point, impl: str, device_type: str, threads: int,
-               timeout: float) -> Dict[str, float]:
+               timeout: float, hash_seed: int) -> Dict[str, float]:
     return processes.call_on_point(probe, point, threads, impl, device_type, timeout=timeout,
-                                   what=f"memory probe {impl} {point.key}")
+                                   what=f"memory probe {impl} {point.key}", hash_seed=hash_seed)
 
 
 def peak_memory(points: Iterable[Point], impls: List[str], device_type: str = "cpu", threads: int = 1,
                 timeout: float = 300.0, repeats: int = REPEATS, log=print) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{point key: {impl: {"layer_MB", "step_MB", "peak_MB", "live_MB", "layer_MB_range"}}}: medians over
-    `repeats` rounds, each round one child process per implementation and one for the baseline."""
-    processes = FreshProcesses()
+    """{point key: {impl: {"layer_MB", "step_MB", "peak_MB", "live_MB", "layer_MB_range", "hash_seeds"}}}:
+    medians over `repeats` rounds, round r one new interpreter per implementation and one for the baseline,
+    all with hash seed r."""
+    processes = FreshProcesses(spawn=True)
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for point in points:
         samples: Dict[str, List[Dict[str, float]]] = {impl: [] for impl in impls}
-        for _ in range(repeats):
-            baseline = _run_probe(processes, point, "baseline", device_type, threads, timeout)
+        seeds: Dict[str, List[str]] = {impl: [] for impl in impls}
+        for seed in range(repeats):
+            baseline = _run_probe(processes, point, "baseline", device_type, threads, timeout, seed)
             for impl in impls:
-                measured = _run_probe(processes, point, impl, device_type, threads, timeout)
+                measured = _run_probe(processes, point, impl, device_type, threads, timeout, seed)
+                seeds[impl].append(measured["hash_seed"])
                 sample = {"layer_MB": (measured["peak_bytes"] - baseline["peak_bytes"]) / _MB,
                           "step_MB": (measured["peak_bytes"] - measured["before_step_bytes"]) / _MB,
                           "peak_MB": measured["peak_bytes"] / _MB}
@@ -141,6 +150,7 @@ def peak_memory(points: Iterable[Point], impls: List[str], device_type: str = "c
                for impl, runs in samples.items()}
         for impl, runs in samples.items():
             row[impl]["layer_MB_range"] = [min(s["layer_MB"] for s in runs), max(s["layer_MB"] for s in runs)]
+            row[impl]["hash_seeds"] = seeds[impl]
         results[point.key] = row
         log(f"memory {point.key}: " + ", ".join(f"{i} {row[i]['layer_MB']:.1f} MB" for i in impls))
     return results

@@ -173,14 +173,16 @@ def test_ideal_layer_adds_the_routers_arithmetic_and_the_dispatch_bytes_to_the_f
 
 
 def test_memory_probes_run_in_their_own_processes():
-    """A baseline child and one child per implementation; the step's live peak includes the expert gradients."""
+    """A baseline child and one child per implementation, a new interpreter each, round r under hash seed r (the
+    heap layout the steps start on); the step's live peak includes the expert gradients."""
     from benchmarks.memory import peak_memory
     point = Point(2, 1.0, 4, model_dim=128, tokens=64)
     result = peak_memory([point], ["ours", "deepspeed"], repeats=2, log=lambda *_: None)
     assert list(result) == [point.key]
     for impl in ("ours", "deepspeed"):
         probe = result[point.key][impl]
-        assert set(probe) == {"layer_MB", "step_MB", "peak_MB", "live_MB", "layer_MB_range"}
+        assert set(probe) == {"layer_MB", "step_MB", "peak_MB", "live_MB", "layer_MB_range", "hash_seeds"}
+        assert probe["hash_seeds"] == ["0", "1"]
         assert probe["live_MB"] >= point.expert_param_bytes() / 2**20
         assert probe["peak_MB"] > probe["layer_MB"] > 0
         low, high = probe["layer_MB_range"]
@@ -221,3 +223,16 @@ def test_page_fault_report_counts_steps_and_operators():
     assert sum(f for _, f, _, _ in ops) >= 0 and ops == sorted(ops, key=lambda r: (-r[1], -r[2]))
     text = page_faults.report(point, steps=2)
     assert text.count("ours ") >= 2 and "deepspeed" in text and "floor" in text and "aten." in text
+
+
+def test_spawned_children_get_their_own_hash_seed_and_forked_ones_refuse_one():
+    """The seed reaches the child's environment and only its; forked children cannot have one (they share their
+    server's heap), so asking is an error rather than a silently ignored setting."""
+    from benchmarks.fresh_process import FreshProcesses
+    before = os.environ.get("PYTHONHASHSEED")
+    assert FreshProcesses(spawn=True).call(os.getenv, "PYTHONHASHSEED", hash_seed=7) == "7"
+    assert os.environ.get("PYTHONHASHSEED") == before
+    forked = FreshProcesses()
+    if not forked.spawn:
+        with pytest.raises(ValueError, match="spawn=True"):
+            forked.call(os.getenv, "PYTHONHASHSEED", hash_seed=1)
