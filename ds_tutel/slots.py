@@ -1,15 +1,20 @@
 """Slot arithmetic in sparse form: the position of each choice among the choices of its expert.
 
 DeepSpeed computes a choice's slot as a cumulative sum down a dense one-hot [S, E] table; the same integers come
-from one stable sort of the S * K choices by expert, which touches O(S * K) elements instead of O(S * E).
+from one stable sort of the S * K choices by expert, which touches O(S * K) elements instead of O(S * E). On CPU
+tensors, where the compiled loops are built (ds_tutel.cpu_kernels), one counting pass gives them without a sort
+(and a counting sort by group, then a sort of each group, gives the ranks by score): 116 against 10 us or so
+for 4096 choices of 16 experts, 970 us for the by-score ranks of 8192 choices of 32 experts.
 
 Shape legend: J choices (flattened in token order), G groups (experts, or experts of one choice rank).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Tuple
 
 import torch
+
+from . import cpu_kernels
 
 
 def _ranks_in_order(group_J: torch.Tensor, order_J: torch.Tensor, num_groups: int
@@ -22,19 +27,36 @@ def _ranks_in_order(group_J: torch.Tensor, order_J: torch.Tensor, num_groups: in
     return rank_J, counts_G[:num_groups]
 
 
-def rank_within_groups(group_J: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _compiled(group_J: torch.Tensor) -> Any:
+    """The compiled loops where they apply (CPU int64 groups, built), else None."""
+    if group_J.device.type != "cpu" or group_J.dtype != torch.int64:
+        return None
+    return cpu_kernels.load()
+
+
+def rank_within_groups(group_J: torch.Tensor, num_groups: int,
+                       use_kernels: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rank_J, counts_G): how many earlier elements (in J order) share each element's group, and group sizes.
 
     Elements whose group is `num_groups` or more are excluded: they are not counted, and their rank is
     meaningless. Exact integer arithmetic, equal to cumsum(one_hot(group_J), dim=0) - 1 read at each group.
+    use_kernels=False keeps the torch operators even where the compiled loop exists (same integers).
     """
+    kernels = _compiled(group_J) if use_kernels else None
+    if kernels is not None:
+        rank_J, counts_G = kernels.rank_within_groups(group_J, num_groups)
+        return rank_J, counts_G
     group_J = group_J.clamp(max=num_groups)
     return _ranks_in_order(group_J, torch.argsort(group_J, stable=True), num_groups)
 
 
-def rank_by_score_within_groups(group_J: torch.Tensor, score_J: torch.Tensor, num_groups: int) -> torch.Tensor:
+def rank_by_score_within_groups(group_J: torch.Tensor, score_J: torch.Tensor, num_groups: int,
+                                use_kernels: bool = True) -> torch.Tensor:
     """Rank of each element inside its group when the group is ordered by score, highest first (equal scores
-    in J order). Excluded elements (group >= num_groups) get meaningless ranks."""
+    in J order, NaN above every number). Excluded elements (group >= num_groups) get meaningless ranks."""
+    kernels = _compiled(group_J) if use_kernels and score_J.device.type == "cpu" else None
+    if kernels is not None:
+        return kernels.rank_by_score_within_groups(group_J, score_J, num_groups)
     group_J = group_J.clamp(max=num_groups)
     by_score_J = torch.argsort(score_J, descending=True, stable=True)
     order_J = by_score_J[torch.argsort(group_J[by_score_J], stable=True)]

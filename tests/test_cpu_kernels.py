@@ -13,14 +13,18 @@ import ds_tutel
 from ds_tutel import cpu_kernels, grouped_kernels
 from ds_tutel.dispatch import grouped_plan
 from ds_tutel.gating import route_deepspeed
+from ds_tutel.slots import rank_by_score_within_groups, rank_within_groups
 from helpers import expert_ffn, run_step
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def test_the_loops_build_on_this_machine():
     """The suite runs with DS_TUTEL_CPU_KERNELS=1 (conftest): a broken build or source fails here by name."""
     module = cpu_kernels.load()
     assert module is not None
-    assert {"combine_forward", "combine_backward", "gather_backward"} <= set(dir(module))
+    assert {"combine_forward", "combine_backward", "gather_backward", "rank_within_groups",
+            "rank_by_score_within_groups"} <= set(dir(module))
 
 
 def test_an_unknown_setting_is_rejected(monkeypatch):
@@ -125,3 +129,30 @@ def test_the_loops_give_the_same_bits_on_one_thread_and_on_several(dtype):
 
     for a, b in zip(step(1), step(4)):
         assert torch.equal(a, b)
+
+
+SCORE_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 400), st.integers(0, 40), st.integers(0, 2 ** 16), st.sampled_from(SCORE_DTYPES))
+def test_compiled_ranks_are_the_torch_paths_integers(J, G, seed, dtype):
+    """Every element's rank (excluded ones too) and the counts, bitwise; scores with many ties, NaNs and signed
+    zeros, groups beyond num_groups (all excluded alike)."""
+    gen = torch.Generator().manual_seed(seed)
+    group_J = torch.randint(0, G + 3, (J,), generator=gen)
+    pool = torch.tensor([0.0, -0.0, 0.25, 0.5, 1.0, float("nan"), float("inf"), -float("inf")])
+    score_J = pool[torch.randint(0, len(pool), (J,), generator=gen)].to(dtype)
+    compiled_rank_J, compiled_counts_G = rank_within_groups(group_J, G)
+    torch_rank_J, torch_counts_G = rank_within_groups(group_J, G, use_kernels=False)
+    assert torch.equal(compiled_rank_J, torch_rank_J)
+    assert torch.equal(compiled_counts_G, torch_counts_G)
+    assert torch.equal(rank_by_score_within_groups(group_J, score_J, G),
+                       rank_by_score_within_groups(group_J, score_J, G, use_kernels=False))
+
+
+def test_compiled_ranks_reject_negative_groups():
+    with pytest.raises(RuntimeError, match="non-negative"):
+        rank_within_groups(torch.tensor([0, -1, 2]), 3)
+    with pytest.raises(RuntimeError, match="non-negative"):
+        rank_by_score_within_groups(torch.tensor([0, -1, 2]), torch.rand(3), 3)

@@ -1,4 +1,5 @@
-// The grouped path's combine and the gather's backward on the CPU, one pass over the kept rows each.
+// The grouped path's combine and the gather's backward on the CPU, one pass over the kept rows each; and the
+// router's slot arithmetic (a choice's rank among its expert's choices), one pass instead of sorts.
 //
 // The torch-operator path (ds_tutel/dispatch.py) makes several passes per direction (products into a buffer,
 // index_add_, a gather, a sum, a scaling) and allocates a buffer for each. These loops go token by token: a
@@ -15,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -204,8 +206,74 @@ torch::Tensor gather_backward(torch::Tensor row_SK, std::vector<torch::Tensor> g
   return dx_SM;
 }
 
+namespace {
+
+int64_t checked_group(int64_t group, int64_t G) {
+  TORCH_CHECK(group >= 0, "groups must be non-negative, got ", group);
+  return std::min(group, G);
+}
+
+void check_groups(const torch::Tensor& group_J, int64_t G) {
+  TORCH_CHECK(group_J.device().is_cpu() && group_J.dim() == 1 && group_J.scalar_type() == torch::kInt64,
+              "group_J must be a CPU int64 vector");
+  TORCH_CHECK(G >= 0, "num_groups must be non-negative");
+}
+
+}  // namespace
+
+// rank_J[j] = how many earlier elements (in J order) share j's group, every group >= G counting as group G;
+// counts_G = the sizes of groups 0..G-1. One pass: the integers of ds_tutel/slots.py's stable sort.
+std::vector<torch::Tensor> rank_within_groups(torch::Tensor group_J, int64_t G) {
+  check_groups(group_J, G);
+  group_J = group_J.contiguous();
+  const int64_t J = group_J.numel();
+  auto rank_J = torch::empty({J}, group_J.options());
+  auto counts_G = torch::zeros({G + 1}, group_J.options());
+  const int64_t* group = group_J.data_ptr<int64_t>();
+  int64_t* rank = rank_J.data_ptr<int64_t>();
+  int64_t* count = counts_G.data_ptr<int64_t>();
+  for (int64_t j = 0; j < J; ++j) rank[j] = count[checked_group(group[j], G)]++;
+  return {rank_J, counts_G.narrow(0, 0, G)};
+}
+
+// rank_J[j] = j's place in its group ordered by descending score, equal scores in J order, NaN above every number
+// (as torch's stable descending sort orders them); groups >= G count as group G. A counting sort by group, then
+// a stable sort of each group by score.
+torch::Tensor rank_by_score_within_groups(torch::Tensor group_J, torch::Tensor score_J, int64_t G) {
+  check_groups(group_J, G);
+  TORCH_CHECK(score_J.device().is_cpu() && score_J.dim() == 1 && score_J.numel() == group_J.numel(),
+              "score_J must be a CPU vector as long as group_J");
+  group_J = group_J.contiguous();
+  score_J = score_J.contiguous();
+  const int64_t J = group_J.numel();
+  const int64_t* group = group_J.data_ptr<int64_t>();
+  std::vector<int64_t> start_G(G + 2, 0);
+  for (int64_t j = 0; j < J; ++j) ++start_G[checked_group(group[j], G) + 1];
+  for (int64_t g = 0; g <= G; ++g) start_G[g + 1] += start_G[g];
+  std::vector<int64_t> order_J(J), next_G(start_G.begin(), start_G.end() - 1);
+  for (int64_t j = 0; j < J; ++j) order_J[next_G[std::min(group[j], G)]++] = j;
+  auto rank_J = torch::empty({J}, group_J.options());
+  int64_t* rank = rank_J.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, score_J.scalar_type(), "rank_by_score", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* score = score_J.data_ptr<scalar_t>();
+    const auto above = [score](int64_t a, int64_t b) {
+      const acc_t x = static_cast<acc_t>(score[a]), y = static_cast<acc_t>(score[b]);
+      return (std::isnan(x) && !std::isnan(y)) || x > y;
+    };
+    for (int64_t g = 0; g <= G; ++g) {
+      const auto first = order_J.begin() + start_G[g], last = order_J.begin() + start_G[g + 1];
+      std::stable_sort(first, last, above);
+      for (auto it = first; it != last; ++it) rank[*it] = it - first;
+    }
+  });
+  return rank_J;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("combine_forward", &combine_forward, "grouped combine, token by token");
   m.def("combine_backward", &combine_backward, "grouped combine's backward, token by token");
   m.def("gather_backward", &gather_backward, "grouped gather's backward, token by token");
+  m.def("rank_within_groups", &rank_within_groups, "each element's rank in its group, in one pass");
+  m.def("rank_by_score_within_groups", &rank_by_score_within_groups, "each element's rank in its group by score");
 }
