@@ -116,7 +116,8 @@ def measure_point(point: Point, device: torch.device, grid: Grid, bandwidth_Bps:
     """Interleaved median step times of both layers and the expert-FFN floor, plus the bytes floor."""
     steps = timed_steps(point, device, tokens=grid.tokens)
     times = interleaved(steps.fns, device, warmup=grid.warmup, reps=grid.reps, budget_s=grid.budget_s,
-                        min_reps=min(5, grid.reps), prepare=steps.prepare)
+                        min_reps=min(5, grid.reps), prepare=steps.prepare, before_round=steps.before_round,
+                        orders=steps.orders)
     med = {name: median(t) for name, t in times.items()}
     kept_choices = int(median(steps.kept_choices))
     bytes_floor_s = dispatch_bytes(kept_choices, point.model_dim, point.torch_dtype) / bandwidth_Bps

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -148,19 +148,24 @@ def layer_step(layer: nn.Module, x_SM: torch.Tensor, dy_SM: torch.Tensor,
 
 
 TOKENS = ("fresh", "fixed")
+ORDERS = (("ours", "deepspeed", "floor"), ("deepspeed", "ours", "floor"))
 
 
 @dataclass
 class TimedSteps:
-    """What a timing run of one point needs: a step function per implementation (ours, deepspeed, floor, in
-    that order), the untimed preparation each needs before its step, the routing ours made on the first batch,
-    and the floor's work (built from ours' routing of the batch it steps on)."""
+    """What a timing run of one point needs: a step function per implementation (ours, deepspeed, floor), the
+    untimed work before each round (a new batch) and before a step (the floor's work, built from ours' routing
+    of the round's batch), the orders rounds alternate between (the two layers take turns at being first on a
+    round's batch; the floor comes last, after ours has routed it), the routing ours made on the first batch,
+    and the floor's first work."""
 
     fns: Dict[str, Callable[[], object]]
     prepare: Dict[str, Callable[[], None]]
     routing: object
     work: object
     kept_choices: List[int] = field(default_factory=list)  # the floor's kept choices, one per prepared batch
+    before_round: Optional[Callable[[], None]] = None
+    orders: List[List[str]] = field(default_factory=lambda: [list(ORDERS[0]), list(ORDERS[1])])
 
 
 def fresh_batch(point: Point, device: torch.device, index: int) -> torch.Tensor:
@@ -203,5 +208,6 @@ def timed_steps(point: Point, device: torch.device, tokens: str = "fixed") -> Ti
             # a new shape (CPU bf16 matmul primitives); ours and DeepSpeed's layers pay theirs in their time.
             floor_step(state["work"])
 
-        steps.prepare = {"ours": next_batch, "floor": floor_work}
+        steps.before_round = next_batch
+        steps.prepare = {"floor": floor_work}
     return steps

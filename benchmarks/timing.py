@@ -1,4 +1,5 @@
-"""Interleaved timing: A B C A B C ... after warm-up, so drift on a shared machine hits every candidate alike.
+"""Interleaved timing: A B C A B C ... after warm-up, so drift on a shared machine hits every candidate alike
+(optionally in alternating orders, A B C B A C ..., so that none is always first on a round's new data).
 
 On CPU each call is timed with perf_counter; on CUDA with a pair of events around it (synchronised after the
 call, so the host launching the next call never overlaps the one being timed).
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -28,25 +29,39 @@ def _time_once(fn: Callable[[], None], device: torch.device) -> float:
 
 def interleaved(fns: Dict[str, Callable[[], None]], device: torch.device, warmup: int = 2, reps: int = 5,
                 budget_s: Optional[float] = None, min_reps: int = 5,
-                prepare: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, List[float]]:
+                prepare: Optional[Dict[str, Callable[[], None]]] = None,
+                before_round: Optional[Callable[[], None]] = None,
+                orders: Optional[Sequence[Sequence[str]]] = None) -> Dict[str, List[float]]:
     """Seconds per call of each candidate: `warmup` untimed rounds, then up to `reps` timed rounds.
 
-    prepare[name], when given, runs untimed just before each call of fns[name] (a new batch, say).
+    before_round, when given, runs untimed at the start of every round (a new batch, say); prepare[name] just
+    before each call of fns[name]. orders: round i calls the candidates in orders[i % len(orders)] (default:
+    fns' order every round); alternating lets no candidate always be the first to touch a round's new data.
     budget_s ends the timed rounds early (never before `min_reps` rounds) once that much time has gone by.
     """
     prepare = prepare or {}
-    for _ in range(warmup):
-        for name, fn in fns.items():
+    orders = [list(order) for order in orders] if orders else [list(fns)]
+    for order in orders:
+        if sorted(order) != sorted(fns):
+            raise ValueError(f"every order must name each candidate once: {order} against {list(fns)}")
+
+    def run_round(index: int, times: Optional[Dict[str, List[float]]]) -> None:
+        if before_round is not None:
+            before_round()
+        for name in orders[index % len(orders)]:
             if name in prepare:
                 prepare[name]()
-            fn()
+            if times is None:
+                fns[name]()
+            else:
+                times[name].append(_time_once(fns[name], device))
+
+    for i in range(warmup):
+        run_round(i, None)
     times: Dict[str, List[float]] = {name: [] for name in fns}
     started = time.perf_counter()
     for i in range(reps):
-        for name, fn in fns.items():
-            if name in prepare:
-                prepare[name]()
-            times[name].append(_time_once(fn, device))
+        run_round(warmup + i, times)
         if budget_s is not None and i + 1 >= min_reps and time.perf_counter() - started > budget_s:
             break
     return times

@@ -82,6 +82,8 @@ def test_floor_runs_exactly_the_kept_choices():
 
 @pytest.mark.parametrize("tokens", ["fresh", "fixed"])
 def test_token_modes_give_both_layers_and_the_floor_the_same_batch_per_round(monkeypatch, tokens):
+    """Per round: both layers and the floor on one batch (a new one per round in fresh mode), the floor on
+    exactly ours' kept tokens of that batch, and the two layers taking turns at being first on it."""
     from benchmarks import floors, layer_impls
     seen = []  # (who, x_SM or the floor's work, ours' routing or None) per call, in call order
     real_step, real_floor = layer_impls.layer_step, floors.floor_step
@@ -101,26 +103,33 @@ def test_token_modes_give_both_layers_and_the_floor_the_same_batch_per_round(mon
     point = Point(2, 1.0, 4, model_dim=16, tokens=48)
     steps = layer_impls.timed_steps(point, CPU, tokens=tokens)
     seen.clear()
-    interleaved(steps.fns, CPU, warmup=0, reps=3, min_reps=3, prepare=steps.prepare)
-    rounds = []
-    for who, x_SM, routing in seen:
-        if who == "ours":
-            rounds.append({"x": x_SM, "routing": routing, "floors": []})
-        elif who == "deepspeed":
-            assert x_SM is rounds[-1]["x"]  # DeepSpeed's layer steps on ours' batch of the round
-        else:
-            rounds[-1]["floors"].append(x_SM)
-    assert len(rounds) == 3
+    interleaved(steps.fns, CPU, warmup=0, reps=4, min_reps=4, prepare=steps.prepare, before_round=steps.before_round,
+                orders=steps.orders)
+    per_round = 4 if tokens == "fresh" else 3  # fresh: the floor's untimed warm-up step on the new work too
+    assert len(seen) == 4 * per_round
+    rounds = [seen[i:i + per_round] for i in range(0, len(seen), per_round)]
+    assert [[who for who, _, _ in r if who != "floor"] for r in rounds] == [["ours", "deepspeed"],
+                                                                            ["deepspeed", "ours"]] * 2
+    xs = []
     for r in rounds:
-        # The floor's work (a warm-up step and the timed one in fresh mode) holds this round's kept tokens.
-        assert len(r["floors"]) == (2 if tokens == "fresh" else 1)
-        expected = [r["x"].index_select(0, t) for t in tokens_per_expert(r["routing"], point.num_experts)]
+        (ours_x, routing), = [(x, routing) for who, x, routing in r if who == "ours"]
+        (ds_x,) = [x for who, x, _ in r if who == "deepspeed"]
+        assert ds_x is ours_x  # DeepSpeed's layer steps on the round's batch
+        assert [who for who, _, _ in r[-(per_round - 2):]] == ["floor"] * (per_round - 2)  # floors come last
+        expected = [ours_x.index_select(0, t) for t in tokens_per_expert(routing, point.num_experts)]
         expected = torch.cat([e for e in expected if e.shape[0]])
-        for work in r["floors"]:
+        for _, work, _ in r[2:]:
+            # The floor's work (a warm-up step and the timed one in fresh mode) holds this round's kept tokens.
             torch.testing.assert_close(torch.cat([x.detach() for x in work.inputs_nM]), expected, atol=0, rtol=0)
-    distinct = len({r["x"].data_ptr() for r in rounds}) == 3 and not torch.equal(rounds[0]["x"], rounds[1]["x"])
+        xs.append(ours_x)
+    distinct = len({x.data_ptr() for x in xs}) == 4 and not torch.equal(xs[0], xs[1])
     assert distinct == (tokens == "fresh")
-    assert len(steps.kept_choices) == (4 if tokens == "fresh" else 1)
+    assert len(steps.kept_choices) == (5 if tokens == "fresh" else 1)
+
+
+def test_interleaved_rejects_an_order_that_misses_a_candidate():
+    with pytest.raises(ValueError, match="each candidate once"):
+        interleaved({"a": lambda: None, "b": lambda: None}, CPU, warmup=0, reps=1, orders=[["a"]])
 
 
 def test_paired_ratio_takes_the_median_of_per_round_ratios():
