@@ -38,8 +38,10 @@ def _rank_times(rank: int, world_size: int, point_fields: List[dict], warmup: in
             for layer in layers.values():
                 layer_step(layer, x_SM, dy_SM)
         samples = {name: [] for name in layers}
-        for _ in range(reps):
-            for name, layer in layers.items():
+        for i in range(reps):
+            # The implementations take turns at going first, as in the single-rank timing (benchmarks/timing.py).
+            for name in (list(layers) if i % 2 == 0 else list(layers)[::-1]):
+                layer = layers[name]
                 dist.barrier()
                 start = time.perf_counter()
                 layer_step(layer, x_SM, dy_SM)
