@@ -168,10 +168,10 @@ def grouped_plan(routing: Routing, bucket_rows: bool = False, use_kernels: Optio
 
 
 def _kernels_for(device: torch.device, use_kernels: Optional[bool]) -> Any:
-    if use_kernels is False or (use_kernels is None and device.type != "cpu"):
+    if use_kernels is False:
         return None
-    kernels = cpu_kernels.load()
-    if use_kernels and (kernels is None or device.type != "cpu"):
+    kernels = cpu_kernels.load_for(device)
+    if use_kernels and kernels is None:
         raise RuntimeError(f"use_kernels=True needs CPU tokens and the built CPU kernels (device {device}, "
                            f"DS_TUTEL_CPU_KERNELS={cpu_kernels.mode()})")
     return kernels

@@ -29,9 +29,7 @@ def _ranks_in_order(group_J: torch.Tensor, order_J: torch.Tensor, num_groups: in
 
 def _compiled(group_J: torch.Tensor) -> Any:
     """The compiled loops where they apply (CPU int64 groups, built), else None."""
-    if group_J.device.type != "cpu" or group_J.dtype != torch.int64:
-        return None
-    return cpu_kernels.load()
+    return cpu_kernels.load_for(group_J.device) if group_J.dtype == torch.int64 else None
 
 
 def rank_within_groups(group_J: torch.Tensor, num_groups: int,
@@ -44,8 +42,7 @@ def rank_within_groups(group_J: torch.Tensor, num_groups: int,
     """
     kernels = _compiled(group_J) if use_kernels else None
     if kernels is not None:
-        rank_J, counts_G = kernels.rank_within_groups(group_J, num_groups)
-        return rank_J, counts_G
+        return tuple(kernels.rank_within_groups(group_J, num_groups))
     group_J = group_J.clamp(max=num_groups)
     return _ranks_in_order(group_J, torch.argsort(group_J, stable=True), num_groups)
 
