@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Sequence
 
 import torch
@@ -32,6 +32,7 @@ class ExpertWork:
     inputs_nM: List[torch.Tensor]
     grads_nM: List[torch.Tensor]
     kept_choices: int
+    params: List[nn.Parameter] = field(default_factory=list)  # the experts' parameters, listed once
 
 
 def tokens_per_expert(routing, num_experts: int) -> List[torch.Tensor]:
@@ -56,14 +57,13 @@ def expert_work(experts: Sequence[nn.Module], routing, x_SM: torch.Tensor, dy_SM
         inputs.append(x_SM.index_select(0, token_n).detach().requires_grad_(True))
         grads.append(dy_SM.index_select(0, token_n).contiguous())
         kept += token_n.numel()
-    return ExpertWork(chosen, inputs, grads, kept)
+    return ExpertWork(chosen, inputs, grads, kept, [p for expert in chosen for p in expert.parameters()])
 
 
 def floor_step(work: ExpertWork) -> None:
     """The compute floor: forward of every expert on its rows, then one backward (input and weight grads)."""
-    for expert in work.experts:
-        for param in expert.parameters():
-            param.grad = None
+    for param in work.params:  # listed once, as the layers' zero_grads lists theirs
+        param.grad = None
     for x_nM in work.inputs_nM:
         x_nM.grad = None
     outs_nM = [expert(x_nM) for expert, x_nM in zip(work.experts, work.inputs_nM)]

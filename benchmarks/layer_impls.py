@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -132,8 +133,17 @@ def make_inputs(point: Point, device: torch.device, seed: int = 0) -> Tuple[torc
     return x_SM.to(device, point.torch_dtype), dy_SM.to(device, point.torch_dtype)
 
 
+_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, List[nn.Parameter]]" = weakref.WeakKeyDictionary()
+
+
 def zero_grads(module: nn.Module) -> None:
-    for param in module.parameters():
+    """Sets every parameter's grad to None, as optimizer.zero_grad() does: over a list made once, as an
+    optimizer holds its parameter groups. Walking the module tree every step (module.parameters()) cost about
+    0.35 ms at E=64, the same for both layers, which only pulled their ratio towards 1."""
+    params = _PARAMETERS.get(module)
+    if params is None:
+        params = _PARAMETERS[module] = list(module.parameters())
+    for param in params:
         param.grad = None
 
 

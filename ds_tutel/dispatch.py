@@ -115,7 +115,7 @@ class GroupedPlan:
     tokens of that padded layout, pad rows pointing at token 0 and zeroed after the gather)."""
 
     token_J: torch.Tensor
-    gates_J: torch.Tensor
+    gates_J: Optional[torch.Tensor]  # None in plans for the compiled loops, which read gates_SK
     rows_per_expert: List[int]
     num_tokens: int
     single_choice: bool  # at most one kept choice per token (k=1)
@@ -140,8 +140,11 @@ def grouped_plan(routing: Routing, bucket_rows: bool = False, use_kernels: Optio
     bucket_rows: each expert runs on its row count rounded up by row_buckets (see there for when and why).
     use_kernels: gather and combine through the compiled CPU loops (grouped_kernels.py); None: wherever the
     tokens are on the CPU and the loops are built (cpu_kernels.load), False: the torch-operator path, True:
-    the loops or an error.
+    the loops or an error. With the loops, one compiled pass also lays out the rows.
     """
+    kernels = _kernels_for(routing.gates_SK.device, use_kernels)
+    if kernels is not None:
+        return _compiled_plan(routing, bucket_rows, kernels)
     S, K = routing.indices_SK.shape
     choice_J = routing.kept_SK.reshape(-1).nonzero().squeeze(1)  # kept choices in (token, choice) order
     expert_J = routing.indices_SK.reshape(-1).index_select(0, choice_J)
@@ -159,11 +162,21 @@ def grouped_plan(routing: Routing, bucket_rows: bool = False, use_kernels: Optio
         plan.expert_rows = [bucket(n) for n in rows]
         if plan.expert_rows != rows:
             plan.token_P = _padded_tokens(token_J, rows, plan.expert_rows)
-    plan.kernels = _kernels_for(routing.gates_SK.device, use_kernels)
-    if plan.kernels is not None:
-        plan.row_SK = torch.full((S, K), -1, dtype=torch.int64, device=choice_J.device)
-        plan.row_SK.view(-1)[choice_J] = row_J
-        plan.gates_SK = routing.gates_SK
+    return plan
+
+
+def _compiled_plan(routing: Routing, bucket_rows: bool, kernels: Any) -> GroupedPlan:
+    """The same plan from one compiled pass over the choices, plus each choice's row (row_SK) and the gates by
+    choice, which the compiled loops read instead of gates_J."""
+    S, K = routing.indices_SK.shape
+    row_SK, token_J, rows_E = kernels.grouped_rows(routing.indices_SK, routing.locations_SK, routing.num_experts)
+    rows = rows_E.tolist()
+    plan = GroupedPlan(token_J=token_J, gates_J=None, rows_per_expert=rows, num_tokens=S, single_choice=K == 1,
+                       row_SK=row_SK, gates_SK=routing.gates_SK, kernels=kernels)
+    if bucket_rows:
+        plan.expert_rows = [bucket(n) for n in rows]
+        if plan.expert_rows != rows:
+            plan.token_P = kernels.padded_tokens(token_J, rows, plan.expert_rows)
     return plan
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import losses, noise
+from . import choices, losses, noise
 from .options import RouterOptions
 from .router_linear import router_linear
 from .routing import CapacityAgreement, Routing
@@ -72,7 +72,7 @@ def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_r
     if rsample:
         choice_S = torch.argmax(logits_SE + noise.gumbel(logits_SE.shape, logits_SE.device), dim=1)
     else:
-        choice_S = torch.argmax(probs_SE, dim=1)
+        choice_S = choices.top1(probs_SE)
     wanted_SE = _only_used(F.one_hot(choice_S, num_classes=E), used_S)
     counts_E = wanted_SE.sum(dim=0)
     if drop_tokens:
@@ -101,12 +101,11 @@ def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_r
 
 def _top2(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, second_expert_sampling, used_S, agree):
     S, E = probs_SE.shape
-    first_S = torch.argmax(probs_SE, dim=1)
     logits_SE = logits_SE.detach()
     if second_expert_sampling:
         logits_SE = logits_SE + noise.gumbel(logits_SE.shape, logits_SE.device)
-    second_S = torch.argmax(logits_SE.scatter(1, first_S.unsqueeze(1), float("-inf")), dim=1)
-    choice_SK = torch.stack([first_S, second_S], dim=1)
+    choice_SK = choices.top2(probs_SE, logits_SE)
+    second_S = choice_SK[:, 1]
 
     # First choices rank among first choices (groups 0..E-1), second ones among second ones (E..2E-1) and then
     # queue behind every first choice of their expert.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ds_tutel
-from ds_tutel import cpu_kernels, grouped_kernels
+from ds_tutel import choices, cpu_kernels, grouped_kernels
 from ds_tutel.dispatch import grouped_plan
 from ds_tutel.gating import route_deepspeed
 from ds_tutel.slots import rank_by_score_within_groups, rank_within_groups
@@ -24,7 +24,8 @@ def test_the_loops_build_on_this_machine():
     module = cpu_kernels.load()
     assert module is not None
     assert {"combine_forward", "combine_backward", "gather_backward", "rank_within_groups",
-            "rank_by_score_within_groups"} <= set(dir(module))
+            "rank_by_score_within_groups", "argmax_rows", "top2_rows", "grouped_rows",
+            "padded_tokens"} <= set(dir(module))
 
 
 def test_an_unknown_setting_is_rejected(monkeypatch):
@@ -156,3 +157,57 @@ def test_compiled_ranks_reject_negative_groups():
         rank_within_groups(torch.tensor([0, -1, 2]), 3)
     with pytest.raises(RuntimeError, match="non-negative"):
         rank_by_score_within_groups(torch.tensor([0, -1, 2]), torch.rand(3), 3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 70), st.integers(0, 2 ** 16))
+def test_compiled_choices_are_torchs_argmax(S, E, seed):
+    """Top-1 and DeepSpeed's top-2 choices bitwise, on scores full of ties, NaNs, infinities and signed zeros
+    (a row of -inf makes the second choice land on the first, as the overwrite with -inf does in torch)."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([0.0, -0.0, 0.25, 1.0, float("nan"), float("inf"), -float("inf")])
+    first_SE = pool[torch.randint(0, len(pool), (S, E), generator=gen)]
+    second_SE = pool[torch.randint(0, len(pool), (S, E), generator=gen)]
+    if S:
+        second_SE[0] = -float("inf")
+        first_SE[-1] = torch.rand(E, generator=gen)  # one row of ordinary scores
+    assert torch.equal(choices.top1(first_SE), choices.top1(first_SE, use_kernels=False))
+    assert torch.equal(choices.top2(first_SE, second_SE), choices.top2(first_SE, second_SE, use_kernels=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 200), st.integers(1, 40), st.sampled_from([1, 2, 3, 4]), st.sampled_from([0.5, 1.0, 2.0]),
+       st.booleans(), st.integers(0, 2 ** 16))
+def test_the_compiled_plan_is_the_torch_paths_plan(S, E, k, capacity_factor, bucket_rows, seed):
+    """Rows per expert, each row's token (pad rows included) and each kept choice's row, against the torch
+    path's plan; dropped choices, empty experts and unused tokens included."""
+    gen = torch.Generator().manual_seed(seed)
+    used_S = (torch.rand(S, generator=gen) > 0.2).long()
+    k = min(k, E)
+    routing = route_deepspeed(torch.randn(S, E, generator=gen), k=k, capacity_factor=capacity_factor,
+                              min_capacity=0, used_token_S=used_S, use_rts=False)[0]
+    compiled = grouped_plan(routing, bucket_rows=bucket_rows, use_kernels=True)
+    torch_path = grouped_plan(routing, bucket_rows=bucket_rows, use_kernels=False)
+    assert compiled.rows_per_expert == torch_path.rows_per_expert
+    assert compiled.expert_rows == torch_path.expert_rows
+    assert torch.equal(compiled.token_J, torch_path.token_J)
+    assert torch.equal(compiled.token_P, torch_path.token_P)
+    kept_SK = routing.kept_SK
+    choice_J = kept_SK.reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(compiled.row_SK[~kept_SK], torch.full_like(compiled.row_SK[~kept_SK], -1))
+    # a kept choice's row holds its token and its gate in the torch path's layout
+    assert torch.equal(torch_path.token_J[compiled.row_SK.reshape(-1)[choice_J]], choice_J // k)
+    assert torch.equal(torch_path.gates_J[compiled.row_SK.reshape(-1)[choice_J]],
+                       routing.gates_SK.reshape(-1)[choice_J])
+
+
+def test_the_compiled_plan_rejects_slots_that_are_not_a_prefix():
+    """Kept choices must number each expert's slots 0..n-1 once each: a gap or a repeat raises instead of
+    writing rows out of bounds."""
+    kernels = cpu_kernels.load()
+    indices_SK = torch.tensor([[0], [0], [1]])
+    for locations in ([[0], [2], [0]], [[0], [0], [0]], [[1], [-1], [0]]):
+        with pytest.raises(RuntimeError, match="slots 0"):
+            kernels.grouped_rows(indices_SK, torch.tensor(locations), 2)
+    with pytest.raises(RuntimeError, match="lie in"):
+        kernels.grouped_rows(torch.tensor([[0], [2]]), torch.tensor([[0], [0]]), 2)

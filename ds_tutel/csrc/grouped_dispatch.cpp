@@ -1,5 +1,7 @@
-// The grouped path's combine and the gather's backward on the CPU, one pass over the kept rows each; and the
-// router's slot arithmetic (a choice's rank among its expert's choices), one pass instead of sorts.
+// The grouped path's combine and the gather's backward on the CPU, one pass over the kept rows each; the
+// router's slot arithmetic (a choice's rank among its expert's choices), one pass instead of sorts; its top-1
+// and top-2 choices, one pass over the scores; and the grouped plan's rows (each kept choice's row, each row's
+// token), one pass over the choices.
 //
 // The torch-operator path (ds_tutel/dispatch.py) makes several passes per direction (products into a buffer,
 // index_add_, a gather, a sum, a scaling) and allocates a buffer for each. These loops go token by token: a
@@ -18,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -270,10 +273,145 @@ torch::Tensor rank_by_score_within_groups(torch::Tensor group_J, torch::Tensor s
   return rank_J;
 }
 
+
+namespace {
+
+// torch.argmax's pick over n scores: the first NaN if any, else the first of the largest (-0 equals 0).
+// `skip` (or -1) is read as -inf, as a score overwritten with -inf would be.
+inline int64_t argmax_of(const float* score, int64_t n, int64_t skip) {
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  int64_t best = 0;
+  float best_value = skip == 0 ? minus_inf : score[0];
+  for (int64_t e = 1; e < n && !std::isnan(best_value); ++e) {
+    const float value = e == skip ? minus_inf : score[e];
+    if (std::isnan(value) || value > best_value) {
+      best = e;
+      best_value = value;
+    }
+  }
+  return best;
+}
+
+void check_scores(const torch::Tensor& score_SE, const char* name) {
+  TORCH_CHECK(score_SE.device().is_cpu() && score_SE.dim() == 2 && score_SE.scalar_type() == torch::kFloat32 &&
+                  score_SE.size(1) > 0,
+              name, " must be a CPU float32 [S, E] tensor with E > 0");
+}
+
+}  // namespace
+
+// choice_S = argmax(score_SE, dim=1), torch's tie and NaN rules.
+torch::Tensor argmax_rows(torch::Tensor score_SE) {
+  check_scores(score_SE, "score_SE");
+  score_SE = score_SE.contiguous();
+  const int64_t S = score_SE.size(0), E = score_SE.size(1);
+  auto choice_S = torch::empty({S}, score_SE.options().dtype(torch::kInt64));
+  const float* score = score_SE.data_ptr<float>();
+  int64_t* choice = choice_S.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) choice[s] = argmax_of(score + s * E, E, -1);
+  return choice_S;
+}
+
+// DeepSpeed's top-2 choices: first_S = argmax(first_SE, dim=1), then second_S = argmax of second_SE with the
+// first choice's score overwritten by -inf. Returns choice_SK [S, 2].
+torch::Tensor top2_rows(torch::Tensor first_SE, torch::Tensor second_SE) {
+  check_scores(first_SE, "first_SE");
+  check_scores(second_SE, "second_SE");
+  TORCH_CHECK(first_SE.sizes() == second_SE.sizes(), "first_SE and second_SE must have one shape");
+  first_SE = first_SE.contiguous();
+  second_SE = second_SE.contiguous();
+  const int64_t S = first_SE.size(0), E = first_SE.size(1);
+  auto choice_SK = torch::empty({S, 2}, first_SE.options().dtype(torch::kInt64));
+  const float* first = first_SE.data_ptr<float>();
+  const float* second = second_SE.data_ptr<float>();
+  int64_t* choice = choice_SK.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t top = argmax_of(first + s * E, E, -1);
+    choice[2 * s] = top;
+    choice[2 * s + 1] = argmax_of(second + s * E, E, top);
+  }
+  return choice_SK;
+}
+
+// The grouped plan's integers. Kept choices (location >= 0) of expert e hold the slots 0..n_e-1; rows go expert
+// after expert, slot order inside an expert. Returns [row_SK (a kept choice's row among the J, else -1),
+// token_J (each row's token), rows_E (n_e)].
+std::vector<torch::Tensor> grouped_rows(torch::Tensor indices_SK, torch::Tensor locations_SK, int64_t E) {
+  TORCH_CHECK(indices_SK.device().is_cpu() && indices_SK.dim() == 2 && indices_SK.scalar_type() == torch::kInt64 &&
+                  locations_SK.sizes() == indices_SK.sizes() && locations_SK.scalar_type() == torch::kInt64 &&
+                  locations_SK.device().is_cpu(),
+              "indices_SK and locations_SK must be CPU int64 tensors of one [S, K] shape");
+  TORCH_CHECK(E > 0, "num_experts must be positive");
+  indices_SK = indices_SK.contiguous();
+  locations_SK = locations_SK.contiguous();
+  const int64_t S = indices_SK.size(0), K = indices_SK.size(1), N = S * K;
+  const int64_t* expert = indices_SK.data_ptr<int64_t>();
+  const int64_t* location = locations_SK.data_ptr<int64_t>();
+  auto rows_E = torch::zeros({E}, indices_SK.options());
+  int64_t* rows = rows_E.data_ptr<int64_t>();
+  for (int64_t j = 0; j < N; ++j) {
+    if (location[j] < 0) continue;
+    TORCH_CHECK(expert[j] >= 0 && expert[j] < E, "a kept choice's expert must lie in [0, ", E, "), got ", expert[j]);
+    ++rows[expert[j]];
+  }
+  std::vector<int64_t> start_E(E);
+  int64_t J = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    start_E[e] = J;
+    J += rows[e];
+  }
+  auto row_SK = torch::empty({S, K}, indices_SK.options());
+  auto token_J = torch::empty({J}, indices_SK.options());
+  int64_t* row = row_SK.data_ptr<int64_t>();
+  int64_t* token = token_J.data_ptr<int64_t>();
+  std::vector<char> taken_J(J, 0);
+  for (int64_t j = 0; j < N; ++j) {
+    if (location[j] < 0) {
+      row[j] = -1;
+      continue;
+    }
+    const int64_t e = expert[j], slot = location[j];
+    TORCH_CHECK(slot < rows[e] && !taken_J[start_E[e] + slot], "the kept choices of expert ", e,
+                " must hold its slots 0..", rows[e] - 1, " once each; slot ", slot, " breaks that");
+    taken_J[start_E[e] + slot] = 1;
+    row[j] = start_E[e] + slot;
+    token[row[j]] = j / K;
+  }
+  return {row_SK, token_J, rows_E};
+}
+
+// token_J laid out with expert e's segment grown from rows_E[e] to expert_rows_E[e] entries (pad entries 0).
+torch::Tensor padded_tokens(torch::Tensor token_J, std::vector<int64_t> rows_E, std::vector<int64_t> expert_rows_E) {
+  TORCH_CHECK(token_J.device().is_cpu() && token_J.dim() == 1 && token_J.scalar_type() == torch::kInt64 &&
+                  token_J.is_contiguous(),
+              "token_J must be a contiguous CPU int64 vector");
+  TORCH_CHECK(rows_E.size() == expert_rows_E.size(), "one padded row count per expert");
+  int64_t J = 0, P = 0;
+  for (size_t e = 0; e < rows_E.size(); ++e) {
+    TORCH_CHECK(rows_E[e] >= 0 && expert_rows_E[e] >= rows_E[e], "an expert runs on at least its kept rows");
+    J += rows_E[e];
+    P += expert_rows_E[e];
+  }
+  TORCH_CHECK(J == token_J.numel(), "rows_E must add up to token_J's length");
+  auto token_P = torch::zeros({P}, token_J.options());
+  const int64_t* src = token_J.data_ptr<int64_t>();
+  int64_t* dst = token_P.data_ptr<int64_t>();
+  for (size_t e = 0; e < rows_E.size(); ++e) {
+    std::memcpy(dst, src, sizeof(int64_t) * rows_E[e]);
+    src += rows_E[e];
+    dst += expert_rows_E[e];
+  }
+  return token_P;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("combine_forward", &combine_forward, "grouped combine, token by token");
   m.def("combine_backward", &combine_backward, "grouped combine's backward, token by token");
   m.def("gather_backward", &gather_backward, "grouped gather's backward, token by token");
   m.def("rank_within_groups", &rank_within_groups, "each element's rank in its group, in one pass");
   m.def("rank_by_score_within_groups", &rank_by_score_within_groups, "each element's rank in its group by score");
+  m.def("argmax_rows", &argmax_rows, "argmax along each row, torch's tie and NaN rules");
+  m.def("top2_rows", &top2_rows, "DeepSpeed's first and second choices of each row");
+  m.def("grouped_rows", &grouped_rows, "the grouped plan's rows and tokens, in one pass");
+  m.def("padded_tokens", &padded_tokens, "each expert's tokens followed by its pad rows' (token 0)");
 }
