@@ -1,4 +1,4 @@
-"""The router's top-1 and top-2 expert choices, as DeepSpeed's gates make them.
+"""The router's top-1 and top-2 expert choices, and the top-1 capacity rule, as DeepSpeed's gates make them.
 
 DeepSpeed takes argmax over each token's scores, and for the second choice argmax again after overwriting the
 first choice's score with -inf. On the CPU torch's argmax along rows of E = 8..64 scores took 70-230 us per
@@ -39,3 +39,17 @@ def top2(first_SE: torch.Tensor, second_SE: torch.Tensor, use_kernels: bool = Tr
     first_S = torch.argmax(first_SE, dim=1)
     second_S = torch.argmax(second_SE.scatter(1, first_S.unsqueeze(1), float("-inf")), dim=1)
     return torch.stack([first_S, second_S], dim=1)
+
+
+def own_column_picks(top_CE: torch.Tensor, choice_S: torch.Tensor, wanted_S: torch.Tensor,
+                     use_kernels: bool = True) -> torch.Tensor:
+    """bool [S]: DeepSpeed's top-1 capacity rule. top_CE holds torch.topk's picks (token indices) down each
+    expert's column of the [S, E] table; a token stays when it is wanted and among the picks of the column of
+    its own choice choice_S."""
+    kernels = cpu_kernels.load_for(top_CE.device) if use_kernels else None
+    if kernels is not None:
+        return kernels.own_column_picks(top_CE, choice_S, wanted_S)
+    pick_J = top_CE.reshape(-1)
+    own_J = choice_S.index_select(0, pick_J) == torch.arange(top_CE.shape[1], device=top_CE.device).repeat(
+        top_CE.shape[0])
+    return torch.zeros_like(wanted_S).index_fill_(0, pick_J[own_J], True) & wanted_S

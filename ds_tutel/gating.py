@@ -73,21 +73,27 @@ def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_r
         choice_S = torch.argmax(logits_SE + noise.gumbel(logits_SE.shape, logits_SE.device), dim=1)
     else:
         choice_S = choices.top1(probs_SE)
-    wanted_SE = _only_used(F.one_hot(choice_S, num_classes=E), used_S)
-    counts_E = wanted_SE.sum(dim=0)
+    choice_S1 = choice_S.unsqueeze(1)
+    wanted_S = _used_mask(used_S, S, probs_SE.device)
+    counts_E = torch.bincount(_excluded_where_not(wanted_S, choice_S, E), minlength=E + 1)[:E]
     if drop_tokens:
         capacity = deepspeed_capacity(S, E, capacity_factor, 1, min_capacity)
     else:
         capacity = min(int(counts_E.max()), S)
     capacity = agree(capacity)
 
-    # Which of an overflowing expert's tokens stay is torch.topk's choice over this very table (random scores
-    # with use_rts, ties otherwise), so it is made exactly as DeepSpeed makes it; the rest is sparse.
-    score_SE = wanted_SE * noise.uniform(wanted_SE.shape, probs_SE.device) if use_rts else wanted_SE
+    # Which of an overflowing expert's tokens stay is torch.topk's choice down DeepSpeed's [S, E] table (random
+    # scores with use_rts, ties otherwise), so it is made exactly as DeepSpeed makes it; the rest is sparse.
+    if use_rts:
+        wanted_SE = _only_used(F.one_hot(choice_S, num_classes=E), used_S)
+        score_SE = wanted_SE * noise.uniform(wanted_SE.shape, probs_SE.device)
+    else:
+        # DeepSpeed's 0/1 table as uint8 rather than its int64 one-hot: the same values make the same
+        # comparisons, so topk picks the same tokens (tested), from an eighth of the bytes.
+        score_SE = torch.zeros((S, E), dtype=torch.uint8, device=probs_SE.device).scatter_(
+            1, choice_S1, wanted_S.to(torch.uint8).unsqueeze(1))
     top_CE = torch.topk(score_SE, k=min(capacity, S), dim=0)[1]
-    choice_S1 = choice_S.unsqueeze(1)
-    selected_S = torch.zeros_like(wanted_SE).scatter_(0, top_CE, 1).gather(1, choice_S1)[:, 0]
-    kept_S = (wanted_SE.gather(1, choice_S1)[:, 0] * selected_S).bool()
+    kept_S = choices.own_column_picks(top_CE, choice_S, wanted_S)
     location_S, _ = rank_within_groups(_excluded_where_not(kept_S, choice_S, E), E)
 
     me_E = probs_SE.mean(dim=0)

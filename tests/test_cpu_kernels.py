@@ -24,7 +24,7 @@ def test_the_loops_build_on_this_machine():
     module = cpu_kernels.load()
     assert module is not None
     assert {"combine_forward", "combine_backward", "gather_backward", "rank_within_groups",
-            "rank_by_score_within_groups", "argmax_rows", "top2_rows", "grouped_rows",
+            "rank_by_score_within_groups", "argmax_rows", "top2_rows", "own_column_picks", "grouped_rows",
             "padded_tokens"} <= set(dir(module))
 
 
@@ -173,6 +173,21 @@ def test_compiled_choices_are_torchs_argmax(S, E, seed):
         first_SE[-1] = torch.rand(E, generator=gen)  # one row of ordinary scores
     assert torch.equal(choices.top1(first_SE), choices.top1(first_SE, use_kernels=False))
     assert torch.equal(choices.top2(first_SE, second_SE), choices.top2(first_SE, second_SE, use_kernels=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(0, 2 ** 16))
+def test_compiled_top1_capacity_rule_is_the_torch_paths(S, E, seed):
+    """Tokens kept by topk's column picks: picks of other columns, unwanted tokens and capacities above the
+    column counts (picks of zeros) included."""
+    gen = torch.Generator().manual_seed(seed)
+    choice_S = torch.randint(0, E, (S,), generator=gen)
+    wanted_S = torch.rand(S, generator=gen) > 0.2
+    table_SE = torch.zeros(S, E, dtype=torch.uint8).scatter_(1, choice_S.unsqueeze(1),
+                                                             wanted_S.to(torch.uint8).unsqueeze(1))
+    top_CE = torch.topk(table_SE, k=int(torch.randint(1, S + 1, (1,), generator=gen)), dim=0)[1]
+    assert torch.equal(choices.own_column_picks(top_CE, choice_S, wanted_S),
+                       choices.own_column_picks(top_CE, choice_S, wanted_S, use_kernels=False))
 
 
 @settings(max_examples=60, deadline=None)

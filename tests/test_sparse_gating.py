@@ -44,6 +44,21 @@ def test_route_deepspeed_equals_deepspeeds_gating(k, E, drop):
         torch.testing.assert_close(l_aux, l_aux_ref, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("S,E,cf,with_used", [(4096, 8, 0.5, False), (2048, 64, 1.0, True), (3000, 16, 1.25, False)])
+def test_top1_keeps_deepspeeds_tokens_at_training_sizes(S, E, cf, with_used):
+    """Which of an overflowing expert's tokens stay is torch.topk's pick down the [S, E] table; ours runs it on a
+    uint8 table, DeepSpeed on an int64 one-hot. At these sizes topk takes its selection path, not a full sort."""
+    gen = torch.Generator().manual_seed(S + E)
+    logits_SE = torch.randn(S, E, generator=gen)
+    used_S = (torch.rand(S, generator=gen) > 0.3).long() if with_used else None
+    _, combine_ref, _, counts_ref = _deepspeed_gate(logits_SE, 1, cf, True, used_S)
+    routing, _ = route_deepspeed(logits_SE, k=1, capacity_factor=cf, min_capacity=4, used_token_S=used_S)
+    assert torch.equal(routing.counts_E, counts_ref.long())
+    s_J, e_J, c_J = torch.nonzero(combine_ref, as_tuple=True)
+    assert torch.equal(torch.nonzero(routing.kept_SK[:, 0]).squeeze(1), s_J)  # the same tokens stay
+    assert torch.equal(routing.indices_SK[s_J, 0], e_J) and torch.equal(routing.locations_SK[s_J, 0], c_J)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 300), st.integers(1, 70), st.integers(0, 2 ** 16))
 def test_rank_within_groups_is_the_one_hot_cumsum(J, G, seed):

@@ -333,6 +333,35 @@ torch::Tensor top2_rows(torch::Tensor first_SE, torch::Tensor second_SE) {
   return choice_SK;
 }
 
+// DeepSpeed's top-1 capacity rule, given torch.topk's picks down each expert's column of the [S, E] table
+// (top_CE[c][e] = a token): kept_S[s] = wanted_S[s] and s is among the picks of its own expert's column.
+torch::Tensor own_column_picks(torch::Tensor top_CE, torch::Tensor choice_S, torch::Tensor wanted_S) {
+  TORCH_CHECK(top_CE.device().is_cpu() && top_CE.dim() == 2 && top_CE.scalar_type() == torch::kInt64,
+              "top_CE must be a CPU int64 [C, E] tensor");
+  TORCH_CHECK(choice_S.device().is_cpu() && choice_S.dim() == 1 && choice_S.scalar_type() == torch::kInt64,
+              "choice_S must be a CPU int64 vector");
+  TORCH_CHECK(wanted_S.device().is_cpu() && wanted_S.scalar_type() == torch::kBool &&
+                  wanted_S.sizes() == choice_S.sizes(),
+              "wanted_S must be a CPU bool vector as long as choice_S");
+  top_CE = top_CE.contiguous();
+  choice_S = choice_S.contiguous();
+  wanted_S = wanted_S.contiguous();
+  const int64_t C = top_CE.size(0), E = top_CE.size(1), S = choice_S.numel();
+  auto kept_S = torch::zeros({S}, wanted_S.options());
+  const int64_t* top = top_CE.data_ptr<int64_t>();
+  const int64_t* choice = choice_S.data_ptr<int64_t>();
+  const bool* wanted = wanted_S.data_ptr<bool>();
+  bool* kept = kept_S.data_ptr<bool>();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t s = top[c * E + e];
+      TORCH_CHECK(s >= 0 && s < S, "a pick must be a token index in [0, ", S, "), got ", s);
+      if (choice[s] == e && wanted[s]) kept[s] = true;
+    }
+  }
+  return kept_S;
+}
+
 // The grouped plan's integers. Kept choices (location >= 0) of expert e hold the slots 0..n_e-1; rows go expert
 // after expert, slot order inside an expert. Returns [row_SK (a kept choice's row among the J, else -1),
 // token_J (each row's token), rows_E (n_e)].
@@ -412,6 +441,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank_by_score_within_groups", &rank_by_score_within_groups, "each element's rank in its group by score");
   m.def("argmax_rows", &argmax_rows, "argmax along each row, torch's tie and NaN rules");
   m.def("top2_rows", &top2_rows, "DeepSpeed's first and second choices of each row");
+  m.def("own_column_picks", &own_column_picks, "DeepSpeed's top-1 capacity rule from topk's column picks");
   m.def("grouped_rows", &grouped_rows, "the grouped plan's rows and tokens, in one pass");
   m.def("padded_tokens", &padded_tokens, "each expert's tokens followed by its pad rows' (token 0)");
 }
