@@ -88,10 +88,12 @@ def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_r
         wanted_SE = _only_used(F.one_hot(choice_S, num_classes=E), used_S)
         score_SE = wanted_SE * noise.uniform(wanted_SE.shape, probs_SE.device)
     else:
-        # DeepSpeed's 0/1 table as uint8 rather than its int64 one-hot: the same values make the same
-        # comparisons, so topk picks the same tokens (tested), from an eighth of the bytes.
-        score_SE = torch.zeros((S, E), dtype=torch.uint8, device=probs_SE.device).scatter_(
-            1, choice_S1, wanted_S.to(torch.uint8).unsqueeze(1))
+        # On the CPU, DeepSpeed's 0/1 table as uint8 rather than its int64 one-hot: the same values make the
+        # same comparisons in the CPU topk, so it picks the same tokens (tested), from an eighth of the bytes.
+        # Elsewhere (a GPU's radix select, untested here) DeepSpeed's own dtype.
+        table_dtype = torch.uint8 if probs_SE.device.type == "cpu" else torch.int64
+        score_SE = torch.zeros((S, E), dtype=table_dtype, device=probs_SE.device).scatter_(
+            1, choice_S1, wanted_S.to(table_dtype).unsqueeze(1))
     top_CE = torch.topk(score_SE, k=min(capacity, S), dim=0)[1]
     kept_S = choices.own_column_picks(top_CE, choice_S, wanted_S)
     location_S, _ = rank_within_groups(_excluded_where_not(kept_S, choice_S, E), E)
