@@ -8,6 +8,7 @@ Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -19,7 +20,7 @@ from . import choices, losses, noise
 from .options import RouterOptions
 from .router_linear import router_linear
 from .routing import CapacityAgreement, Routing
-from .slots import rank_by_score_within_groups, rank_within_groups
+from .slots import rank_by_score_within_groups, rank_within_groups, top2_slots
 from .softmax import router_softmax
 from .tutel_gating import route_tutel
 
@@ -30,8 +31,10 @@ def _same_capacity(capacity: int) -> int:
     return capacity
 
 
+@functools.lru_cache(maxsize=256)
 def deepspeed_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int, min_capacity: int) -> int:
-    """ceil(S / E * capacity_factor * k), at least min_capacity, rounded exactly as DeepSpeed rounds it (fp32)."""
+    """ceil(S / E * capacity_factor * k), at least min_capacity, rounded exactly as DeepSpeed rounds it (fp32).
+    Cached: a pure function of its arguments, asked once per step with the same ones."""
     capacity = torch.ceil((num_tokens / num_experts) * torch.tensor(capacity_factor * k))
     return max(int(capacity), int(min_capacity))
 
@@ -58,8 +61,8 @@ def _excluded_where_not(kept: torch.Tensor, choice: torch.Tensor, num_experts: i
 def _kept_slots_and_gates(probs_SE: torch.Tensor, choice_SK: torch.Tensor, kept_SK: torch.Tensor,
                           location_SK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(locations_SK, gates_SK): a kept choice's slot and probability; a dropped one's -1 and 0."""
-    gates_SK = torch.where(kept_SK, probs_SE.gather(1, choice_SK), torch.zeros((), device=probs_SE.device))
-    return torch.where(kept_SK, location_SK, torch.full_like(location_SK, -1)), gates_SK
+    gates_SK = torch.where(kept_SK, probs_SE.gather(1, choice_SK), 0.0)
+    return torch.where(kept_SK, location_SK, -1), gates_SK
 
 
 def _normalized(gates_SK: torch.Tensor) -> torch.Tensor:
@@ -113,17 +116,11 @@ def _top2(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, secon
     if second_expert_sampling:
         logits_SE = logits_SE + noise.gumbel(logits_SE.shape, logits_SE.device)
     choice_SK = choices.top2(probs_SE, logits_SE)
-    second_S = choice_SK[:, 1]
 
-    # First choices rank among first choices (groups 0..E-1), second ones among second ones (E..2E-1) and then
-    # queue behind every first choice of their expert.
-    used_S1 = _used_mask(used_S, S, probs_SE.device).unsqueeze(1)
-    rank_SK, counts_G = rank_within_groups(
-        _excluded_where_not(used_S1, choice_SK + torch.tensor([0, E], device=choice_SK.device), 2 * E).view(-1),
-        2 * E)
-    counts1_E, counts2_E = counts_G[:E], counts_G[E:]
-    location_SK = rank_SK.view(S, 2)
-    location_SK[:, 1] += counts1_E[second_S]
+    # First choices rank among first choices, second ones among second ones and then queue behind every first
+    # choice of their expert.
+    used_S = None if used_S is None else used_S != 0
+    location_SK, counts1_E, counts2_E = top2_slots(choice_SK, used_S, E)
 
     me_E = probs_SE.mean(dim=0)
     ce_E = counts1_E.float() / S
@@ -136,8 +133,8 @@ def _top2(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, secon
         capacity = int(counts_E.max())
     capacity = agree(capacity)
 
-    locations_SK, gates_SK = _kept_slots_and_gates(probs_SE, choice_SK, used_S1 & (location_SK < capacity),
-                                                   location_SK)
+    kept_SK = location_SK < capacity if used_S is None else used_S.unsqueeze(1) & (location_SK < capacity)
+    locations_SK, gates_SK = _kept_slots_and_gates(probs_SE, choice_SK, kept_SK, location_SK)
     return choice_SK, locations_SK, _normalized(gates_SK), capacity, counts_E, l_aux
 
 

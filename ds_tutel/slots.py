@@ -10,7 +10,7 @@ Shape legend: J choices (flattened in token order), G groups (experts, or expert
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -58,3 +58,22 @@ def rank_by_score_within_groups(group_J: torch.Tensor, score_J: torch.Tensor, nu
     by_score_J = torch.argsort(score_J, descending=True, stable=True)
     order_J = by_score_J[torch.argsort(group_J[by_score_J], stable=True)]
     return _ranks_in_order(group_J, order_J, num_groups)[0]
+
+
+def top2_slots(choice_SK: torch.Tensor, used_S: Optional[torch.Tensor], num_experts: int,
+               use_kernels: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(location_SK, counts1_E, counts2_E): DeepSpeed's top-2 slots. A first choice ranks among its expert's
+    first choices, a second choice among its expert's second choices, queued behind all of that expert's first
+    ones; counts are of used tokens (used_S bool [S], None: all). Unused tokens' locations are meaningless."""
+    E = num_experts
+    kernels = _compiled(choice_SK) if use_kernels else None
+    if kernels is not None:
+        return tuple(kernels.top2_slots(choice_SK, used_S, E))
+    group_SK = choice_SK + torch.tensor([0, E], device=choice_SK.device)  # second choices: groups E..2E-1
+    if used_S is not None:
+        group_SK = torch.where(used_S.unsqueeze(1), group_SK, torch.full_like(group_SK, 2 * E))
+    rank_J, counts_G = rank_within_groups(group_SK.reshape(-1), 2 * E, use_kernels=False)
+    counts1_E, counts2_E = counts_G[:E], counts_G[E:]
+    location_SK = rank_J.view(-1, 2)
+    location_SK[:, 1] += counts1_E[choice_SK[:, 1]]
+    return location_SK, counts1_E, counts2_E

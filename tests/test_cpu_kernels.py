@@ -13,7 +13,7 @@ import ds_tutel
 from ds_tutel import choices, cpu_kernels, grouped_kernels
 from ds_tutel.dispatch import grouped_plan
 from ds_tutel.gating import route_deepspeed
-from ds_tutel.slots import rank_by_score_within_groups, rank_within_groups
+from ds_tutel.slots import rank_by_score_within_groups, rank_within_groups, top2_slots
 from helpers import expert_ffn, run_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +24,7 @@ def test_the_loops_build_on_this_machine():
     module = cpu_kernels.load()
     assert module is not None
     assert {"combine_forward", "combine_backward", "gather_backward", "rank_within_groups",
-            "rank_by_score_within_groups", "argmax_rows", "top2_rows", "own_column_picks", "grouped_rows",
+            "rank_by_score_within_groups", "argmax_rows", "top2_rows", "top2_slots", "own_column_picks", "grouped_rows",
             "padded_tokens"} <= set(dir(module))
 
 
@@ -173,6 +173,20 @@ def test_compiled_choices_are_torchs_argmax(S, E, seed):
         first_SE[-1] = torch.rand(E, generator=gen)  # one row of ordinary scores
     assert torch.equal(choices.top1(first_SE), choices.top1(first_SE, use_kernels=False))
     assert torch.equal(choices.top2(first_SE, second_SE), choices.top2(first_SE, second_SE, use_kernels=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 40), st.booleans(), st.integers(0, 2 ** 16))
+def test_compiled_top2_slots_are_the_torch_paths(S, E, with_used, seed):
+    """Locations of used tokens and both counts, bitwise; first and second choices may name one expert."""
+    gen = torch.Generator().manual_seed(seed)
+    choice_SK = torch.randint(0, E, (S, 2), generator=gen)
+    used_S = torch.rand(S, generator=gen) > 0.25 if with_used else None
+    compiled = top2_slots(choice_SK, used_S, E)
+    torch_path = top2_slots(choice_SK, used_S, E, use_kernels=False)
+    used = torch.ones(S, dtype=torch.bool) if used_S is None else used_S
+    assert torch.equal(compiled[0][used], torch_path[0][used])
+    assert torch.equal(compiled[1], torch_path[1]) and torch.equal(compiled[2], torch_path[2])
 
 
 @settings(max_examples=60, deadline=None)

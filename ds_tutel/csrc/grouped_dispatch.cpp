@@ -333,6 +333,49 @@ torch::Tensor top2_rows(torch::Tensor first_SE, torch::Tensor second_SE) {
   return choice_SK;
 }
 
+// DeepSpeed's top-2 slots: a first choice's place among the first choices of its expert (token order), a second
+// choice's place among the second choices of its expert, behind all of that expert's first choices. Tokens
+// with used_S false (when given, else None) take no slot and are not counted; their locations are -1. Returns
+// [location_SK [S, 2], counts1_E, counts2_E].
+std::vector<torch::Tensor> top2_slots(torch::Tensor choice_SK, c10::optional<torch::Tensor> used_S, int64_t E) {
+  TORCH_CHECK(choice_SK.device().is_cpu() && choice_SK.dim() == 2 && choice_SK.size(1) == 2 &&
+                  choice_SK.scalar_type() == torch::kInt64,
+              "choice_SK must be a CPU int64 [S, 2] tensor");
+  TORCH_CHECK(E > 0, "num_experts must be positive");
+  choice_SK = choice_SK.contiguous();
+  const int64_t S = choice_SK.size(0);
+  const bool* used = nullptr;
+  torch::Tensor used_contiguous;
+  if (used_S.has_value()) {
+    TORCH_CHECK(used_S->device().is_cpu() && used_S->scalar_type() == torch::kBool && used_S->dim() == 1 &&
+                    used_S->numel() == S,
+                "used_S must be None or a CPU bool vector of S entries");
+    used_contiguous = used_S->contiguous();
+    used = used_contiguous.data_ptr<bool>();
+  }
+  const int64_t* choice = choice_SK.data_ptr<int64_t>();
+  auto location_SK = torch::empty({S, 2}, choice_SK.options());
+  auto counts1_E = torch::zeros({E}, choice_SK.options());
+  auto counts2_E = torch::zeros({E}, choice_SK.options());
+  int64_t* location = location_SK.data_ptr<int64_t>();
+  int64_t* counts1 = counts1_E.data_ptr<int64_t>();
+  int64_t* counts2 = counts2_E.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    if (used != nullptr && !used[s]) {
+      location[2 * s] = location[2 * s + 1] = -1;
+      continue;
+    }
+    const int64_t first = choice[2 * s], second = choice[2 * s + 1];
+    TORCH_CHECK(first >= 0 && first < E && second >= 0 && second < E, "choices must lie in [0, ", E, ")");
+    location[2 * s] = counts1[first]++;
+    location[2 * s + 1] = counts2[second]++;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    if (location[2 * s + 1] >= 0) location[2 * s + 1] += counts1[choice[2 * s + 1]];
+  }
+  return {location_SK, counts1_E, counts2_E};
+}
+
 // DeepSpeed's top-1 capacity rule, given torch.topk's picks down each expert's column of the [S, E] table
 // (top_CE[c][e] = a token): kept_S[s] = wanted_S[s] and s is among the picks of its own expert's column.
 torch::Tensor own_column_picks(torch::Tensor top_CE, torch::Tensor choice_S, torch::Tensor wanted_S) {
@@ -441,6 +484,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank_by_score_within_groups", &rank_by_score_within_groups, "each element's rank in its group by score");
   m.def("argmax_rows", &argmax_rows, "argmax along each row, torch's tie and NaN rules");
   m.def("top2_rows", &top2_rows, "DeepSpeed's first and second choices of each row");
+  m.def("top2_slots", &top2_slots, "DeepSpeed's top-2 slots and counts, in two passes");
   m.def("own_column_picks", &own_column_picks, "DeepSpeed's top-1 capacity rule from topk's column picks");
   m.def("grouped_rows", &grouped_rows, "the grouped plan's rows and tokens, in one pass");
   m.def("padded_tokens", &padded_tokens, "each expert's tokens followed by its pad rows' (token 0)");
