@@ -1,4 +1,5 @@
-"""Compiled CPU loops for the grouped dispatch and the slot ranks (csrc/grouped_dispatch.cpp), built on first use.
+"""Compiled CPU loops for the grouped dispatch and plan and the router's choices and slot ranks
+(csrc/grouped_dispatch.cpp), built on first use.
 
 torch.utils.cpp_extension compiles them once per machine (about a minute on 2 cores; ninja and a C++
 compiler needed) and caches the build under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), in

@@ -1,7 +1,8 @@
 // The grouped path's combine and the gather's backward on the CPU, one pass over the kept rows each; the
-// router's slot arithmetic (a choice's rank among its expert's choices), one pass instead of sorts; its top-1
-// and top-2 choices, one pass over the scores; and the grouped plan's rows (each kept choice's row, each row's
-// token), one pass over the choices.
+// router's slot arithmetic (a choice's rank among its expert's choices, DeepSpeed's top-2 queue), counting
+// passes instead of sorts; its top-1 and top-2 choices, one pass over the scores; DeepSpeed's top-1 capacity
+// rule, one pass over topk's picks; and the grouped plan's rows (each kept choice's row, each row's token),
+// one pass over the choices.
 //
 // The torch-operator path (ds_tutel/dispatch.py) makes several passes per direction (products into a buffer,
 // index_add_, a gather, a sum, a scaling) and allocates a buffer for each. These loops go token by token: a
@@ -272,7 +273,6 @@ torch::Tensor rank_by_score_within_groups(torch::Tensor group_J, torch::Tensor s
   });
   return rank_J;
 }
-
 
 namespace {
 
