@@ -18,7 +18,7 @@ from torch import nn
 
 from . import choices, losses, noise
 from .options import RouterOptions
-from .router_linear import router_linear
+from .router_linear import router_linear, router_linear_passing
 from .routing import CapacityAgreement, Routing
 from .slots import rank_by_score_within_groups, rank_within_groups, top2_slots
 from .softmax import router_softmax
@@ -255,18 +255,27 @@ class Gate(nn.Module):
 
     def logits(self, x_SM: torch.Tensor) -> torch.Tensor:
         """fp32 router logits [S, E], whatever the model dtype or an enclosing autocast."""
+        return self._logits_and_tokens(x_SM, pass_tokens=False)[0]
+
+    def _logits_and_tokens(self, x_SM: torch.Tensor, pass_tokens: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits_SE, tokens_SM): with pass_tokens, and where the router sees the tokens themselves (no input
+        noise), tokens_SM is x_SM passed on through the router's linear map (router_linear_passing); else x_SM."""
         opts = self.options
         with torch.autocast(device_type=x_SM.device.type, enabled=False):
             # Input noise works on an fp32 copy (.float() is free once the copy exists); without noise the tokens
             # go to router_linear as they are, which keeps no fp32 copy for the backward.
+            router_in_SM = x_SM
             if self.training:
                 if opts.input_dropout > 0:
-                    x_SM = F.dropout(x_SM.float(), p=opts.input_dropout, training=True)
+                    router_in_SM = F.dropout(router_in_SM.float(), p=opts.input_dropout, training=True)
                 if opts.input_jitter > 0:
-                    x_SM = noise.multiplicative_jitter(x_SM.float(), opts.input_jitter)
+                    router_in_SM = noise.multiplicative_jitter(router_in_SM.float(), opts.input_jitter)
                 if self.noisy_gate_policy == "Jitter":
-                    x_SM = noise.multiplicative_jitter(x_SM.float())
-            return router_linear(x_SM, self.wg.weight.float())
+                    router_in_SM = noise.multiplicative_jitter(router_in_SM.float())
+            w_EM = self.wg.weight.float()
+            if pass_tokens and router_in_SM is x_SM:
+                return router_linear_passing(x_SM, w_EM)
+            return router_linear(router_in_SM, w_EM), x_SM
 
     def capacity_from_token_count(self, capacity_factor: Optional[float] = None) -> bool:
         """True when this call's capacity follows from the token count alone and routing changes no state:
@@ -288,11 +297,22 @@ class Gate(nn.Module):
 
         tutel_router computes capacity_mode="tutel" routings (route_tutel, or its Triton twin on GPUs).
         """
+        routing, l_aux, _ = self.route_tokens(x_SM, used_token_S, agree_capacity, capacity_factor, k, tutel_router,
+                                              pass_tokens=False)
+        return routing, l_aux
+
+    def route_tokens(self, x_SM: torch.Tensor, used_token_S: Optional[torch.Tensor] = None,
+                     agree_capacity: Optional[CapacityAgreement] = None, capacity_factor: Optional[float] = None,
+                     k: Optional[int] = None, tutel_router: Callable[..., Routing] = route_tutel,
+                     pass_tokens: bool = True) -> Tuple[Routing, torch.Tensor, torch.Tensor]:
+        """forward's (routing, l_aux), and the tokens for the dispatch to gather from: x_SM passed on through
+        the router's linear map, so that both of its gradients are summed in one backward call (see
+        router_linear.py). Values are x_SM's."""
         opts = self.options
         k = self.k if k is None else k
         if capacity_factor is None:
             capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        logits_SE = self.logits(x_SM)
+        logits_SE, tokens_SM = self._logits_and_tokens(x_SM, pass_tokens)
         with torch.autocast(device_type=x_SM.device.type, enabled=False):
             noisy_SE = logits_SE
             if opts.gate_noise > 0 and self.training:
@@ -324,7 +344,7 @@ class Gate(nn.Module):
                 l_aux = l_aux + opts.z_loss_coef * losses.z_loss(logits_SE)
             if opts.expert_bias and self.training:
                 self._update_expert_bias(routing.counts_E)
-        return routing, l_aux
+        return routing, l_aux, tokens_SM
 
     @torch.no_grad()
     def _update_expert_bias(self, counts_E: torch.Tensor) -> None:

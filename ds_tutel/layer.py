@@ -76,22 +76,22 @@ class MOELayer(nn.Module):
         used_S = None if used_token is None else used_token.reshape(-1)
         backend = resolve_backend(self.dispatch_backend, x_SM.device)
 
-        def route(agree):
-            return self.gate(x_SM, used_S, agree, capacity_factor=capacity_factor, k=k,
-                             tutel_router=tutel_router(backend))
+        def route(agree):  # the dispatch gathers from the tokens the router passes on (see router_linear.py)
+            return self.gate.route_tokens(x_SM, used_S, agree, capacity_factor=capacity_factor, k=k,
+                                          tutel_router=tutel_router(backend))
 
         # With expert parallelism every rank must route with one capacity. Where it follows from the token count
         # alone, each rank routes with its own and the capacities ride along with the kept counts' exchange:
         # only when they differ (unequal token counts) does every rank route again with the largest. Otherwise
         # (dropless, dynamic capacity) the capacity is agreed by an all-reduce before routing.
         speculative = self.ep_size > 1 and self.gate.capacity_from_token_count(capacity_factor)
-        routing, self.l_aux = route(None if speculative else self._agree_capacity(x_SM.device))
+        routing, self.l_aux, tokens_SM = route(None if speculative else self._agree_capacity(x_SM.device))
         filled_WL = None
         if self.ep_size > 1:
             filled_WL, capacity_W = self._exchange_counts(routing)
             if speculative and len(set(capacity_W)) > 1:
                 agreed = max(capacity_W)
-                routing, self.l_aux = route(lambda capacity: agreed)
+                routing, self.l_aux, tokens_SM = route(lambda capacity: agreed)
                 filled_WL, _ = self._exchange_counts(routing)
         self.exp_counts = routing.counts_E.detach()
         self.last_routing = routing
@@ -99,11 +99,11 @@ class MOELayer(nn.Module):
         if self.ep_size == 1 and backend == "torch":
             # No exchange: each expert runs on exactly its kept tokens.
             plan = grouped_plan(routing, bucket_rows=buckets_needed(x_SM.device, x_SM.dtype))
-            outs_nM = self.experts.forward_grouped(grouped_encode(x_SM, plan))
+            outs_nM = self.experts.forward_grouped(grouped_encode(tokens_SM, plan))
             y_SM = grouped_decode(outs_nM, plan)
         else:
             encode, decode = dispatch_functions(backend)
-            buf_ECM = encode(x_SM, routing)
+            buf_ECM = encode(tokens_SM, routing)
             if self.ep_size == 1:  # a None group would mean the whole world to torch.distributed
                 out_ECM = self.experts(buf_ECM.unsqueeze(0)).squeeze(0)
             else:
