@@ -307,7 +307,8 @@ class Gate(nn.Module):
                      pass_tokens: bool = True) -> Tuple[Routing, torch.Tensor, torch.Tensor]:
         """forward's (routing, l_aux), and the tokens for the dispatch to gather from: x_SM passed on through
         the router's linear map, so that both of its gradients are summed in one backward call (see
-        router_linear.py). Values are x_SM's."""
+        router_linear.py). Values are x_SM's. Feed them to the dispatch alone: the router adds its share to
+        their gradient in place."""
         opts = self.options
         k = self.k if k is None else k
         if capacity_factor is None:
