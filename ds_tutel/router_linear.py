@@ -40,14 +40,13 @@ def _backward(x_SM: torch.Tensor, w_EM: torch.Tensor, grad_SE: torch.Tensor, gra
     tensor) and returned as grad_x_SM."""
     if grad_other_SM is not None and not _may_add_in_place(grad_other_SM):
         grad_other_SM = grad_other_SM.clone(memory_format=torch.contiguous_format)
+    grad_x_SM = grad_w_EM = None
     if x_SM.dtype == torch.float32:
-        grad_x_SM = grad_w_EM = None
         if needs_input_grad[0]:
             grad_x_SM = grad_SE.mm(w_EM) if grad_other_SM is None else grad_other_SM.addmm_(grad_SE, w_EM)
         if needs_input_grad[1]:
             grad_w_EM = grad_SE.t().mm(x_SM)
         return grad_x_SM, grad_w_EM
-    grad_x_SM = grad_w_EM = None
     if needs_input_grad[0]:
         grad_x_SM = grad_other_SM if grad_other_SM is not None else torch.empty_like(
             x_SM, memory_format=torch.contiguous_format)
