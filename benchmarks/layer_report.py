@@ -77,7 +77,8 @@ def markdown(doc: Dict, title: str) -> str:
     memory = doc.get("memory", {})
     others = ", ".join(f"{n}: {'importable' if ok else 'not importable'}" for n, ok in env["other_libraries"].items())
     lines = [f"### {title}", "",
-             f"{env['date']}; {env['device']}; {env['processor']}, {env['cpu_count']} cores, "
+             f"{env['date']}; {env['device']}; {env['processor']} ({env.get('cpu_isa', 'ISA not recorded')}), "
+             f"{env['cpu_count']} cores, "
              f"{env['torch_threads']} torch threads; torch {env['torch']}, deepspeed {env['deepspeed']}, "
              f"Python {env['python']}; ds_tutel at {env.get('ds_tutel_revision')}; "
              f"malloc: {env.get('malloc', 'not recorded')}; "

@@ -1,12 +1,15 @@
 """How many rows each expert runs on: exactly its tokens, or that count rounded up to one of a few sizes.
 
-Skipping empty capacity slots makes each expert's row count change from step to step. That is free where a
-matmul of a new shape costs nothing extra, as with fp32 on the CPU (MKL) and on GPUs. CPU matmuls in bf16
-and fp16 run through oneDNN, which JIT-compiles and caches one primitive per shape: measured on a 2-core AMD
-EPYC (torch 2.13), a new row count cost about 0.2-0.6 ms more than a cached one and kept about 0.4-0.7 MB
+Skipping empty capacity slots makes each expert's row count change from step to step. That is free where a matmul
+of a new shape costs nothing extra, as with fp32 on the CPU (MKL) and on GPUs. CPU matmuls in bf16 and fp16 run
+through oneDNN, which JIT-compiles and caches one primitive per shape: measured on a 2-core AMD EPYC with AVX-512
+BF16 (torch 2.13), a new bf16 row count cost about 0.2-0.6 ms more than a cached one and kept about 0.4-0.7 MB
 resident, up to oneDNN's cache capacity (1024 primitives, about 750 MB). In a training job, where every step
-routes new tokens, that made the layer slower than DeepSpeed's (whose experts always see C rows) and its
-memory grow for hundreds of steps.
+routes new tokens, that made the layer slower than DeepSpeed's (whose experts always see C rows) and its memory
+grow for hundreds of steps. torch sends half-type CPU matmuls to oneDNN only where the CPU has the instructions
+for them (on x86, AVX-512 or AMX); elsewhere they run in ATen's own loops, which keep nothing per shape (measured
+on a 2-core AMD EPYC without AVX-512, torch 2.13: a bf16 [200..215, 256] x [256, 512] matmul took the same 6.4-6.9
+ms on its first call as on later ones), so there the buckets are not used: padding would only add work.
 
 With buckets, a count n > BUCKETS_PER_OCTAVE rounds up to a multiple of 2**(floor(log2 n) - 4): at most
 BUCKETS_PER_OCTAVE sizes between n and 2n, and the padding under 1/16 of the rows (about 3 % on average).
@@ -15,18 +18,28 @@ are never read.
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
 
 BUCKETS_PER_OCTAVE = 16
 _OCTAVE_SHIFT = BUCKETS_PER_OCTAVE.bit_length() - 1  # log2(BUCKETS_PER_OCTAVE)
-_PER_SHAPE_COST_DTYPES = (torch.bfloat16, torch.float16)
+_ONEDNN_CHECKS = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_half_matmuls(dtype: torch.dtype) -> bool:
+    """True where torch runs CPU matmuls of this half type through oneDNN (which keeps a primitive per shape)."""
+    try:
+        return bool(getattr(torch.ops.mkldnn, _ONEDNN_CHECKS[dtype])())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: keep the buckets, whose cost is bounded (under 1/16 of the rows)
 
 
 def buckets_needed(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where a matmul of a new shape costs a compile and resident memory (CPU bf16/fp16)."""
-    return device.type == "cpu" and dtype in _PER_SHAPE_COST_DTYPES
+    """True where a matmul of a new shape costs a compile and resident memory: CPU bf16/fp16 through oneDNN."""
+    return device.type == "cpu" and dtype in _ONEDNN_CHECKS and onednn_half_matmuls(dtype)
 
 
 def bucket(rows: int) -> int:

@@ -11,7 +11,17 @@ from torch import nn
 from ds_tutel.dispatch import grouped_decode, grouped_encode, grouped_plan
 from ds_tutel.experts import Experts
 from ds_tutel.gating import route_deepspeed
-from ds_tutel.row_buckets import BUCKETS_PER_OCTAVE, bucket, buckets_needed, expert_rows
+from ds_tutel import row_buckets
+from ds_tutel.row_buckets import BUCKETS_PER_OCTAVE, bucket, buckets_needed, expert_rows, onednn_half_matmuls
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """Sets whether half-type CPU matmuls go through oneDNN, as on CPUs with or without AVX-512/AMX."""
+    def set_present(present: bool) -> None:
+        monkeypatch.setattr(row_buckets, "onednn_half_matmuls", lambda dtype: present)
+    set_present(True)
+    return set_present
 
 
 @settings(max_examples=300, deadline=None)
@@ -30,12 +40,20 @@ def test_at_most_sixteen_sizes_between_n_and_2n(low):
     assert len({bucket(n) for n in range(low, 2 * low)}) <= BUCKETS_PER_OCTAVE + 1
 
 
-def test_buckets_only_where_a_new_shape_costs():
+def test_buckets_only_where_a_new_shape_costs(onednn):
     cpu, meta = torch.device("cpu"), torch.device("meta")
     assert buckets_needed(cpu, torch.bfloat16) and buckets_needed(cpu, torch.float16)
     assert not buckets_needed(cpu, torch.float32) and not buckets_needed(meta, torch.bfloat16)
     assert expert_rows([37, 130], cpu, torch.float32) == [37, 130]
     assert expert_rows([37, 130], cpu, torch.bfloat16) == [38, 136]
+    onednn(False)  # half-type matmuls in ATen's own loops keep nothing per shape: padding would only add work
+    assert not buckets_needed(cpu, torch.bfloat16) and not buckets_needed(cpu, torch.float16)
+    assert expert_rows([37, 130], cpu, torch.bfloat16) == [37, 130]
+
+
+def test_the_onednn_check_is_torchs_own():
+    assert onednn_half_matmuls(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert onednn_half_matmuls(torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def _experts(E, M, dtype, seed=0):
@@ -91,7 +109,7 @@ def test_bucketed_grouped_path_gives_the_exact_paths_outputs_and_gradients(k):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_bucketed_filled_path_gives_the_exact_paths_outputs_and_gradients():
+def test_bucketed_filled_path_gives_the_exact_paths_outputs_and_gradients(onednn):
     W, L, C, M = 2, 3, 40, 8
     filled_WL = [[37, 0, 19], [5, 33, 40]]  # rows per local expert: 42, 33, 59 -> buckets 42, 34, 60
     gen = torch.Generator().manual_seed(0)
@@ -114,8 +132,10 @@ def test_bucketed_filled_path_gives_the_exact_paths_outputs_and_gradients():
                 torch.testing.assert_close(padded[w, l, :n], exact[w, l, :n], atol=0.1, rtol=0.05)
 
 
-def test_bf16_layer_on_the_cpu_runs_experts_on_bucketed_rows_and_still_matches_deepspeed():
+@pytest.mark.parametrize("onednn_present", [True, False])
+def test_bf16_layer_on_the_cpu_buckets_rows_where_onednn_runs_and_still_matches_deepspeed(onednn, onednn_present):
     from helpers import paired_layers, run_step
+    onednn(onednn_present)
     reference, ours = paired_layers(16, num_experts=4, k=2, capacity_factor=1.0, min_capacity=0,
                                     use_rts=False, top2_2nd_expert_sampling=False)
     reference, ours = reference.bfloat16(), ours.bfloat16()
@@ -124,7 +144,10 @@ def test_bf16_layer_on_the_cpu_runs_experts_on_bucketed_rows_and_still_matches_d
     out_r, laux_r, counts_r, gx_r, grads_r = run_step(reference, x)
     out_o, laux_o, counts_o, gx_o, grads_o = run_step(ours, x)
     kept = ours.deepspeed_moe.last_routing.kept_per_expert().tolist()
-    assert [n for n, _ in seen] == [bucket(n) for n in kept] != kept
+    if onednn_present:
+        assert [n for n, _ in seen] == [bucket(n) for n in kept] != kept
+    else:
+        assert [n for n, _ in seen] == kept != [bucket(n) for n in kept]
     torch.testing.assert_close(out_o, out_r, atol=0.05, rtol=0.02)
     torch.testing.assert_close(gx_o, gx_r, atol=0.05, rtol=0.02)
     for name in grads_r:
