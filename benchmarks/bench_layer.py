@@ -11,6 +11,8 @@
     python benchmarks/bench_layer.py --redraw F.json    rewrite the markdown and PNG of a saved result
     ... --device cuda                                   the same on a GPU (CUDA events, allocator peaks)
     ... --allocator steady                              the whole run with benchmarks/allocator.py's glibc settings
+    ... --dtypes fp32                                   only the grid's fp32 points (on CPUs without AVX-512, bf16
+                                                        matmuls run in ATen's own loops and a step takes seconds)
 
 Per point, both layers hold identical weights and the same expert module (Linear(M, 2M) -> GELU ->
 Linear(2M, M)), see the same tokens and output gradient, and run interleaved (ours, deepspeed, floor, ours,
@@ -33,7 +35,7 @@ import json
 import os
 import platform
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,8 +45,8 @@ import torch  # noqa: E402
 from benchmarks import allocator  # noqa: E402
 from benchmarks.fresh_process import FreshProcesses  # noqa: E402
 from benchmarks.floors import copy_bandwidth, dispatch_bytes, floor_output  # noqa: E402
-from benchmarks.layer_impls import (IMPLEMENTATIONS, Point, build_layers, layer_step, make_inputs,  # noqa: E402
-                                    other_libraries, timed_steps)
+from benchmarks.layer_impls import (DTYPES, IMPLEMENTATIONS, Point, build_layers, layer_step,  # noqa: E402
+                                    make_inputs, other_libraries, timed_steps)
 from benchmarks.timing import geomean, interleaved, median, paired_ratio, ratio_quartiles  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -68,6 +70,7 @@ class Grid:
     reps: int = 5
     budget_s: float = 6.0  # per point, after the first 5 timed rounds
     tokens: str = "fresh"  # a new batch every round ("fresh", as in training) or one batch throughout ("fixed")
+    dtypes: List[str] = field(default_factory=list)  # set where the grid was cut to these dtypes
 
 
 def _point(k: int, cf: float, E: int, M: int, dtype: str = "fp32", tokens: Optional[int] = None) -> Point:
@@ -103,6 +106,16 @@ def smoke_grid() -> Grid:
     """Two tiny points, timed but not measured for memory or on several ranks."""
     points = [Point(1, 1.0, 4, model_dim=16, tokens=32), Point(2, 1.25, 4, model_dim=16, tokens=32, dtype="bf16")]
     return Grid(points, [], [], warmup=1, reps=3, budget_s=1.0)
+
+
+def only_dtypes(grid: Grid, dtypes: List[str]) -> Grid:
+    """The grid less its points in other dtypes (timing, memory and multi-rank alike)."""
+    unknown = set(dtypes) - set(DTYPES)
+    if unknown or not dtypes:
+        raise SystemExit(f"--dtypes: unknown {sorted(unknown)}; choose among {sorted(DTYPES)}")
+    keep = lambda points: [p for p in points if p.dtype in dtypes]
+    return replace(grid, points=keep(grid.points), memory_points=keep(grid.memory_points),
+                   multirank_points=keep(grid.multirank_points), dtypes=list(dtypes))
 
 
 def correctness_points() -> List[Point]:
@@ -360,6 +373,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "freed memory, so no step page-faults its buffers back in); default: glibc as it comes")
     parser.add_argument("--max-layer-gb", type=float, default=2.5,
                         help="--full skips points whose expert weights + gradients exceed this (default 2.5)")
+    parser.add_argument("--dtypes", default="fp32,bf16",
+                        help="only the grid's points in these dtypes (comma-separated; default both): on a CPU "
+                             "without AVX-512 a bf16 step takes seconds, and the full grid would take hours")
     parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's and --faults' point: "
                         "k,cf,E,M,dtype")
     parser.add_argument("--tag", default="", help="output name under benchmarks/results (default: layer_<mode>)")
@@ -411,6 +427,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         grid = smoke_grid()
     else:
         grid = quick_grid()
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if sorted(dtypes) != sorted({p.dtype for p in grid.points}):
+        grid = only_dtypes(grid, dtypes)
     if args.reps:
         grid.reps = args.reps
     if args.fixed_tokens:
@@ -418,8 +437,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     doc = run(grid, device, memory=not args.no_memory, multirank=not args.no_multirank,
               same_process=args.same_process)
     doc["mode"] = "full" if args.full else "smoke" if args.smoke else "quick"
+    if grid.dtypes:
+        doc["dtypes"] = grid.dtypes
     from benchmarks.layer_report import write_outputs
-    paths = write_outputs(doc, args.out_dir, (args.tag or f"layer_{doc['mode']}") + suffix)
+    default_tag = f"layer_{doc['mode']}" + "".join(f"_{d}" for d in grid.dtypes)
+    paths = write_outputs(doc, args.out_dir, (args.tag or default_tag) + suffix)
     print("wrote " + ", ".join(os.path.relpath(p) for p in paths))
     return 0
 

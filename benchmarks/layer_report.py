@@ -190,6 +190,7 @@ def write_outputs(doc: Dict, out_dir: str, tag: str) -> Tuple[str, str, str]:
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1)
     with open(md_path, "w") as f:
-        f.write(markdown(doc, f"Layer vs DeepSpeed ({doc['environment']['device']}, {doc.get('mode', '')} grid)"))
+        only = f", {'+'.join(doc['dtypes'])} points only" if doc.get("dtypes") else ""
+        f.write(markdown(doc, f"Layer vs DeepSpeed ({doc['environment']['device']}, {doc.get('mode', '')} grid{only})"))
     plot(doc, png_path)
     return json_path, md_path, png_path

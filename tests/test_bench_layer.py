@@ -157,10 +157,27 @@ def test_a_tiny_run_writes_json_markdown_and_png(tmp_path, same_process):
         assert all(len(t) == 3 for t in row["times_s"].values())
         assert row["bytes_floor_s"] > 0 and row["ours_over_deepspeed"] > 0
     assert saved["environment"]["deepspeed"] and saved["environment"]["torch"]
+    assert torch.backends.cpu.get_cpu_capability() in saved["environment"]["cpu_isa"]
     assert len(saved["targets"]) == 3 and all(isinstance(t["met"], bool) for t in saved["targets"])
     text = open(md_path).read()
     assert all(p.key in text for p in points) and "Geometric mean" in text
     assert open(png_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png_path) < 200_000
+
+
+def test_a_grid_cut_to_one_dtype_keeps_only_its_points_and_says_so(tmp_path):
+    full = bench_layer.full_grid(1 << 40)
+    fp32 = bench_layer.only_dtypes(full, ["fp32"])
+    for points, all_points in ((fp32.points, full.points), (fp32.memory_points, full.memory_points),
+                               (fp32.multirank_points, full.multirank_points)):
+        assert points == [p for p in all_points if p.dtype == "fp32"] and points
+    assert len(fp32.points) * 2 == len(full.points)
+    with pytest.raises(SystemExit, match="fp16"):
+        bench_layer.only_dtypes(full, ["fp16"])
+    assert bench_layer.main(["--smoke", "--dtypes", "fp32", "--same-process", "--out-dir", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "layer_smoke_fp32.json").read_text())
+    assert saved["dtypes"] == ["fp32"] and [r["key"] for r in saved["rows"]] == [
+        p.key for p in bench_layer.smoke_grid().points if p.dtype == "fp32"]
+    assert "smoke grid, fp32 points only" in (tmp_path / "layer_smoke_fp32.md").read_text()
 
 
 def test_targets_read_memory_and_floor_rows():
