@@ -13,7 +13,8 @@ def router_softmax(logits_SE: torch.Tensor) -> torch.Tensor:
 
     With few experts, rows of E floats are too short for the CPU kernel's row-wise vector loop (a softmax over
     8 experts took 20x longer than over the token dimension of the transposed table); computing it down the
-    columns of the transposed table gives the same values up to rounding (1 ulp), forward and backward.
+    columns of the transposed table gives the same values up to rounding, forward and backward (1 ulp apart with
+    AVX-512, up to 5e-7 relative with AVX2; both as close to the float64 softmax).
     """
     if logits_SE.shape[1] < 16 and logits_SE.device.type == "cpu":
         return F.softmax(logits_SE.t().contiguous(), dim=0).t().contiguous()

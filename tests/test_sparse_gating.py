@@ -95,5 +95,10 @@ def test_router_softmax_matches_softmax_forward_and_backward(E):
     (ours_grad_SE,) = torch.autograd.grad(ours_SE, logits_SE, grad_SE)
     ref_SE = F.softmax(logits_SE, dim=1)
     (ref_grad_SE,) = torch.autograd.grad(ref_SE, logits_SE, grad_SE)
-    torch.testing.assert_close(ours_SE, ref_SE, atol=0, rtol=2.5e-7)
+    # The row and the column kernels round differently: 1 ulp apart with AVX-512, up to 5.3e-7 relative with AVX2
+    # (both within 1.3e-6 of the float64 softmax there). Ours must be as accurate as torch's own kernel.
+    torch.testing.assert_close(ours_SE, ref_SE, atol=0, rtol=1e-6)
+    exact_SE = F.softmax(logits_SE.detach().double(), dim=1)
+    worst = lambda p_SE: ((p_SE.detach().double() - exact_SE).abs() / exact_SE).max().item()
+    assert worst(ours_SE) <= 1.5 * worst(ref_SE)
     torch.testing.assert_close(ours_grad_SE, ref_grad_SE, atol=1e-6, rtol=1e-5)  # cancellation: ulps of |grad|
