@@ -85,6 +85,24 @@ def test_rank_by_score_orders_each_group_by_descending_score(J, G, seed):
         assert [rank_J[j].item() for j in expected] == list(range(len(members)))
 
 
+@pytest.mark.parametrize("capability,lanes", [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 16)])
+def test_router_softmax_takes_the_column_layout_below_one_vector_of_experts(monkeypatch, capability, lanes):
+    from ds_tutel import softmax
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    softmax.row_kernel_min_experts.cache_clear()
+    try:
+        assert softmax.row_kernel_min_experts() == lanes
+        for E in (4, 8, 12, 16):
+            logits_SE = torch.randn(257, E, generator=torch.Generator().manual_seed(E)) * 4
+            columns_SE = F.softmax(logits_SE.t().contiguous(), dim=0).t()
+            rows_SE = F.softmax(logits_SE, dim=1)
+            assert not torch.equal(columns_SE, rows_SE), "the layouts must round differently somewhere to be told apart"
+            want_SE = columns_SE if E < lanes else rows_SE
+            assert torch.equal(router_softmax(logits_SE), want_SE), E
+    finally:
+        softmax.row_kernel_min_experts.cache_clear()
+
+
 @pytest.mark.parametrize("E", [2, 8, 15, 16, 64])
 def test_router_softmax_matches_softmax_forward_and_backward(E):
     gen = torch.Generator().manual_seed(E)
