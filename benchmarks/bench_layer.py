@@ -113,9 +113,10 @@ def only_dtypes(grid: Grid, dtypes: List[str]) -> Grid:
     unknown = set(dtypes) - set(DTYPES)
     if unknown or not dtypes:
         raise SystemExit(f"--dtypes: unknown {sorted(unknown)}; choose among {sorted(DTYPES)}")
-    keep = lambda points: [p for p in points if p.dtype in dtypes]
-    return replace(grid, points=keep(grid.points), memory_points=keep(grid.memory_points),
-                   multirank_points=keep(grid.multirank_points), dtypes=list(dtypes))
+    def kept(points: List[Point]) -> List[Point]:
+        return [p for p in points if p.dtype in dtypes]
+    return replace(grid, points=kept(grid.points), memory_points=kept(grid.memory_points),
+                   multirank_points=kept(grid.multirank_points), dtypes=list(dtypes))
 
 
 def correctness_points() -> List[Point]:
