@@ -73,7 +73,7 @@ def engine_probe(point: Point, impl: str) -> Dict[str, float]:
         engine.step()
     trained = sum(not torch.equal(p.detach().float(), s.float()) for p, s in zip(model.parameters(), start))
     return {"peak_bytes": _host_bytes(peak=True), "before_step_bytes": before, "parameters_changed": trained,
-            "parameters": len(start), "hash_seed": os.environ.get("PYTHONHASHSEED")}
+            "parameters": len(start), "hash_seed": os.environ.get("PYTHONHASHSEED"), "pid": os.getpid()}
 
 
 def engine_memory(points: List[Point], impls: List[str], seeds: int = 3, timeout: float = 600.0,

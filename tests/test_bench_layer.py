@@ -215,6 +215,20 @@ def test_memory_probes_run_in_their_own_processes():
         assert low <= probe["layer_MB"] <= high
 
 
+def test_engine_memory_trains_each_layer_through_deepspeed_in_a_process_of_its_own():
+    from benchmarks.engine_memory import engine_memory
+    point = Point(2, 1.0, 4, model_dim=16, tokens=32)
+    results = engine_memory([point], ["ours", "deepspeed"], seeds=1, log=lambda *_: None)
+    pids = set()
+    for impl, row in results[point.key].items():
+        (sample,) = row["samples"]
+        assert sample["parameters_changed"] == sample["parameters"] > 0, impl  # every parameter took a step
+        assert sample["peak_bytes"] >= sample["before_step_bytes"] > 0 and row["step_MB"] >= 0
+        assert sample["hash_seed"] == "0"
+        pids.add(sample["pid"])
+    assert os.getpid() not in pids and len(pids) == 2
+
+
 def test_steady_allocator_run_applies_the_malloc_settings_to_every_point(tmp_path):
     """--allocator steady restarts the run with glibc's settings in the environment, so the points' fresh
     processes have them too, and the report says which settings a run had."""
