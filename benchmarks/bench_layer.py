@@ -109,10 +109,13 @@ def smoke_grid() -> Grid:
 
 
 def only_dtypes(grid: Grid, dtypes: List[str]) -> Grid:
-    """The grid less its points in other dtypes (timing, memory and multi-rank alike)."""
+    """The grid less its points in other dtypes (timing, memory and multi-rank alike); the grid itself where that
+    leaves out none."""
     unknown = set(dtypes) - set(DTYPES)
     if unknown or not dtypes:
         raise SystemExit(f"--dtypes: unknown {sorted(unknown)}; choose among {sorted(DTYPES)}")
+    if {p.dtype for p in grid.points} <= set(dtypes):
+        return grid
     def kept(points: List[Point]) -> List[Point]:
         return [p for p in points if p.dtype in dtypes]
     return replace(grid, points=kept(grid.points), memory_points=kept(grid.memory_points),
@@ -212,15 +215,7 @@ def _cpu_isa() -> str:
     runs on two generations of one vendor's CPUs are not comparable (on the quick grid's bf16 points, steps took
     40-60x longer on an AMD EPYC without AVX-512 than on one with AVX-512 BF16)."""
     from ds_tutel.row_buckets import onednn_half_matmuls
-    ids = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("cpu family", "model") and key.strip() not in ids:
-                    ids[key.strip()] = value.strip()
-    except OSError:
-        pass
+    ids = _cpuinfo("cpu family", "model")
     family = f", family {ids['cpu family']} model {ids['model']}" if len(ids) == 2 else ""
     bf16 = "oneDNN" if onednn_half_matmuls(torch.bfloat16) else "ATen loops"
     return f"{torch.backends.cpu.get_cpu_capability()}{family}, bf16 matmuls: {bf16}"
@@ -246,15 +241,22 @@ def _revision() -> Optional[str]:
     return head + ("+changes" if dirty else "")
 
 
-def _cpu_name() -> str:
+def _cpuinfo(*keys: str) -> Dict[str, str]:
+    """The first value of each of these /proc/cpuinfo fields (those it has; none without /proc)."""
+    found: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() in keys:
+                    found.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor()
+    return found
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name").get("model name") or platform.processor()
 
 
 def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_process: bool = False,
@@ -428,9 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         grid = smoke_grid()
     else:
         grid = quick_grid()
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    if sorted(dtypes) != sorted({p.dtype for p in grid.points}):
-        grid = only_dtypes(grid, dtypes)
+    grid = only_dtypes(grid, [d for d in args.dtypes.split(",") if d])
     if args.reps:
         grid.reps = args.reps
     if args.fixed_tokens:
