@@ -71,6 +71,10 @@ class MOELayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
                 capacity_factor: Optional[float] = None, k: Optional[int] = None) -> torch.Tensor:
+        # Drop the previous step's loss and routing before this step allocates anything: the loss holds that
+        # step's autograd graph, and with it a leaf input and its gradient, which sit at the top of the heap
+        # when the step ends and would otherwise keep the memory freed since (zero_grad) from being returned.
+        self.l_aux = self.last_routing = None
         M = hidden_states.shape[-1]
         x_SM = hidden_states.reshape(-1, M)
         used_S = None if used_token is None else used_token.reshape(-1)
@@ -94,7 +98,7 @@ class MOELayer(nn.Module):
                 routing, self.l_aux, tokens_SM = route(lambda capacity: agreed)
                 filled_WL, _ = self._exchange_counts(routing)
         self.exp_counts = routing.counts_E.detach()
-        self.last_routing = routing
+        self.last_routing = routing.detached()
 
         if self.ep_size == 1 and backend == "torch":
             # No exchange: each expert runs on exactly its kept tokens.

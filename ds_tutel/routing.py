@@ -4,7 +4,7 @@ Shape legend: S tokens, E experts, K choices per token.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -71,6 +71,11 @@ class Routing:
         scratch = self.num_experts * self.capacity
         flat_SK = self.indices_SK * self.capacity + self.locations_SK
         return torch.where(self.kept_SK, flat_SK, torch.full_like(flat_SK, scratch))
+
+    def detached(self) -> "Routing":
+        """The same decisions without autograd history: what a layer keeps for statistics after its step, so
+        that the step's graph (and through it the step's input and that input's gradient) is not kept alive."""
+        return replace(self, gates_SK=self.gates_SK.detach(), probs_SE=self.probs_SE.detach())
 
     def kept_per_expert(self) -> torch.Tensor:
         """int64 [E]: choices that got a slot in each expert (filled slots are a prefix of each expert's buffer)."""
