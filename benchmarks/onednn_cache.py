@@ -15,11 +15,12 @@ this module counts the misses per step and the time spent creating them.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List
+from typing import Counter, Iterable, List
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +35,7 @@ class StepPrimitives:
     misses: int = 0
     create_ms: float = 0.0
     executions: int = 0
-    kinds: Dict[str, int] = field(default_factory=dict)
+    kinds: Counter[str] = field(default_factory=collections.Counter)
 
 
 def parse_verbose(lines: Iterable[str]) -> List[StepPrimitives]:
@@ -51,8 +52,7 @@ def parse_verbose(lines: Iterable[str]) -> List[StepPrimitives]:
         if "create:cache_miss" in fields:
             steps[-1].misses += 1
             steps[-1].create_ms += float(fields[-1])
-            kind = fields[5]
-            steps[-1].kinds[kind] = steps[-1].kinds.get(kind, 0) + 1
+            steps[-1].kinds[fields[5]] += 1
         elif "exec" in fields:
             steps[-1].executions += 1
     return steps
@@ -76,18 +76,18 @@ def run_child(point: str, impl: str, steps: int, tokens: int = 0) -> None:
 
 def parse_point(text: str, tokens: int = 0):
     """"k,cf,E,M,dtype" as bench_layer's --point, with its token count for M unless `tokens` is given."""
-    from benchmarks.bench_layer import tokens_for
-    from benchmarks.layer_impls import Point
+    from benchmarks.bench_layer import _point
 
     k, cf, E, M, dtype = text.split(",")
-    return Point(int(k), float(cf), int(E), int(M), tokens=tokens or tokens_for(int(M)), dtype=dtype)
+    return _point(int(k), float(cf), int(E), int(M), dtype, tokens=tokens or None)
 
 
 def measure(point: str, impl: str, steps: int, tokens: int = 0, timeout: float = 600.0) -> List[StepPrimitives]:
     """Runs the child and parses its output."""
     env = dict(os.environ, ONEDNN_VERBOSE="all")
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", impl, "--point", point,
-                           "--steps", str(steps), "--tokens", str(tokens)], env=env, capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, os.path.abspath(__file__), "--child", impl, "--point", point, "--steps", str(steps),
+               "--tokens", str(tokens)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{impl} child failed:\n{done.stderr[-3000:]}")
     return parse_verbose(done.stdout.splitlines())
@@ -96,15 +96,13 @@ def measure(point: str, impl: str, steps: int, tokens: int = 0, timeout: float =
 def summary(impl: str, steps: List[StepPrimitives], warmup: int) -> str:
     later = steps[warmup:]
     per_step = " ".join(str(s.misses) for s in steps)
-    create = sum(s.create_ms for s in later) / max(1, len(later))
-    kinds: Dict[str, int] = {}
-    for s in steps:
-        for kind, n in s.kinds.items():
-            kinds[kind] = kinds.get(kind, 0) + n
+    created = sum(s.misses for s in later) / max(1, len(later))
+    create_ms = sum(s.create_ms for s in later) / max(1, len(later))
+    executions = later[-1].executions if later else 0
+    kinds = sum((s.kinds for s in steps), collections.Counter())
     return (f"{impl:10s} primitives created per step: {per_step}\n"
-            f"{'':10s} after {warmup} warm-up steps: {sum(s.misses for s in later) / max(1, len(later)):.1f} "
-            f"created and {create:.2f} ms creating per step; executions per step {later[-1].executions if later else 0}"
-            f"; kinds {kinds}")
+            f"{'':10s} after {warmup} warm-up steps: {created:.1f} created and {create_ms:.2f} ms creating per "
+            f"step; executions per step {executions}; kinds {dict(kinds)}")
 
 
 def main(argv: List[str] = None) -> int:
@@ -119,7 +117,8 @@ def main(argv: List[str] = None) -> int:
     if args.child:
         run_child(args.point, args.child, args.steps, args.tokens)
         return 0
-    print(f"oneDNN primitives at {parse_point(args.point, args.tokens).key}, {args.steps} steps on new batches, one thread")
+    print(f"oneDNN primitives at {parse_point(args.point, args.tokens).key}, {args.steps} steps on new batches, "
+          "one thread")
     for impl in args.impls.split(","):
         print(summary(impl, measure(args.point, impl, args.steps, args.tokens), args.warmup))
     return 0

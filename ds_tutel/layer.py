@@ -72,8 +72,8 @@ class MOELayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
                 capacity_factor: Optional[float] = None, k: Optional[int] = None) -> torch.Tensor:
         # Drop the previous step's loss and routing before this step allocates anything: the loss holds that
-        # step's autograd graph, and with it a leaf input and its gradient, which sit at the top of the heap
-        # when the step ends and would otherwise keep the memory freed since (zero_grad) from being returned.
+        # step's autograd graph, and with it a leaf input and its gradient, which can sit at the top of the heap
+        # and keep glibc from returning the memory zero_grad has freed below them.
         self.l_aux = self.last_routing = None
         M = hidden_states.shape[-1]
         x_SM = hidden_states.reshape(-1, M)
