@@ -22,6 +22,7 @@ from .dispatch import grouped_decode, grouped_encode, grouped_plan
 from .config import ConfigSource, moe_kwargs
 from .exchange import exchange_and_compute, exchange_counts
 from .experts import Experts
+from .kept_exchange import exchange_kept_and_compute
 from .gating import NOISY_GATE_POLICIES, Gate
 from .routing import Routing
 from .row_buckets import buckets_needed
@@ -36,9 +37,10 @@ class MOELayer(nn.Module):
 
     def __init__(self, gate: Gate, experts: Experts, ep_group_name: str, ep_size: int, num_local_experts: int,
                  a2a_algorithm: str = "flat", a2a_ffn_overlap_degree: int = 1, dispatch_backend: str = "auto",
-                 a2a_auto_threshold: Optional[int] = None) -> None:
+                 a2a_auto_threshold: Optional[int] = None, a2a_send: str = "kept") -> None:
         super().__init__()
         self.a2a_auto_threshold = a2a_auto_threshold
+        self.a2a_send = a2a_send
         self.dispatch_backend = dispatch_backend
         self.a2a_algorithm = a2a_algorithm
         self.a2a_ffn_overlap_degree = a2a_ffn_overlap_degree
@@ -68,6 +70,12 @@ class MOELayer(nn.Module):
     def _exchange_counts(self, routing: Routing):
         return exchange_counts(routing.kept_per_expert(), routing.capacity, self.ep_group, self.num_local_experts,
                                algorithm=self.a2a_algorithm, auto_threshold=self.a2a_auto_threshold)
+
+    def _sends_kept_rows(self, backend: str) -> bool:
+        """True where the exchange moves exactly the kept rows (kept_exchange.py): a flat all-to-all in one
+        piece, with the torch dispatch (the Triton kernels fill capacity buffers)."""
+        return (self.a2a_send == "kept" and backend == "torch" and self.a2a_algorithm == "flat"
+                and self.a2a_ffn_overlap_degree == 1)
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
                 capacity_factor: Optional[float] = None, k: Optional[int] = None) -> torch.Tensor:
@@ -105,6 +113,9 @@ class MOELayer(nn.Module):
             plan = grouped_plan(routing, bucket_rows=buckets_needed(x_SM.device, x_SM.dtype))
             outs_nM = self.experts.forward_grouped(grouped_encode(tokens_SM, plan))
             y_SM = grouped_decode(outs_nM, plan)
+        elif self._sends_kept_rows(backend):
+            y_SM = exchange_kept_and_compute(tokens_SM, grouped_plan(routing), filled_WL, self.experts.forward_grouped,
+                                             self.ep_group)
         else:
             encode, decode = dispatch_functions(backend)
             buf_ECM = encode(tokens_SM, routing)
@@ -133,6 +144,9 @@ class MoE(ds_layer.MoE):
         all-to-all of one chunk overlaps the experts of another.
       a2a_auto_threshold: with a2a_algorithm="auto", 2dh for messages up to this many bytes per rank (default:
         $DS_TUTEL_A2A_AUTO_THRESHOLD, else 0 = always flat; measure it with benchmarks/bench_alltoall.py).
+      a2a_send: "kept" (default): with a flat all-to-all in one piece and the torch dispatch, send each expert
+        exactly its kept rows (all-to-alls sized by the routing); "capacity": always send whole capacity buffers
+        [E, C, M], as DeepSpeed does (fixed message sizes).
       dispatch_backend: "auto" (Triton kernels for tensors on a GPU, torch on the CPU) | "triton" | "torch".
     """
 
@@ -166,6 +180,7 @@ class MoE(ds_layer.MoE):
                  a2a_algorithm: str = "flat",
                  a2a_ffn_overlap_degree: int = 1,
                  a2a_auto_threshold: Optional[int] = None,
+                 a2a_send: str = "kept",
                  dispatch_backend: str = "auto") -> None:
         options = RouterOptions(capacity_mode=capacity_mode, batch_prioritized_routing=batch_prioritized_routing,
                                 normalize_gate=normalize_gate, gate_noise=gate_noise, input_dropout=input_dropout,
@@ -175,7 +190,7 @@ class MoE(ds_layer.MoE):
                           capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                           min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy,
                           allowed_policies=NOISY_GATE_POLICIES, capacity_mode=capacity_mode)
-        check_exchange(a2a_algorithm, a2a_ffn_overlap_degree)
+        check_exchange(a2a_algorithm, a2a_ffn_overlap_degree, a2a_send)
         comm.auto_threshold(a2a_auto_threshold)
         check_backend(dispatch_backend)
         # DeepSpeed's own __init__ would build its layer only for us to replace it: initialise nn.Module directly.
@@ -194,7 +209,8 @@ class MoE(ds_layer.MoE):
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
                                       a2a_algorithm=a2a_algorithm, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
-                                      dispatch_backend=dispatch_backend, a2a_auto_threshold=a2a_auto_threshold)
+                                      dispatch_backend=dispatch_backend, a2a_auto_threshold=a2a_auto_threshold,
+                                      a2a_send=a2a_send)
         if use_residual:
             self.mlp = expert
             self.coefficient = nn.Linear(hidden_size, 2)

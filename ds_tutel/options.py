@@ -8,6 +8,7 @@ from typing import Any, Dict
 CAPACITY_MODES = ("deepspeed", "tutel")
 AUX_LOSSES = ("gshard", "switch", "none")
 A2A_ALGORITHMS = ("flat", "2dh", "auto")
+A2A_SENDS = ("kept", "capacity")
 DISPATCH_BACKENDS = ("auto", "triton", "torch")
 
 

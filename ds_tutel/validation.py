@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .options import A2A_ALGORITHMS, DISPATCH_BACKENDS
+from .options import A2A_ALGORITHMS, A2A_SENDS, DISPATCH_BACKENDS
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -50,7 +50,9 @@ def check_k(k: Any, num_experts: int) -> None:
         raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
 
 
-def check_exchange(a2a_algorithm: Any, overlap_degree: Any) -> None:
+def check_exchange(a2a_algorithm: Any, overlap_degree: Any, a2a_send: Any = "kept") -> None:
+    if a2a_send not in A2A_SENDS:
+        raise ValueError(f"a2a_send must be one of {A2A_SENDS}, got {a2a_send!r}")
     if a2a_algorithm not in A2A_ALGORITHMS:
         raise ValueError(f"a2a_algorithm must be one of {A2A_ALGORITHMS}, got {a2a_algorithm!r}")
     if isinstance(overlap_degree, bool) or not isinstance(overlap_degree, int) or overlap_degree < 1:

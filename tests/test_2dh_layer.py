@@ -49,8 +49,10 @@ def _check_layer(rank, world_size):
         results = {}
         for algorithm in ("flat", "2dh", "auto"):
             for degree in (1, 2, 4):
+                # Capacity buffers for all, so that flat and 2dh exchange the same bytes (flat in one piece would
+                # otherwise send only the kept rows: tests/test_kept_exchange.py).
                 layer = ds_tutel.MoE(M, expert_ffn(M), ep_size=ep_size, a2a_algorithm=algorithm,
-                                     a2a_ffn_overlap_degree=degree, **kwargs)
+                                     a2a_ffn_overlap_degree=degree, a2a_send="capacity", **kwargs)
                 layer.load_state_dict(local_expert_state(reference.state_dict(), ep_rank * num_local, num_local))
                 layer.set_deepspeed_parallelism()
                 out_SM, grad_x_SM, grads = results[algorithm, degree] = _step(layer, inputs[rank])

@@ -1,0 +1,139 @@
+"""The expert-parallel exchange of exactly the kept rows (ds_tutel.kept_exchange): its layout, the regrouping by
+expert with its inverse, and on spawned gloo ranks the same outputs and gradients as the capacity buffers with
+fewer rows on the wire."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds_tutel.kept_exchange import KeptLayout, _ByExpert, _BySource, kept_layout
+from multirank import run_ranks
+
+M = 8
+
+
+def test_layout_of_two_ranks_with_two_local_experts():
+    # I am rank 1. I keep 3, 0 | 2, 1 rows for experts 0, 1 (rank 0's) | 2, 3 (mine).
+    # Rank 0 sends my experts 4 and 0 rows; I send them 2 and 1.
+    layout = kept_layout([3, 0, 2, 1], [[4, 0], [2, 1]], me=1, device=torch.device("cpu"), dtype=torch.float32)
+    assert layout.send_W == [3, 3] and layout.recv_W == [4, 3]
+    assert layout.rows_L == [6, 1]
+    # Received rows: rank 0's (4 for expert 0, none for expert 1), then mine (2 for expert 0, 1 for expert 1).
+    assert layout.index_L[0].tolist() == [0, 1, 2, 3, 4, 5] and layout.index_L[1].tolist() == [6]
+
+
+def test_layout_rejects_counts_of_another_expert_count():
+    with pytest.raises(ValueError, match="3 experts' row counts, expected 2 ranks x 2"):
+        kept_layout([1, 2, 3], [[1, 1], [1, 1]], me=0, device=torch.device("cpu"), dtype=torch.float32)
+
+
+@st.composite
+def _layouts(draw):
+    W, L = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    filled_WL = [[draw(st.integers(0, 5)) for _ in range(L)] for _ in range(W)]
+    layout = kept_layout([0] * (W * L), filled_WL, me=0, device=torch.device("cpu"), dtype=torch.float32)
+    # Pad rows as row buckets would add them, whatever this machine's matmuls need.
+    layout.expert_rows_L = [n + draw(st.integers(0, 3)) for n in layout.rows_L]
+    return filled_WL, layout
+
+
+@settings(max_examples=60, deadline=None)
+@given(_layouts())
+def test_regrouping_by_expert_is_a_permutation_plus_zero_pad_rows_and_its_backward_inverts_it(case):
+    filled_WL, layout = case
+    R = sum(layout.recv_W)
+    recv_RM = torch.randn(R, M, dtype=torch.float64, requires_grad=True)
+    inputs_pM = _ByExpert.apply(recv_RM, layout)
+    start = 0
+    for w, filled_L in enumerate(filled_WL):  # rank w's rows for expert l: its block, local experts in order
+        for l, n in enumerate(filled_L):
+            before = sum(filled_WL[v][l] for v in range(w))
+            assert torch.equal(inputs_pM[l][before:before + n], recv_RM[start:start + n].detach())
+            start += n
+    for x_pM, n, p in zip(inputs_pM, layout.rows_L, layout.expert_rows_L):
+        assert x_pM.shape == (p, M) and not x_pM[n:].any()
+    # Experts as the identity: back by source gives the received rows, and gradients flow back unchanged.
+    back_RM = _BySource.apply(layout, *inputs_pM)
+    assert torch.equal(back_RM, recv_RM.detach())
+    grad_RM = torch.randn(R, M, dtype=torch.float64)
+    back_RM.backward(grad_RM)
+    assert torch.equal(recv_RM.grad, grad_RM)
+
+
+def test_pad_rows_get_a_zero_gradient():
+    layout = KeptLayout(send_W=[2], recv_W=[2], rows_L=[2], expert_rows_L=[4], index_L=[torch.tensor([0, 1])],
+                        me=0)
+    outs_pM = [torch.randn(4, M, requires_grad=True)]
+    _BySource.apply(layout, *outs_pM).sum().backward()
+    assert torch.equal(outs_pM[0].grad, torch.cat([torch.ones(2, M), torch.zeros(2, M)]))
+
+
+CASES = [  # (num_experts, k, drop_tokens, capacity_factor, dtype)
+    (4, 1, True, 1.0, torch.float32),
+    (4, 2, True, 1.0, torch.float32),
+    (8, 3, True, 1.25, torch.float32),
+    (4, 2, False, 1.0, torch.float32),
+    (8, 2, True, 1.0, torch.bfloat16),
+]
+
+
+def _kept_against_capacity(rank, world_size):
+    """Per case: the same layer with a2a_send 'kept' and 'capacity' on the same tokens (unequal counts per rank,
+    a few tokens masked out); outputs, input and parameter gradients must match, and the kept exchange must put
+    only kept rows on the wire."""
+    import torch.distributed as dist
+
+    import ds_tutel
+    from helpers import expert_ffn
+
+    sent_rows = []
+    all_to_all_single = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        if input.shape[-1] == M:  # the data rows, not the kept counts
+            sent_rows.append(input.numel() // M if input_split_sizes is None else sum(input_split_sizes))
+        return all_to_all_single(output, input, output_split_sizes, input_split_sizes, **kwargs)
+
+    dist.all_to_all_single = counting
+    report = []
+    for num_experts, k, drop_tokens, capacity_factor, dtype in CASES:
+        results = {}
+        for send in ("kept", "capacity"):
+            torch.manual_seed(0)
+            layer = ds_tutel.MoE(M, expert_ffn(M), num_experts=num_experts, ep_size=world_size, k=k,
+                                 capacity_factor=capacity_factor, drop_tokens=drop_tokens, min_capacity=2,
+                                 use_rts=False, top2_2nd_expert_sampling=False, a2a_send=send).to(dtype)
+            layer.set_deepspeed_parallelism()
+            tokens = 6 + 5 * rank
+            x = torch.randn(tokens, M, generator=torch.Generator().manual_seed(10 + rank)).to(dtype)
+            x.requires_grad_(True)
+            used = (torch.arange(tokens) % 5 != 2).to(dtype)
+            sent_rows.clear()
+            out, l_aux, counts = layer(x, used)
+            (out.float().square().sum() + l_aux).backward()
+            routing = layer.deepspeed_moe.last_routing
+            results[send] = (out.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()},
+                             list(sent_rows), int(routing.kept_per_expert().sum()), routing.capacity)
+        (out_k, dx_k, grads_k, rows_k, kept, capacity), (out_c, dx_c, grads_c, rows_c, _, _) = (
+            results["kept"], results["capacity"])
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out_k, out_c, **tol)
+        torch.testing.assert_close(dx_k, dx_c, **tol)
+        for name in grads_c:
+            torch.testing.assert_close(grads_k[name], grads_c[name], **tol, msg=lambda m: f"{name}: {m}")
+        # Four data exchanges per step (out and back, forward and backward) in both: the capacity ones carry whole
+        # buffers; the first kept one at most this rank's kept rows (less its own block, which stays here).
+        assert len(rows_k) == 4 and rows_c == [num_experts * capacity] * 4
+        assert rows_k[0] <= kept < num_experts * capacity
+        report.append((rows_k, rows_c))
+    return report
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_kept_rows_give_the_capacity_buffers_results_with_fewer_rows_sent(world_size):
+    reports = run_ranks(_kept_against_capacity, world_size, timeout=240)
+    assert len(reports) == world_size
+    total_kept = sum(sum(rows) for report in reports for rows, _ in report)
+    total_capacity = sum(sum(rows) for report in reports for _, rows in report)
+    assert total_kept < total_capacity / 2
