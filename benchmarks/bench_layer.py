@@ -86,7 +86,7 @@ def quick_grid() -> Grid:
                _point(4, 1.25, 64, 256), _point(2, 1.25, 4, 1024), _point(2, 1.0, 16, 512, "bf16"),
                _point(1, 1.25, 8, 256, "bf16")]
     memory = [p for p in points if p.k == 2 and p.capacity_factor == 1.0] + [_point(4, 1.25, 32, 512, tokens=512)]
-    multirank = [_point(2, 1.0, 8, 256, tokens=512)]
+    multirank = [_point(2, 1.0, 8, 256, tokens=512), _point(2, 1.25, 8, 256, tokens=512)]
     return Grid(points, memory, multirank, warmup=1, reps=9, budget_s=5.0)
 
 

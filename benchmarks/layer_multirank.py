@@ -14,6 +14,8 @@ from typing import Dict, List
 
 from benchmarks.layer_impls import IMPLEMENTATIONS, Point
 
+CAPACITY = "ours_capacity"  # ours with a2a_send="capacity": whole [E, C, M] buffers on the wire, as DeepSpeed's
+
 def _rank_times(rank: int, world_size: int, point_fields: List[dict], warmup: int, reps: int) -> List[dict]:
     """Runs on every rank: per point, {impl: [slowest-rank seconds per step]} and the equality check."""
     import time
@@ -28,19 +30,24 @@ def _rank_times(rank: int, world_size: int, point_fields: List[dict], warmup: in
     for fields in point_fields:
         point = Point(**fields)
         layers = build_layers(point, device, seed=10, ep_size=world_size)
+        # Ours once more with DeepSpeed's fixed-size messages: what sending only the kept rows saves.
+        layers[CAPACITY] = build_layers(point, device, seed=10, ep_size=world_size)["ours"]
+        layers[CAPACITY].deepspeed_moe.a2a_send = "capacity"
         for layer in layers.values():
             layer.set_deepspeed_parallelism()
         x_SM, dy_SM = make_inputs(point, device, seed=rank)
         outputs = {name: layer_step(layer, x_SM, dy_SM)[0] for name, layer in layers.items()}
-        equal = torch.allclose(outputs["ours"].float(), outputs["deepspeed"].float(), atol=1e-2 if
-                               point.dtype == "bf16" else 1e-5, rtol=1e-2 if point.dtype == "bf16" else 1e-4)
+        tol = dict(atol=1e-2, rtol=1e-2) if point.dtype == "bf16" else dict(atol=1e-5, rtol=1e-4)
+        equal = all(torch.allclose(outputs[name].float(), outputs["deepspeed"].float(), **tol)
+                    for name in ("ours", CAPACITY))
         for _ in range(max(0, warmup - 1)):
             for layer in layers.values():
                 layer_step(layer, x_SM, dy_SM)
         samples = {name: [] for name in layers}
         for i in range(reps):
             # The implementations take turns at going first, as in the single-rank timing (benchmarks/timing.py).
-            for name in (list(layers) if i % 2 == 0 else list(layers)[::-1]):
+            names = list(layers)
+            for name in names[i % len(names):] + names[:i % len(names)]:
                 layer = layers[name]
                 dist.barrier()
                 start = time.perf_counter()
@@ -71,6 +78,7 @@ def multirank_times(points: List[Point], world_sizes: List[int], warmup: int = 2
             row["key"] = Point(**row["point"]).key
             rows.append(row)
             log(f"ranks {world_size} {row['key']}: " + ", ".join(
-                f"{n} {1e3 * sorted(row['times'][n])[len(row['times'][n]) // 2]:.1f} ms" for n in IMPLEMENTATIONS)
+                f"{n} {1e3 * sorted(row['times'][n])[len(row['times'][n]) // 2]:.1f} ms"
+                for n in (*IMPLEMENTATIONS, CAPACITY))
                 + ("" if row["equal"] else "  OUTPUTS DIFFER"))
     return rows
