@@ -17,7 +17,6 @@ its local experts in order), n_l rows local expert l receives from all ranks, p_
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from itertools import accumulate
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -51,13 +50,16 @@ def kept_layout(rows_E: Sequence[int], filled_WL: Sequence[Sequence[int]], me: i
         raise ValueError(f"{len(rows_E)} experts' row counts, expected {W} ranks x {L} local experts")
     send_W = [sum(rows_E[w * L:(w + 1) * L]) for w in range(W)]
     recv_W = [sum(filled_L) for filled_L in filled_WL]
-    starts_W = list(accumulate(recv_W, initial=0))
-    index_L = []
-    for l in range(L):
-        ranges = [torch.arange(starts_W[w] + sum(filled_WL[w][:l]), starts_W[w] + sum(filled_WL[w][:l + 1]))
-                  for w in range(W)]
-        index_L.append(torch.cat(ranges).to(device))
     rows_L = [sum(filled_WL[w][l] for w in range(W)) for l in range(L)]
+    # Received block (w, l) starts where the blocks before it in (w, l) order end; expert l reads its blocks in
+    # source order, so list the blocks (l, w)-major and expand each to its rows.
+    filled_WL_t = torch.tensor(filled_WL, dtype=torch.int64).view(W, L)
+    start_WL = (torch.cumsum(filled_WL_t.flatten(), 0) - filled_WL_t.flatten()).view(W, L)
+    count_B, start_B = filled_WL_t.t().flatten(), start_WL.t().flatten()  # B = L * W blocks, (l, w)-major
+    first_row_B = torch.cumsum(count_B, 0) - count_B  # where each block begins in the regrouped order
+    R = int(count_B.sum())
+    index_R = torch.arange(R) + torch.repeat_interleave(start_B - first_row_B, count_B, output_size=R)
+    index_L = list(torch.split(index_R.to(device), rows_L))
     return KeptLayout(send_W, recv_W, rows_L, expert_rows(rows_L, device, dtype), index_L, me)
 
 
