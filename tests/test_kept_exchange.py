@@ -137,3 +137,35 @@ def test_kept_rows_give_the_capacity_buffers_results_with_fewer_rows_sent(world_
     total_kept = sum(sum(rows) for report in reports for rows, _ in report)
     total_capacity = sum(sum(rows) for report in reports for _, rows in report)
     assert total_kept < total_capacity / 2
+
+
+def _a_rank_without_kept_rows(rank, world_size):
+    """Rank 0 masks out all its tokens: it sends no rows but still receives and computes rank 1's; results as
+    with the capacity buffers, and no hang."""
+    import ds_tutel
+    from helpers import expert_ffn
+
+    results = {}
+    for send in ("kept", "capacity"):
+        torch.manual_seed(0)
+        layer = ds_tutel.MoE(M, expert_ffn(M), num_experts=4, ep_size=world_size, k=2, use_rts=False,
+                             top2_2nd_expert_sampling=False, a2a_send=send)
+        layer.set_deepspeed_parallelism()
+        x = torch.randn(8, M, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+        used = torch.zeros(8) if rank == 0 else torch.ones(8)
+        out, l_aux, _ = layer(x, used)
+        (out.square().sum() + l_aux).backward()
+        kept = int(layer.deepspeed_moe.last_routing.kept_per_expert().sum())
+        results[send] = (out.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}, kept)
+    (out_k, dx_k, grads_k, kept), (out_c, dx_c, grads_c, _) = results["kept"], results["capacity"]
+    torch.testing.assert_close(out_k, out_c, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx_k, dx_c, rtol=1e-6, atol=1e-6)
+    for name in grads_c:
+        torch.testing.assert_close(grads_k[name], grads_c[name], rtol=1e-6, atol=1e-6)
+    return kept
+
+
+@pytest.mark.multirank
+def test_a_rank_that_keeps_no_rows_still_serves_its_experts():
+    kept = run_ranks(_a_rank_without_kept_rows, 2, timeout=120)
+    assert kept[0] == 0 and kept[1] > 0
