@@ -134,7 +134,8 @@ def markdown(doc: Dict, title: str) -> str:
         lines += ["", "Expert parallel on CPU ranks (gloo, ep_size = ranks, one thread per rank, slowest rank "
                   "per step, tokens per rank" + ("; ours sends the kept rows, 'ours, capacity' is ours with "
                   "a2a_send='capacity', DeepSpeed's fixed-size buffers):" if kept else "):"), "",
-                  "| ranks | point | ours ms | ours, capacity ms | DS ms | ours/DS | ours, capacity/DS | outputs equal |",
+                  "| ranks | point | ours ms | ours, capacity ms | DS ms | ours/DS | ours, capacity/DS "
+                  "| outputs equal |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in doc["multirank"]:
             times = r["times"]

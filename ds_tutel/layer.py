@@ -22,8 +22,8 @@ from .dispatch import grouped_decode, grouped_encode, grouped_plan
 from .config import ConfigSource, moe_kwargs
 from .exchange import exchange_and_compute, exchange_counts
 from .experts import Experts
-from .kept_exchange import exchange_kept_and_compute
 from .gating import NOISY_GATE_POLICIES, Gate
+from .kept_exchange import exchange_kept_and_compute
 from .routing import Routing
 from .row_buckets import buckets_needed
 from .stats import RoutingStats, routing_stats

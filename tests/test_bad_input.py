@@ -23,6 +23,7 @@ def build(**kwargs):
     (dict(ep_size=0), ValueError, "ep_size must be a positive int"),
     (dict(capacity_factor=-1.0), ValueError, "capacity_factor"),
     (dict(min_capacity=-2), ValueError, "min_capacity"),
+    (dict(a2a_send="filled"), ValueError, r"a2a_send must be one of \('kept', 'capacity'\)"),
 ])
 def test_constructor_rejects(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
