@@ -73,9 +73,11 @@ class MOELayer(nn.Module):
 
     def _sends_kept_rows(self, backend: str) -> bool:
         """True where the exchange moves exactly the kept rows (kept_exchange.py): a flat all-to-all in one
-        piece, with the torch dispatch (the Triton kernels fill capacity buffers)."""
-        return (self.a2a_send == "kept" and backend == "torch" and self.a2a_algorithm == "flat"
-                and self.a2a_ffn_overlap_degree == 1)
+        piece, with the torch dispatch (the Triton kernels fill capacity buffers). "auto" counts as flat only
+        with a zero threshold: otherwise it picks per message size, and kept rows give every rank another size."""
+        flat = self.a2a_algorithm == "flat" or (self.a2a_algorithm == "auto"
+                                                and comm.auto_threshold(self.a2a_auto_threshold) == 0)
+        return self.a2a_send == "kept" and backend == "torch" and flat and self.a2a_ffn_overlap_degree == 1
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
                 capacity_factor: Optional[float] = None, k: Optional[int] = None) -> torch.Tensor:
@@ -144,9 +146,9 @@ class MoE(ds_layer.MoE):
         all-to-all of one chunk overlaps the experts of another.
       a2a_auto_threshold: with a2a_algorithm="auto", 2dh for messages up to this many bytes per rank (default:
         $DS_TUTEL_A2A_AUTO_THRESHOLD, else 0 = always flat; measure it with benchmarks/bench_alltoall.py).
-      a2a_send: "kept" (default): with a flat all-to-all in one piece and the torch dispatch, send each expert
-        exactly its kept rows (all-to-alls sized by the routing); "capacity": always send whole capacity buffers
-        [E, C, M], as DeepSpeed does (fixed message sizes).
+      a2a_send: "kept" (default): with a flat all-to-all in one piece (auto at threshold 0 is flat) and the
+        torch dispatch, send each expert exactly its kept rows (all-to-alls sized by the routing); "capacity":
+        always send whole capacity buffers [E, C, M], as DeepSpeed does (fixed message sizes).
       dispatch_backend: "auto" (Triton kernels for tensors on a GPU, torch on the CPU) | "triton" | "torch".
     """
 

@@ -68,6 +68,24 @@ def test_pad_rows_get_a_zero_gradient():
     assert torch.equal(outs_pM[0].grad, torch.cat([torch.ones(2, M), torch.zeros(2, M)]))
 
 
+@pytest.mark.parametrize("kwargs,backend,kept", [
+    (dict(), "torch", True),
+    (dict(a2a_algorithm="auto"), "torch", True),  # auto's default threshold is 0: always flat
+    (dict(a2a_algorithm="auto", a2a_auto_threshold=1 << 20), "torch", False),  # picks per message size
+    (dict(a2a_algorithm="2dh"), "torch", False),
+    (dict(a2a_ffn_overlap_degree=2), "torch", False),
+    (dict(a2a_send="capacity"), "torch", False),
+    (dict(), "triton", False),
+])
+def test_which_exchanges_send_only_kept_rows(kwargs, backend, kept, monkeypatch):
+    import ds_tutel
+    from helpers import expert_ffn
+
+    monkeypatch.delenv("DS_TUTEL_A2A_AUTO_THRESHOLD", raising=False)
+    layer = ds_tutel.MoE(M, expert_ffn(M), num_experts=4, ep_size=2, **kwargs)
+    assert layer.deepspeed_moe._sends_kept_rows(backend) is kept
+
+
 CASES = [  # (num_experts, k, drop_tokens, capacity_factor, dtype)
     (4, 1, True, 1.0, torch.float32),
     (4, 2, True, 1.0, torch.float32),
