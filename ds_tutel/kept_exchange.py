@@ -17,6 +17,7 @@ its local experts in order), n_l rows local expert l receives from all ranks, p_
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,13 +32,14 @@ ExpertsFn = Callable[[Sequence[torch.Tensor]], List[torch.Tensor]]  # per local 
 
 @dataclass
 class KeptLayout:
-    """Who sends how many rows to whom, and where each local expert's rows sit in the received block."""
+    """Who sends how many rows to whom, and where each (source rank w, local expert l) block of rows sits."""
 
     send_W: List[int]  # rows this rank sends to each rank
     recv_W: List[int]  # rows this rank receives from each rank
     rows_L: List[int]  # n_l: rows of local expert l, over all source ranks
     expert_rows_L: List[int]  # p_l: rows local expert l runs on (n_l, or its row bucket)
-    index_L: List[torch.Tensor]  # positions among the R received rows of local expert l's rows, source by source
+    received_LW: List[List[slice]]  # block (w, l) among the received rows (source after source)
+    within_expert_WL: List[List[slice]]  # block (w, l) among local expert l's rows (source after source)
     me: int  # this rank's place in the group
 
 
@@ -51,16 +53,14 @@ def kept_layout(rows_E: Sequence[int], filled_WL: Sequence[Sequence[int]], me: i
     send_W = [sum(rows_E[w * L:(w + 1) * L]) for w in range(W)]
     recv_W = [sum(filled_L) for filled_L in filled_WL]
     rows_L = [sum(filled_WL[w][l] for w in range(W)) for l in range(L)]
-    # Received block (w, l) starts where the blocks before it in (w, l) order end; expert l reads its blocks in
-    # source order, so list the blocks (l, w)-major and expand each to its rows.
-    filled_WL_t = torch.tensor(filled_WL, dtype=torch.int64).view(W, L)
-    start_WL = (torch.cumsum(filled_WL_t.flatten(), 0) - filled_WL_t.flatten()).view(W, L)
-    count_B, start_B = filled_WL_t.t().flatten(), start_WL.t().flatten()  # B = L * W blocks, (l, w)-major
-    first_row_B = torch.cumsum(count_B, 0) - count_B  # where each block begins in the regrouped order
-    R = int(count_B.sum())
-    index_R = torch.arange(R) + torch.repeat_interleave(start_B - first_row_B, count_B, output_size=R)
-    index_L = list(torch.split(index_R.to(device), rows_L))
-    return KeptLayout(send_W, recv_W, rows_L, expert_rows(rows_L, device, dtype), index_L, me)
+    ends = list(accumulate(n for filled_L in filled_WL for n in filled_L))  # received order: (w, l)
+    received_LW = [[slice(ends[w * L + l] - filled_WL[w][l], ends[w * L + l]) for w in range(W)] for l in range(L)]
+    within_expert_WL = [[None] * L for _ in range(W)]
+    for l in range(L):
+        for w, end in enumerate(accumulate(filled_WL[w][l] for w in range(W))):
+            within_expert_WL[w][l] = slice(end - filled_WL[w][l], end)
+    return KeptLayout(send_W, recv_W, rows_L, expert_rows(rows_L, device, dtype), received_LW, within_expert_WL,
+                      me)
 
 
 def _all_to_all_rows(x_JM: torch.Tensor, send_W: List[int], recv_W: List[int], me: int,
@@ -102,25 +102,25 @@ class _AllToAllRows(torch.autograd.Function):
 
 
 def _rows_by_expert(recv_RM: torch.Tensor, layout: KeptLayout) -> Tuple[torch.Tensor, ...]:
-    """recv_RM's rows regrouped: per local expert [p_l, M], its rows from every source rank, then zero pad rows."""
+    """recv_RM's rows regrouped: per local expert [p_l, M], its block from every source rank, then zero pad rows.
+    Block copies (one cat per expert), not an index per row."""
     inputs_pM = []
-    for index_n, n, p in zip(layout.index_L, layout.rows_L, layout.expert_rows_L):
-        x_pM = recv_RM.new_empty(p, recv_RM.shape[1])
-        torch.index_select(recv_RM, 0, index_n, out=x_pM[:n])
-        x_pM[n:].zero_()
-        inputs_pM.append(x_pM)
+    for l, (n, p) in enumerate(zip(layout.rows_L, layout.expert_rows_L)):
+        parts = [recv_RM[rows] for rows in layout.received_LW[l]]
+        if p > n:
+            parts.append(recv_RM.new_zeros(p - n, recv_RM.shape[1]))
+        inputs_pM.append(torch.cat(parts))
     return tuple(inputs_pM)
 
 
 def _rows_by_source(parts_pM: Sequence[Optional[torch.Tensor]], layout: KeptLayout,
                     like_0M: torch.Tensor) -> torch.Tensor:
-    """The inverse of _rows_by_expert: each local expert's first n_l rows back at their received positions (a
-    part may be None where autograd has no gradient for an expert that got no rows). like_0M: dtype, device, M."""
-    out_RM = like_0M.new_empty(sum(layout.recv_W), like_0M.shape[1])
-    for part_pM, index_n, n in zip(parts_pM, layout.index_L, layout.rows_L):
-        if n:
-            out_RM.index_copy_(0, index_n, part_pM[:n])
-    return out_RM
+    """The inverse of _rows_by_expert: the received order back, in one cat of (source rank, local expert) blocks,
+    pad rows dropped (a part may be None where autograd has no gradient for an expert that got no rows).
+    like_0M: dtype, device and M of the result."""
+    blocks = [part_pM[rows] for rows_L in layout.within_expert_WL
+              for part_pM, rows in zip(parts_pM, rows_L) if rows.stop > rows.start]
+    return torch.cat(blocks) if blocks else like_0M.new_empty(0, like_0M.shape[1])
 
 
 class _ByExpert(torch.autograd.Function):

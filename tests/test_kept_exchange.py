@@ -19,7 +19,9 @@ def test_layout_of_two_ranks_with_two_local_experts():
     assert layout.send_W == [3, 3] and layout.recv_W == [4, 3]
     assert layout.rows_L == [6, 1]
     # Received rows: rank 0's (4 for expert 0, none for expert 1), then mine (2 for expert 0, 1 for expert 1).
-    assert layout.index_L[0].tolist() == [0, 1, 2, 3, 4, 5] and layout.index_L[1].tolist() == [6]
+    assert layout.received_LW == [[slice(0, 4), slice(4, 6)], [slice(4, 4), slice(6, 7)]]
+    # Expert 0 runs on rank 0's 4 rows then my 2; expert 1 on my 1 row.
+    assert layout.within_expert_WL == [[slice(0, 4), slice(0, 0)], [slice(4, 6), slice(0, 1)]]
 
 
 def test_layout_rejects_counts_of_another_expert_count():
@@ -61,8 +63,8 @@ def test_regrouping_by_expert_is_a_permutation_plus_zero_pad_rows_and_its_backwa
 
 
 def test_pad_rows_get_a_zero_gradient():
-    layout = KeptLayout(send_W=[2], recv_W=[2], rows_L=[2], expert_rows_L=[4], index_L=[torch.tensor([0, 1])],
-                        me=0)
+    layout = KeptLayout(send_W=[2], recv_W=[2], rows_L=[2], expert_rows_L=[4], received_LW=[[slice(0, 2)]],
+                        within_expert_WL=[[slice(0, 2)]], me=0)
     outs_pM = [torch.randn(4, M, requires_grad=True)]
     _BySource.apply(layout, *outs_pM).sum().backward()
     assert torch.equal(outs_pM[0].grad, torch.cat([torch.ones(2, M), torch.zeros(2, M)]))
