@@ -6,13 +6,26 @@ barrier; its time is the slowest rank's (one all-reduce of all samples at the en
 first step also checks that both layers gave the same output on every rank.
 
 Ranks are spawned with ds_tutel.ranks (one thread per rank, DS_ACCELERATOR=cpu).
+
+    python benchmarks/layer_multirank.py --quick     the quick grid's expert-parallel points alone (~2 min)
+    python benchmarks/layer_multirank.py --full      the full grid's (~10 min on 2 CPU cores)
+
+write benchmarks/results/<tag>.json and <tag>.md (tag: multirank_quick, multirank_full): the same table as
+bench_layer.py's, without its single-rank grid, for changes that touch only the expert-parallel path.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
 from dataclasses import asdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-from benchmarks.layer_impls import IMPLEMENTATIONS, Point
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.layer_impls import IMPLEMENTATIONS, Point  # noqa: E402
 
 CAPACITY = "ours_capacity"  # ours with a2a_send="capacity": whole [E, C, M] buffers on the wire, as DeepSpeed's
 
@@ -82,3 +95,40 @@ def multirank_times(points: List[Point], world_sizes: List[int], warmup: int = 2
                 for n in (*IMPLEMENTATIONS, CAPACITY))
                 + ("" if row["equal"] else "  OUTPUTS DIFFER"))
     return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from benchmarks import bench_layer
+    from benchmarks.layer_report import multirank_lines
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    grid_choice = parser.add_mutually_exclusive_group()
+    grid_choice.add_argument("--quick", action="store_true", help="the quick grid's points (the default)")
+    grid_choice.add_argument("--full", action="store_true", help="the full grid's points")
+    parser.add_argument("--reps", type=int, default=0, help="timed rounds per point (default: the grid's)")
+    parser.add_argument("--tag", default="", help="output name under --out-dir (default: multirank_<grid>)")
+    parser.add_argument("--out-dir", default=bench_layer.RESULTS_DIR)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    name = "full" if args.full else "quick"
+    grid = bench_layer.full_grid(1 << 62) if args.full else bench_layer.quick_grid()
+    env = bench_layer.environment(torch.device("cpu"), 1)
+    rows = multirank_times(grid.multirank_points, grid.world_sizes, warmup=grid.warmup, reps=args.reps or grid.reps)
+    doc = {"environment": env, "multirank": rows}
+    tag = args.tag or f"multirank_{name}"
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, f"{tag}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    header = (f"### Expert parallel alone ({name} grid's points)\n\n{env['date']}; {env['processor']} "
+              f"({env['cpu_isa']}), {env['cpu_count']} cores; torch {env['torch']}, deepspeed {env['deepspeed']}; "
+              f"ds_tutel at {env['ds_tutel_revision']}; malloc: {env['malloc']}.\n")
+    with open(os.path.join(args.out_dir, f"{tag}.md"), "w") as f:
+        f.write(header + "\n" + "\n".join(multirank_lines(rows)) + "\n")
+    print(f"wrote {tag}.json and {tag}.md under {args.out_dir}")
+    return 0 if all(r["equal"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

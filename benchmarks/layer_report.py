@@ -130,23 +130,28 @@ def markdown(doc: Dict, title: str) -> str:
             lines.append(f"| {key} | {o['layer_MB']:.1f} | {d['layer_MB']:.1f} | {o['layer_MB'] / d['layer_MB']:.3f} "
                          f"| {ranges} | {o['step_MB']:.1f} | {d['step_MB']:.1f} | {live} |")
     if doc.get("multirank"):
-        kept = any("ours_capacity" in r["times"] for r in doc["multirank"])
-        lines += ["", "Expert parallel on CPU ranks (gloo, ep_size = ranks, one thread per rank, slowest rank "
-                  "per step, tokens per rank" + ("; ours sends the kept rows, 'ours, capacity' is ours with "
-                  "a2a_send='capacity', DeepSpeed's fixed-size buffers):" if kept else "):"), "",
-                  "| ranks | point | ours ms | ours, capacity ms | DS ms | ours/DS | ours, capacity/DS "
-                  "| outputs equal |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in doc["multirank"]:
-            times = r["times"]
-            o, d = median(times["ours"]), median(times["deepspeed"])
-            ratio = paired_ratio(times["ours"], times["deepspeed"])
-            capacity = times.get("ours_capacity")  # results before the kept-rows exchange have no such column
-            c_ms, c_ratio = ((_ms(median(capacity)), f"{paired_ratio(capacity, times['deepspeed']):.3f}")
-                             if capacity else ("", ""))
-            lines.append(f"| {r['world_size']} | {r['key']} | {_ms(o)} | {c_ms} | {_ms(d)} | {ratio:.3f} | {c_ratio} | "
-                         f"{'yes' if r['equal'] else '**no**'} |")
+        lines += ["", *multirank_lines(doc["multirank"])]
     return "\n".join(lines) + "\n"
+
+
+def multirank_lines(rows: List[Dict]) -> List[str]:
+    """The expert-parallel table: per world size and point, each layer's median step and its ratio to DS's."""
+    kept = any("ours_capacity" in r["times"] for r in rows)
+    lines = ["Expert parallel on CPU ranks (gloo, ep_size = ranks, one thread per rank, slowest rank per step, "
+             "tokens per rank" + ("; ours sends the kept rows, 'ours, capacity' is ours with a2a_send='capacity', "
+                                  "DeepSpeed's fixed-size buffers):" if kept else "):"), "",
+             "| ranks | point | ours ms | ours, capacity ms | DS ms | ours/DS | ours, capacity/DS | outputs equal |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        times = r["times"]
+        o, d = median(times["ours"]), median(times["deepspeed"])
+        ratio = paired_ratio(times["ours"], times["deepspeed"])
+        capacity = times.get("ours_capacity")  # results before the kept-rows exchange have no such column
+        c_ms, c_ratio = ((_ms(median(capacity)), f"{paired_ratio(capacity, times['deepspeed']):.3f}")
+                         if capacity else ("", ""))
+        lines.append(f"| {r['world_size']} | {r['key']} | {_ms(o)} | {c_ms} | {_ms(d)} | {ratio:.3f} | {c_ratio} | "
+                     f"{'yes' if r['equal'] else '**no**'} |")
+    return lines
 
 
 def _short(key: str) -> str:

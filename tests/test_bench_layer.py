@@ -11,7 +11,8 @@ import ds_tutel
 from benchmarks import bench_layer
 from benchmarks.floors import dispatch_bytes, expert_work, floor_output, floor_step, tokens_per_expert
 from benchmarks.layer_impls import Point, build_layers, layer_step, make_inputs
-from benchmarks.layer_report import ideal_over_deepspeed, markdown, router_share, targets, write_outputs
+from benchmarks.layer_report import (ideal_over_deepspeed, markdown, multirank_lines, router_share, targets,
+                                     write_outputs)
 from benchmarks.timing import interleaved, paired_ratio, ratio_quartiles
 
 CPU = torch.device("cpu")
@@ -276,3 +277,17 @@ def test_spawned_children_get_their_own_hash_seed_and_forked_ones_refuse_one():
     if not forked.spawn:
         with pytest.raises(ValueError, match="spawn=True"):
             forked.call(os.getenv, "PYTHONHASHSEED", hash_seed=1)
+
+
+def test_multirank_table_shows_the_capacity_column_only_where_it_was_measured():
+    new = {"world_size": 2, "key": "k2_cf1_E8_M256_S512_fp32", "equal": True,
+           "times": {"ours": [0.030, 0.032, 0.031], "ours_capacity": [0.036, 0.035, 0.034],
+                     "deepspeed": [0.040, 0.040, 0.040]}}
+    old = {"world_size": 4, "key": "k2_cf1_E8_M256_S512_fp32", "equal": False,
+           "times": {"ours": [0.050], "deepspeed": [0.040]}}
+    lines = multirank_lines([new])
+    assert "ours sends the kept rows" in lines[0]
+    assert lines[-1] == "| 2 | k2_cf1_E8_M256_S512_fp32 | 31.0 | 35.0 | 40.0 | 0.775 | 0.875 | yes |"
+    lines = multirank_lines([old])
+    assert "kept rows" not in lines[0]
+    assert lines[-1] == "| 4 | k2_cf1_E8_M256_S512_fp32 | 50.0 |  | 40.0 | 1.250 |  | **no** |"
