@@ -265,23 +265,41 @@ class _FlatPending(Pending):
         return self.output
 
 
-def _exchange_blocks(out_WX: torch.Tensor, in_WX: torch.Tensor, group: dist.ProcessGroup, me: int,
-                     copy_own: bool = True) -> Any:
-    """Async all-to-all of W blocks (dim 0) over `group`, where I am group rank `me`.
+def exchange_rows(out: torch.Tensor, x: torch.Tensor, send_W: Sequence[int], recv_W: Sequence[int],
+                  group: Group, me: int, copy_own: bool = True, async_op: bool = True) -> Any:
+    """All-to-all along dim 0 by split sizes over `group`, where I am group rank `me`: the send_W[w] rows of x
+    after those for ranks before w go to rank w, and the recv_W[w] rows from rank w land in out in rank order.
 
     The transport's copy of a rank's own block is slow on gloo (measured about as costly as sending it), so
     when my block is first or last it is left out of the collective (zero split sizes on both sides, which
     keeps the parts contiguous) and copied here, or not at all (copy_own=False: the caller does not need it).
     A block in the middle cannot be left out of a contiguous split, so that rank sends everything.
+    Returns the collective's work (async_op) or None.
     """
+    W = len(send_W)
+    if me not in (0, W - 1):
+        return dist.all_to_all_single(out, x, output_split_sizes=list(recv_W), input_split_sizes=list(send_W),
+                                      group=group, async_op=async_op)
+    send_start, recv_start = sum(send_W[:me]), sum(recv_W[:me])
+    if copy_own:
+        out[recv_start:recv_start + recv_W[me]].copy_(x[send_start:send_start + send_W[me]])
+    send_rest, recv_rest = list(send_W), list(recv_W)
+    send_rest[me] = recv_rest[me] = 0
+    if me == 0:
+        x_rest, out_rest = x[send_W[0]:], out[recv_W[0]:]
+    else:
+        x_rest, out_rest = x[:send_start], out[:recv_start]
+    return dist.all_to_all_single(out_rest, x_rest, output_split_sizes=recv_rest, input_split_sizes=send_rest,
+                                  group=group, async_op=async_op)
+
+
+def _exchange_blocks(out_WX: torch.Tensor, in_WX: torch.Tensor, group: dist.ProcessGroup, me: int,
+                     copy_own: bool = True) -> Any:
+    """Async all-to-all of W equal blocks (dim 0) over `group`, where I am group rank `me` (exchange_rows's rule
+    for my own block)."""
     W = in_WX.shape[0]
     if me in (0, W - 1):
-        if copy_own:
-            out_WX[me].copy_(in_WX[me])
-        rest = slice(1, W) if me == 0 else slice(0, W - 1)
-        splits = [0] + [1] * (W - 1) if me == 0 else [1] * (W - 1) + [0]
-        return dist.all_to_all_single(out_WX[rest], in_WX[rest], output_split_sizes=splits,
-                                      input_split_sizes=splits, group=group, async_op=True)
+        return exchange_rows(out_WX, in_WX, [1] * W, [1] * W, group, me, copy_own)
     return dist.all_to_all_single(out_WX, in_WX, group=group, async_op=True)
 
 

@@ -66,24 +66,10 @@ def kept_layout(rows_E: Sequence[int], filled_WL: Sequence[Sequence[int]], me: i
 def _all_to_all_rows(x_JM: torch.Tensor, send_W: List[int], recv_W: List[int], me: int,
                      group: comm.Group) -> torch.Tensor:
     """Row block w of x_JM (send_W[w] rows) goes to rank w; returns the blocks every rank sent here, in rank
-    order. A rank's block for itself is copied here rather than through the transport where it is first or
-    last (see comm._exchange_blocks: on gloo that copy costs about as much as sending it)."""
+    order (comm.exchange_rows: a rank's own block stays here where it is first or last)."""
     x_JM = x_JM.contiguous()
     out_RM = x_JM.new_empty(sum(recv_W), x_JM.shape[1])
-    W = len(send_W)
-    if me not in (0, W - 1):
-        dist.all_to_all_single(out_RM, x_JM, output_split_sizes=recv_W, input_split_sizes=send_W, group=group)
-        return out_RM
-    send_start, recv_start = sum(send_W[:me]), sum(recv_W[:me])
-    out_RM[recv_start:recv_start + recv_W[me]] = x_JM[send_start:send_start + send_W[me]]
-    send_rest, recv_rest = list(send_W), list(recv_W)
-    send_rest[me] = recv_rest[me] = 0
-    if me == 0:
-        x_rest, out_rest = x_JM[send_W[0]:], out_RM[recv_W[0]:]
-    else:
-        x_rest, out_rest = x_JM[:send_start], out_RM[:recv_start]
-    dist.all_to_all_single(out_rest, x_rest, output_split_sizes=recv_rest, input_split_sizes=send_rest,
-                           group=group)
+    comm.exchange_rows(out_RM, x_JM, send_W, recv_W, group, me, async_op=False)
     return out_RM
 
 
