@@ -13,6 +13,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from .onednn_off import run_without_onednn, should_switch_off
 from .row_buckets import expert_rows
 
 
@@ -25,10 +26,12 @@ def mark_expert_params(module: nn.Module, group_name: str) -> None:
 
 class Experts(nn.Module):
 
-    def __init__(self, expert: nn.Module, num_local_experts: int, group_name: str) -> None:
+    def __init__(self, expert: nn.Module, num_local_experts: int, group_name: str,
+                 cpu_fp32_onednn: bool = False) -> None:
         super().__init__()
         self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
         self.num_local_experts = num_local_experts
+        self.cpu_fp32_onednn = cpu_fp32_onednn
         mark_expert_params(self, group_name)
 
     def forward(self, buf_WLCM: torch.Tensor) -> torch.Tensor:
@@ -45,8 +48,14 @@ class Experts(nn.Module):
         """Runs expert l on inputs_nM[l], exactly its tokens (no empty capacity slots).
 
         Every expert runs, on zero rows if it got none, so each expert parameter always has a gradient (ZeRO
-        reduces expert gradients in buckets that every rank must fill alike).
+        reduces expert gradients in buckets that every rank must fill alike). fp32 experts on the CPU run with
+        oneDNN off unless cpu_fp32_onednn (onednn_off.py: row counts change every step).
         """
+        if should_switch_off(inputs_nM, self.cpu_fp32_onednn):
+            return run_without_onednn(self._run_grouped, inputs_nM)
+        return self._run_grouped(inputs_nM)
+
+    def _run_grouped(self, inputs_nM: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         outputs = []
         for x_nM, expert in zip(inputs_nM, self.deepspeed_experts):
             out_nM = expert(x_nM)

@@ -28,7 +28,7 @@ from .routing import Routing
 from .row_buckets import buckets_needed
 from .stats import RoutingStats, routing_stats
 from .options import RouterOptions
-from .validation import (check_backend, check_capacity_factor, check_constructor, check_exchange,
+from .validation import (check_backend, check_capacity_factor, check_constructor, check_exchange, check_flag,
                          check_forward_input, check_k, check_parallel_setup)
 
 
@@ -150,6 +150,9 @@ class MoE(ds_layer.MoE):
         torch dispatch, send each expert exactly its kept rows (all-to-alls sized by the routing); "capacity":
         always send whole capacity buffers [E, C, M], as DeepSpeed does (fixed message sizes).
       dispatch_backend: "auto" (Triton kernels for tensors on a GPU, torch on the CPU) | "triton" | "torch".
+      cpu_fp32_onednn: False (default): fp32 experts on the CPU run with torch's oneDNN switched off, so the
+        row counts that change every step compile no oneDNN primitives (resident memory stays flat; see
+        ds_tutel/onednn_off.py); True: leave oneDNN as the process has it.
     """
 
     def __init__(self,
@@ -183,7 +186,8 @@ class MoE(ds_layer.MoE):
                  a2a_ffn_overlap_degree: int = 1,
                  a2a_auto_threshold: Optional[int] = None,
                  a2a_send: str = "kept",
-                 dispatch_backend: str = "auto") -> None:
+                 dispatch_backend: str = "auto",
+                 cpu_fp32_onednn: bool = False) -> None:
         options = RouterOptions(capacity_mode=capacity_mode, batch_prioritized_routing=batch_prioritized_routing,
                                 normalize_gate=normalize_gate, gate_noise=gate_noise, input_dropout=input_dropout,
                                 input_jitter=input_jitter, aux_loss=aux_loss, z_loss_coef=z_loss_coef,
@@ -195,6 +199,7 @@ class MoE(ds_layer.MoE):
         check_exchange(a2a_algorithm, a2a_ffn_overlap_degree, a2a_send)
         comm.auto_threshold(a2a_auto_threshold)
         check_backend(dispatch_backend)
+        check_flag("cpu_fp32_onednn", cpu_fp32_onednn)
         # DeepSpeed's own __init__ would build its layer only for us to replace it: initialise nn.Module directly.
         nn.Module.__init__(self)
         self.hidden_size = hidden_size
@@ -208,7 +213,7 @@ class MoE(ds_layer.MoE):
 
         gate = Gate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                     noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling, options)
-        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
+        experts = Experts(expert, self.num_local_experts, self.expert_group_name, cpu_fp32_onednn=cpu_fp32_onednn)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
                                       a2a_algorithm=a2a_algorithm, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
                                       dispatch_backend=dispatch_backend, a2a_auto_threshold=a2a_auto_threshold,

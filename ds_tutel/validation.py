@@ -64,6 +64,11 @@ def check_backend(dispatch_backend: Any) -> None:
         raise ValueError(f"dispatch_backend must be one of {DISPATCH_BACKENDS}, got {dispatch_backend!r}")
 
 
+def check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_parallel_setup(ep_size: int, mpu: Any, expert_tensor_parallel: bool) -> None:
     """ep_size must divide the world; tensor-parallel models are not supported yet."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -1,0 +1,89 @@
+"""fp32 experts on the CPU run with oneDNN off, so row counts that change every step compile and keep nothing.
+
+torch runs some fp32 CPU operators through oneDNN (GELU and its backward among them). oneDNN compiles a
+primitive for every new tensor shape and keeps it in a process-wide cache: on the project's CPU machine each
+new row count of a Linear-GELU-Linear expert added about 1 MB of resident memory (JIT code), never freed. The
+experts here run on exactly their kept rows, so their row count changes nearly every step: a training job's
+resident memory grew for hundreds of steps (DeepSpeed's layer, on fixed capacity buffers, compiles once).
+With oneDNN off these operators take torch's own vectorised kernels; fp32 matmuls run in the BLAS either way
+(torch sends fp32 matmuls to oneDNN only when reduced-precision math is allowed, which this module leaves
+alone). Measured numbers are in benchmarks/RESULTS.md (fourteenth session).
+
+The flag is torch's process-wide `torch.backends.mkldnn.enabled`. The forward switches it off around the
+experts; for the backward, two identity autograd nodes bracket them: the one on their outputs runs first and
+switches it off, the one on their inputs runs once every expert's backward is done and restores it.
+
+Shape legend: n rows of one expert, M model dim.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, List, Sequence
+
+import torch
+
+
+def should_switch_off(inputs_nM: Sequence[torch.Tensor], keep_onednn: bool) -> bool:
+    """True for fp32 CPU inputs, oneDNN on, no CPU autocast (which would send the matmuls to oneDNN in bf16)."""
+    return (not keep_onednn and len(inputs_nM) > 0 and inputs_nM[0].device.type == "cpu"
+            and inputs_nM[0].dtype == torch.float32 and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu"))
+
+
+@contextlib.contextmanager
+def _switched_off() -> Iterator[None]:
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+class _Region:
+    """What the backward's two nodes share: the setting to restore."""
+
+    def __init__(self) -> None:
+        self.previous = True
+
+
+class _RestoreInBackward(torch.autograd.Function):
+    """Identity on the experts' inputs; its backward, the last of the region, restores the setting."""
+
+    @staticmethod
+    def forward(ctx, region: _Region, *inputs_nM: torch.Tensor):
+        ctx.region = region
+        return tuple(x_nM.view_as(x_nM) for x_nM in inputs_nM)
+
+    @staticmethod
+    def backward(ctx, *grads_nM: torch.Tensor):
+        torch.backends.mkldnn.enabled = ctx.region.previous
+        return (None, *grads_nM)
+
+
+class _SwitchOffInBackward(torch.autograd.Function):
+    """Identity on the experts' outputs; its backward, the first of the region, switches oneDNN off."""
+
+    @staticmethod
+    def forward(ctx, region: _Region, *outputs_nM: torch.Tensor):
+        ctx.region = region
+        return tuple(y_nM.view_as(y_nM) for y_nM in outputs_nM)
+
+    @staticmethod
+    def backward(ctx, *grads_nM: torch.Tensor):
+        ctx.region.previous = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        return (None, *grads_nM)
+
+
+def run_without_onednn(run: Callable[[Sequence[torch.Tensor]], List[torch.Tensor]],
+                       inputs_nM: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """run(inputs_nM) with oneDNN off in its forward and in its backward (see the module docstring)."""
+    if not (torch.is_grad_enabled() and any(x_nM.requires_grad for x_nM in inputs_nM)):
+        with _switched_off():
+            return run(inputs_nM)
+    region = _Region()
+    inputs_nM = _RestoreInBackward.apply(region, *inputs_nM)
+    with _switched_off():
+        outputs_nM = run(inputs_nM)
+    return list(_SwitchOffInBackward.apply(region, *outputs_nM))

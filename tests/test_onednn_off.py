@@ -1,0 +1,136 @@
+"""fp32 experts on the CPU run with oneDNN off in their forward and backward, and the setting comes back after.
+
+Shape legend: S tokens, M model dim.
+"""
+import pytest
+import torch
+from torch import nn
+
+import ds_tutel
+from benchmarks.onednn_cache import measure
+from helpers import run_step
+
+M = 16
+
+
+class SharedLog(dict):
+    """What the probes saw; the layer deep-copies the expert per local expert, and every copy logs here."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class FlagProbe(nn.Module):
+    """Identity that records torch's oneDNN setting when its forward runs and when its gradient is computed."""
+
+    def __init__(self, log: dict) -> None:
+        super().__init__()
+        self.log = log
+
+    def forward(self, x_nM: torch.Tensor) -> torch.Tensor:
+        self.log.setdefault("forward", set()).add(torch.backends.mkldnn.enabled)
+        if x_nM.requires_grad:
+            x_nM.register_hook(lambda grad: self.log.setdefault("backward", set()).add(torch.backends.mkldnn.enabled))
+        return x_nM
+
+
+def probed_layer(log: dict, **kwargs) -> ds_tutel.MoE:
+    torch.manual_seed(0)
+    expert = nn.Sequential(nn.Linear(M, 2 * M), FlagProbe(log), nn.GELU(), nn.Linear(2 * M, M))
+    return ds_tutel.MoE(M, expert, num_experts=4, k=2, **kwargs)
+
+
+def step(layer: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    x_SM = torch.randn(24, M, dtype=dtype, requires_grad=True)
+    out_SM, l_aux, _ = layer(x_SM)
+    (out_SM.float().square().sum() + l_aux).backward()
+
+
+@pytest.fixture(autouse=True)
+def onednn_restored():
+    before = torch.backends.mkldnn.enabled
+    yield
+    torch.backends.mkldnn.enabled = before
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_fp32_experts_run_without_onednn_and_the_setting_comes_back():
+    log = SharedLog()
+    layer = probed_layer(log)
+    step(layer)
+    step(layer)
+    assert log == {"forward": {False}, "backward": {False}}
+    assert torch.backends.mkldnn.enabled
+
+
+@needs_onednn
+@pytest.mark.parametrize("kwargs,dtype", [(dict(cpu_fp32_onednn=True), torch.float32), ({}, torch.bfloat16)])
+def test_onednn_stays_on_when_asked_or_not_fp32(kwargs, dtype):
+    log = SharedLog()
+    step(probed_layer(log, **kwargs).to(dtype), dtype)
+    assert log == {"forward": {True}, "backward": {True}}
+
+
+@needs_onednn
+def test_cpu_autocast_keeps_onednn_for_its_bf16_matmuls():
+    log = SharedLog()
+    layer = probed_layer(log)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step(layer)
+    assert log["forward"] == {True}
+
+
+@needs_onednn
+def test_a_user_setting_of_off_stays_off():
+    log = SharedLog()
+    torch.backends.mkldnn.enabled = False
+    step(probed_layer(log))
+    assert not torch.backends.mkldnn.enabled and log == {"forward": {False}, "backward": {False}}
+
+
+@needs_onednn
+def test_no_grad_forward_and_a_failing_expert_restore_the_setting():
+    log = SharedLog()
+    layer = probed_layer(log)
+    with torch.no_grad():
+        layer(torch.randn(8, M))
+    assert log == {"forward": {False}} and torch.backends.mkldnn.enabled
+
+    class Failing(nn.Module):
+        def forward(self, x_nM):
+            raise RuntimeError("expert failed")
+
+    failing = ds_tutel.MoE(M, Failing(), num_experts=2)
+    with pytest.raises(RuntimeError, match="expert failed"):
+        failing(torch.randn(8, M, requires_grad=True))
+    assert torch.backends.mkldnn.enabled
+
+
+def test_same_step_with_and_without_onednn():
+    """Only the GELU's kernel changes: outputs, l_aux and gradients agree to fp32 rounding."""
+    torch.manual_seed(0)
+    expert = nn.Sequential(nn.Linear(M, 2 * M), nn.GELU(), nn.Linear(2 * M, M))
+    off = ds_tutel.MoE(M, expert, num_experts=4, k=2)
+    on = ds_tutel.MoE(M, expert, num_experts=4, k=2, cpu_fp32_onednn=True)
+    on.load_state_dict(off.state_dict())
+    x_SM = torch.randn(40, M)
+    for a, b in zip(run_step(off, x_SM), run_step(on, x_SM)):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for name in a:
+                torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+def test_new_row_counts_compile_no_onednn_primitives():
+    """End to end in a child with oneDNN's verbose log: ours' fp32 steps on new batches (new row counts per
+    expert every step) create no primitive at all; DeepSpeed's layer compiles its GELU once."""
+    ours = measure("2,1.0,4,32,fp32", "ours", steps=4, tokens=64, timeout=300)
+    deepspeed = measure("2,1.0,4,32,fp32", "deepspeed", steps=4, tokens=64, timeout=300)
+    assert len(ours) == 4 and sum(s.misses for s in ours) == 0
+    assert deepspeed[0].misses >= 1
