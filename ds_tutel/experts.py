@@ -13,7 +13,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .onednn_off import run_without_onednn, should_switch_off
+from .onednn_off import close_failed_regions, run_without_onednn, should_switch_off
 from .row_buckets import expert_rows
 
 
@@ -51,6 +51,7 @@ class Experts(nn.Module):
         reduces expert gradients in buckets that every rank must fill alike). fp32 experts on the CPU run with
         oneDNN off unless cpu_fp32_onednn (onednn_off.py: row counts change every step).
         """
+        close_failed_regions()
         if should_switch_off(inputs_nM, self.cpu_fp32_onednn):
             return run_without_onednn(self._run_grouped, inputs_nM)
         return self._run_grouped(inputs_nM)

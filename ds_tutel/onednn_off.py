@@ -10,8 +10,11 @@ With oneDNN off these operators take torch's own vectorised kernels; fp32 matmul
 alone). Measured numbers are in benchmarks/RESULTS.md (fourteenth session).
 
 The flag is torch's process-wide `torch.backends.mkldnn.enabled`. The forward switches it off around the
-experts; for the backward, two identity autograd nodes bracket them: the one on their outputs runs first and
-switches it off, the one on their inputs runs once every expert's backward is done and restores it.
+experts. For the backward, two identity autograd nodes bracket them: the one on their outputs runs first and
+opens a region, the one on their inputs runs once every expert's backward is done and closes it. Regions of
+several layers may overlap (parallel branches): the flag goes off when the first opens and comes back, as the
+user had it, when the last closes. A backward that fails inside a region leaves it open: the next call of
+any layer's experts outside a backward (`close_failed_regions`) gives the user's setting back.
 
 Shape legend: n rows of one expert, M model dim.
 """
@@ -40,15 +43,50 @@ def _switched_off() -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous
 
 
+class _BackwardRegions:
+    """How many backward regions are open, the setting to restore when none is, and the generation (a reset
+    after a failed backward starts a new one; regions of an older one no longer count)."""
+
+    open = 0
+    restore_to = True
+    generation = 0
+
+
+def close_failed_regions() -> None:
+    """Outside any backward no region can be open legitimately: one still open is a failed backward's."""
+    if _BackwardRegions.open and torch._C._current_graph_task_id() == -1:
+        torch.backends.mkldnn.enabled = _BackwardRegions.restore_to
+        _BackwardRegions.open = 0
+        _BackwardRegions.generation += 1
+
+
 class _Region:
-    """What the backward's two nodes share: the setting to restore."""
+    """One layer call's backward region (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.previous = True
+        self.is_open = False
+        self.generation = -1
+
+    def open(self) -> None:
+        if self.is_open and self.generation == _BackwardRegions.generation:
+            return
+        self.is_open, self.generation = True, _BackwardRegions.generation
+        if _BackwardRegions.open == 0:
+            _BackwardRegions.restore_to = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+        _BackwardRegions.open += 1
+
+    def close(self) -> None:
+        if not self.is_open or self.generation != _BackwardRegions.generation:
+            return
+        self.is_open = False
+        _BackwardRegions.open -= 1
+        if _BackwardRegions.open == 0:
+            torch.backends.mkldnn.enabled = _BackwardRegions.restore_to
 
 
-class _RestoreInBackward(torch.autograd.Function):
-    """Identity on the experts' inputs; its backward, the last of the region, restores the setting."""
+class _CloseInBackward(torch.autograd.Function):
+    """Identity on the experts' inputs; its backward, the last of the region, closes it."""
 
     @staticmethod
     def forward(ctx, region: _Region, *inputs_nM: torch.Tensor):
@@ -57,12 +95,12 @@ class _RestoreInBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads_nM: torch.Tensor):
-        torch.backends.mkldnn.enabled = ctx.region.previous
+        ctx.region.close()
         return (None, *grads_nM)
 
 
-class _SwitchOffInBackward(torch.autograd.Function):
-    """Identity on the experts' outputs; its backward, the first of the region, switches oneDNN off."""
+class _OpenInBackward(torch.autograd.Function):
+    """Identity on the experts' outputs; its backward, the first of the region, opens it."""
 
     @staticmethod
     def forward(ctx, region: _Region, *outputs_nM: torch.Tensor):
@@ -71,8 +109,7 @@ class _SwitchOffInBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads_nM: torch.Tensor):
-        ctx.region.previous = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
+        ctx.region.open()
         return (None, *grads_nM)
 
 
@@ -83,7 +120,7 @@ def run_without_onednn(run: Callable[[Sequence[torch.Tensor]], List[torch.Tensor
         with _switched_off():
             return run(inputs_nM)
     region = _Region()
-    inputs_nM = _RestoreInBackward.apply(region, *inputs_nM)
+    inputs_nM = _CloseInBackward.apply(region, *inputs_nM)
     with _switched_off():
         outputs_nM = run(inputs_nM)
-    return list(_SwitchOffInBackward.apply(region, *outputs_nM))
+    return list(_OpenInBackward.apply(region, *outputs_nM))

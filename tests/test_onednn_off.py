@@ -134,3 +134,37 @@ def test_new_row_counts_compile_no_onednn_primitives():
     deepspeed = measure("2,1.0,4,32,fp32", "deepspeed", steps=4, tokens=64, timeout=300)
     assert len(ours) == 4 and sum(s.misses for s in ours) == 0
     assert deepspeed[0].misses >= 1
+
+
+@needs_onednn
+def test_after_a_backward_that_failed_inside_the_experts_the_next_call_gives_the_setting_back():
+    class FailingBackward(nn.Module):
+        def forward(self, x_nM):
+            if x_nM.requires_grad:
+                x_nM.register_hook(fail)
+            return x_nM
+
+    def fail(grad):
+        raise RuntimeError("backward failed")
+
+    torch.manual_seed(0)
+    layer = ds_tutel.MoE(M, nn.Sequential(nn.Linear(M, M), FailingBackward(), nn.GELU()), num_experts=2)
+    out_SM, _, _ = layer(torch.randn(8, M, requires_grad=True))
+    with pytest.raises(RuntimeError, match="backward failed"):
+        out_SM.sum().backward()
+    assert not torch.backends.mkldnn.enabled  # the failed backward's region is still open
+    log = SharedLog()
+    step(probed_layer(log))
+    assert log == {"forward": {False}, "backward": {False}} and torch.backends.mkldnn.enabled
+    with torch.no_grad():
+        layer(torch.randn(8, M))  # the failed region, freed or not, no longer counts
+    assert torch.backends.mkldnn.enabled
+
+
+@needs_onednn
+def test_two_layers_on_one_input_give_the_setting_back_once_both_are_done():
+    log = SharedLog()
+    first, second = probed_layer(log), probed_layer(log)
+    x_SM = torch.randn(24, M, requires_grad=True)
+    (first(x_SM)[0] + second(x_SM)[0]).square().sum().backward()
+    assert log == {"forward": {False}, "backward": {False}} and torch.backends.mkldnn.enabled
