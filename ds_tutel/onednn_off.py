@@ -85,32 +85,19 @@ class _Region:
             torch.backends.mkldnn.enabled = _BackwardRegions.restore_to
 
 
-class _CloseInBackward(torch.autograd.Function):
-    """Identity on the experts' inputs; its backward, the last of the region, closes it."""
+class _RegionEdge(torch.autograd.Function):
+    """Identity on tensors; its backward calls the region's `open` (on the experts' outputs, the first node of
+    their backward) or `close` (on their inputs, the last)."""
 
     @staticmethod
-    def forward(ctx, region: _Region, *inputs_nM: torch.Tensor):
-        ctx.region = region
-        return tuple(x_nM.view_as(x_nM) for x_nM in inputs_nM)
+    def forward(ctx, region: _Region, in_backward: str, *tensors: torch.Tensor):
+        ctx.in_backward = getattr(region, in_backward)
+        return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
-    def backward(ctx, *grads_nM: torch.Tensor):
-        ctx.region.close()
-        return (None, *grads_nM)
-
-
-class _OpenInBackward(torch.autograd.Function):
-    """Identity on the experts' outputs; its backward, the first of the region, opens it."""
-
-    @staticmethod
-    def forward(ctx, region: _Region, *outputs_nM: torch.Tensor):
-        ctx.region = region
-        return tuple(y_nM.view_as(y_nM) for y_nM in outputs_nM)
-
-    @staticmethod
-    def backward(ctx, *grads_nM: torch.Tensor):
-        ctx.region.open()
-        return (None, *grads_nM)
+    def backward(ctx, *grads: torch.Tensor):
+        ctx.in_backward()
+        return (None, None, *grads)
 
 
 def run_without_onednn(run: Callable[[Sequence[torch.Tensor]], List[torch.Tensor]],
@@ -120,7 +107,7 @@ def run_without_onednn(run: Callable[[Sequence[torch.Tensor]], List[torch.Tensor
         with _switched_off():
             return run(inputs_nM)
     region = _Region()
-    inputs_nM = _CloseInBackward.apply(region, *inputs_nM)
+    inputs_nM = _RegionEdge.apply(region, "close", *inputs_nM)
     with _switched_off():
         outputs_nM = run(inputs_nM)
-    return list(_OpenInBackward.apply(region, *outputs_nM))
+    return list(_RegionEdge.apply(region, "open", *outputs_nM))
