@@ -6,8 +6,8 @@ new row count of a Linear-GELU-Linear expert added about 1 MB of resident memory
 experts here run on exactly their kept rows, so their row count changes nearly every step: a training job's
 resident memory grew for hundreds of steps (DeepSpeed's layer, on fixed capacity buffers, compiles once).
 With oneDNN off these operators take torch's own vectorised kernels; fp32 matmuls run in the BLAS either way
-(torch sends fp32 matmuls to oneDNN only when reduced-precision math is allowed, which this module leaves
-alone). Measured numbers are in benchmarks/RESULTS.md (fourteenth session).
+(torch sends fp32 matmuls to oneDNN only when reduced-precision math is allowed; then, as under CPU
+autocast, oneDNN stays on). Measured numbers are in benchmarks/RESULTS.md (fourteenth session).
 
 The flag is torch's process-wide `torch.backends.mkldnn.enabled`. The forward switches it off around the
 experts. For the backward, two identity autograd nodes bracket them: the one on their outputs runs first and
@@ -26,11 +26,18 @@ from typing import Callable, Iterator, List, Sequence
 import torch
 
 
+def _fp32_matmuls_in_full_precision() -> bool:
+    """False where the user lets oneDNN run fp32 matmuls in a reduced precision (bf16 or tf32 math)."""
+    mkldnn_matmul = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")
+    return torch.get_float32_matmul_precision() == "highest" and mkldnn_matmul in ("none", "ieee")
+
+
 def should_switch_off(inputs_nM: Sequence[torch.Tensor], keep_onednn: bool) -> bool:
-    """True for fp32 CPU inputs, oneDNN on, no CPU autocast (which would send the matmuls to oneDNN in bf16)."""
+    """True for fp32 CPU inputs with oneDNN on, unless oneDNN does more than eltwise work there: under CPU
+    autocast (bf16 matmuls) or with reduced-precision fp32 matmuls allowed."""
     return (not keep_onednn and len(inputs_nM) > 0 and inputs_nM[0].device.type == "cpu"
             and inputs_nM[0].dtype == torch.float32 and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu") and _fp32_matmuls_in_full_precision())
 
 
 @contextlib.contextmanager

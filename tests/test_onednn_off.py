@@ -84,6 +84,19 @@ def test_cpu_autocast_keeps_onednn_for_its_bf16_matmuls():
 
 
 @needs_onednn
+def test_reduced_precision_fp32_matmuls_keep_onednn():
+    log = SharedLog()
+    layer = probed_layer(log)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # lets oneDNN run fp32 matmuls in bf16
+    try:
+        step(layer)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert log == {"forward": {True}, "backward": {True}}
+
+
+@needs_onednn
 def test_a_user_setting_of_off_stays_off():
     log = SharedLog()
     torch.backends.mkldnn.enabled = False
