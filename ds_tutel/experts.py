@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .onednn_off import close_failed_regions, run_without_onednn, should_switch_off
-from .row_buckets import expert_rows
+from .row_buckets import expert_rows, with_pad_rows
 
 
 def mark_expert_params(module: nn.Module, group_name: str) -> None:
@@ -77,15 +77,6 @@ def _rows_of(filled_WL: Sequence[Sequence[int]], l: int) -> List[int]:
     return [int(filled_L[l]) for filled_L in filled_WL]
 
 
-def _with_pad(parts_nM: List[torch.Tensor], rows: int) -> List[torch.Tensor]:
-    """parts_nM plus a zero block that brings their rows up to `rows`."""
-    pad = rows - sum(part.shape[0] for part in parts_nM)
-    if pad == 0:
-        return parts_nM
-    like = parts_nM[0]
-    return parts_nM + [like.new_zeros(pad, *like.shape[1:])]
-
-
 class _PackFilled(torch.autograd.Function):
     """buf_WLCM -> per local expert l, the filled rows of every source rank w, stacked, then zero pad rows up
     to expert_rows_L[l]: [expert_rows_L[l], M]."""
@@ -95,8 +86,8 @@ class _PackFilled(torch.autograd.Function):
         ctx.shape = buf_WLCM.shape
         ctx.filled_WL = filled_WL
         W, L = buf_WLCM.shape[:2]
-        return tuple(torch.cat(_with_pad([buf_WLCM[w, l, :n] for w, n in enumerate(_rows_of(filled_WL, l))],
-                                         expert_rows_L[l]))
+        return tuple(torch.cat(with_pad_rows([buf_WLCM[w, l, :n] for w, n in enumerate(_rows_of(filled_WL, l))],
+                                             expert_rows_L[l]))
                      for l in range(L))
 
     @staticmethod
@@ -126,7 +117,7 @@ class _UnpackFilled(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_WLCM: torch.Tensor):
         L = grad_WLCM.shape[1]
-        grads = tuple(torch.cat(_with_pad([grad_WLCM[w, l, :n] for w, n in enumerate(_rows_of(ctx.filled_WL, l))],
-                                          ctx.expert_rows_L[l]))
+        grads = tuple(torch.cat(with_pad_rows([grad_WLCM[w, l, :n] for w, n in enumerate(_rows_of(ctx.filled_WL, l))],
+                                              ctx.expert_rows_L[l]))
                       for l in range(L))
         return (None, None, *grads)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from . import comm
 from .dispatch import GroupedPlan, grouped_decode, grouped_encode
-from .row_buckets import expert_rows
+from .row_buckets import expert_rows, with_pad_rows
 
 ExpertsFn = Callable[[Sequence[torch.Tensor]], List[torch.Tensor]]  # per local expert [p_l, M] -> [p_l, M]
 
@@ -90,13 +90,8 @@ class _AllToAllRows(torch.autograd.Function):
 def _rows_by_expert(recv_RM: torch.Tensor, layout: KeptLayout) -> Tuple[torch.Tensor, ...]:
     """recv_RM's rows regrouped: per local expert [p_l, M], its block from every source rank, then zero pad rows.
     Block copies (one cat per expert), not an index per row."""
-    inputs_pM = []
-    for l, (n, p) in enumerate(zip(layout.rows_L, layout.expert_rows_L)):
-        parts = [recv_RM[rows] for rows in layout.received_LW[l]]
-        if p > n:
-            parts.append(recv_RM.new_zeros(p - n, recv_RM.shape[1]))
-        inputs_pM.append(torch.cat(parts))
-    return tuple(inputs_pM)
+    return tuple(torch.cat(with_pad_rows([recv_RM[rows] for rows in layout.received_LW[l]], p))
+                 for l, p in enumerate(layout.expert_rows_L))
 
 
 def _rows_by_source(parts_pM: Sequence[Optional[torch.Tensor]], layout: KeptLayout,

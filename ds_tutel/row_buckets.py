@@ -55,3 +55,12 @@ def expert_rows(rows: List[int], device: torch.device, dtype: torch.dtype) -> Li
     if not buckets_needed(device, dtype):
         return list(rows)
     return [bucket(n) for n in rows]
+
+
+def with_pad_rows(parts_nM: List[torch.Tensor], rows: int) -> List[torch.Tensor]:
+    """parts_nM (at least one, possibly empty) plus the zero pad rows that bring their rows up to `rows`."""
+    pad = rows - sum(part.shape[0] for part in parts_nM)
+    if pad == 0:
+        return parts_nM
+    like = parts_nM[0]
+    return parts_nM + [like.new_zeros(pad, *like.shape[1:])]
