@@ -20,6 +20,9 @@ def targets(doc: Dict) -> List[Dict]:
     rows = doc["rows"]
     ratios = [r["ours_over_deepspeed"] for r in rows]
     slower = [r["key"] for r in rows if r["ours_over_deepspeed"] > 1.0]
+    # Slower beyond the noise: even the round ratios' first quartile is above 1 (the verdict stays the median's).
+    clearly_slower = [r["key"] for r in rows if r["ours_over_deepspeed"] > 1.0
+                      and r.get("ours_over_deepspeed_quartiles", [0.0])[0] > 1.0]
     floor_rows = [r for r in rows if r["point"]["k"] == 2 and r["point"]["capacity_factor"] == 1.0]
     worst_floor = max((r["ours_over_floor"] for r in floor_rows), default=float("nan"))
     out = [
@@ -27,7 +30,8 @@ def targets(doc: Dict) -> List[Dict]:
          "value": f"{1 / geomean(ratios):.3f}x faster (ours/DS {geomean(ratios):.3f})",
          "met": geomean(ratios) <= 1 / GEOMEAN_SPEEDUP},
         {"target": "never slower than DeepSpeed on any point",
-         "value": f"max ours/DS {max(ratios):.3f}; slower on {len(slower)} of {len(rows)} points",
+         "value": f"max ours/DS {max(ratios):.3f}; slower on {len(slower)} of {len(rows)} points, "
+                  f"{len(clearly_slower)} of them with the first quartile of the round ratios above 1 too",
          "met": not slower},
         {"target": f"cf 1.0, k=2: within {FLOOR_MARGIN}x of the expert-FFN floor",
          "value": f"worst ours/floor {worst_floor:.3f} over {len(floor_rows)} points",

@@ -191,6 +191,16 @@ def test_targets_read_memory_and_floor_rows():
     assert [t["met"] for t in targets(doc)] == [False, False, False, False]
 
 
+def test_never_slower_counts_the_points_slower_beyond_their_round_noise():
+    def row(key, ratio, quartiles):
+        return {"key": key, "point": {"k": 1, "capacity_factor": 1.0}, "ours_over_deepspeed": ratio,
+                "ours_over_deepspeed_quartiles": quartiles, "ours_over_floor": 1.0}
+    doc = {"rows": [row("a", 0.9, [0.85, 0.95]), row("b", 1.003, [0.96, 1.02]), row("c", 1.05, [1.01, 1.08])]}
+    never_slower = targets(doc)[1]
+    assert not never_slower["met"]  # the verdict reads the median ratio, noise or not
+    assert "slower on 2 of 3 points, 1 of them with the first quartile" in never_slower["value"]
+
+
 def test_ideal_layer_adds_the_routers_arithmetic_and_the_dispatch_bytes_to_the_floor():
     # E=16, k=2, H=2*256: the router's S*M*E multiply-adds against k*S*2*M*H for the experts.
     point = {"k": 2, "num_experts": 16, "model_dim": 256, "hidden_mult": 2}
