@@ -29,13 +29,16 @@ from benchmarks.layer_impls import Point  # noqa: E402
 _MB = 1 << 20
 
 
-def use_buckets_per_octave(per_octave: int) -> None:
-    """Makes ds_tutel.row_buckets round to `per_octave` sizes per octave in this process (a power of two)."""
+def check_per_octave(per_octave: int) -> None:
     if per_octave < 1 or per_octave & (per_octave - 1):
         raise ValueError(f"buckets per octave must be a power of two >= 1, got {per_octave}")
+
+
+def use_buckets_per_octave(per_octave: int) -> None:
+    """Makes ds_tutel.row_buckets round to `per_octave` sizes per octave in this process (a power of two)."""
+    check_per_octave(per_octave)
     from ds_tutel import row_buckets
     row_buckets.BUCKETS_PER_OCTAVE = per_octave
-    row_buckets._OCTAVE_SHIFT = per_octave.bit_length() - 1
 
 
 def probe_with_buckets(point: Point, per_octave: int, impl: str) -> Dict[str, float]:
@@ -107,9 +110,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     point = parse_point(args.point)
     per_octave = [int(n) for n in args.per_octave.split(",")]
-    for n in per_octave:
-        if n < 1 or n & (n - 1):
-            parser.error(f"--per-octave: {n} is not a power of two >= 1")
+    try:
+        for n in per_octave:
+            check_per_octave(n)
+    except ValueError as error:
+        parser.error(f"--per-octave: {error}")
     print(table(point, sweep(point, per_octave, seeds=args.seeds, time=args.time)))
     return 0
 

@@ -24,7 +24,6 @@ from typing import List
 import torch
 
 BUCKETS_PER_OCTAVE = 16
-_OCTAVE_SHIFT = BUCKETS_PER_OCTAVE.bit_length() - 1  # log2(BUCKETS_PER_OCTAVE)
 _ONEDNN_CHECKS = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
 
 
@@ -46,7 +45,7 @@ def bucket(rows: int) -> int:
     """rows rounded up to the next bucket size (counts up to BUCKETS_PER_OCTAVE are their own bucket)."""
     if rows <= BUCKETS_PER_OCTAVE:
         return rows
-    step = 1 << (rows.bit_length() - 1 - _OCTAVE_SHIFT)
+    step = 1 << (rows.bit_length() - BUCKETS_PER_OCTAVE.bit_length())  # 2**(floor(log2 rows) - log2 per octave)
     return -(-rows // step) * step
 
 
