@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
@@ -68,9 +69,10 @@ class Grid:
     world_sizes: List[int] = field(default_factory=lambda: [2, 4])
     warmup: int = 2
     reps: int = 5
-    budget_s: float = 6.0  # per point, after the first 5 timed rounds
+    budget_s: Optional[float] = 6.0  # per point, after the first 5 timed rounds (None: every round)
     tokens: str = "fresh"  # a new batch every round ("fresh", as in training) or one batch throughout ("fixed")
     dtypes: List[str] = field(default_factory=list)  # set where the grid was cut to these dtypes
+    only: str = ""  # set where the grid was cut to the points whose key matches this regular expression
 
 
 def _point(k: int, cf: float, E: int, M: int, dtype: str = "fp32", tokens: Optional[int] = None) -> Point:
@@ -120,6 +122,22 @@ def only_dtypes(grid: Grid, dtypes: List[str]) -> Grid:
         return [p for p in points if p.dtype in dtypes]
     return replace(grid, points=kept(grid.points), memory_points=kept(grid.memory_points),
                    multirank_points=kept(grid.multirank_points), dtypes=list(dtypes))
+
+
+def only_matching(grid: Grid, pattern: str) -> Grid:
+    """The grid less its points whose key (k2_cf1_E16_M256_S2048_bf16, ...) does not match the regular expression
+    `pattern` (re.search), in timing, memory and multi-rank alike: a subset rerun with more rounds."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise SystemExit(f"--only: {pattern!r} is not a regular expression ({err})")
+    def kept(points: List[Point]) -> List[Point]:
+        return [p for p in points if regex.search(p.key)]
+    cut = replace(grid, points=kept(grid.points), memory_points=kept(grid.memory_points),
+                  multirank_points=kept(grid.multirank_points), only=pattern)
+    if not (cut.points or cut.memory_points or cut.multirank_points):
+        raise SystemExit(f"--only: no point of the grid matches {pattern!r}")
+    return cut
 
 
 def correctness_points() -> List[Point]:
@@ -363,7 +381,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on CPU (default 1: on a shared machine a multi-threaded region stalls "
                              "whenever one of its threads is descheduled; 0 = torch's choice)""")
-    parser.add_argument("--reps", type=int, default=0, help="timed rounds per point (default: the grid's)")
+    parser.add_argument("--reps", type=int, default=0, help="timed rounds per point, all of them (default: the "
+                        "grid's, cut short once a point has taken its time budget)")
+    parser.add_argument("--only", default="", metavar="REGEX",
+                        help="only the grid's points whose key matches (e.g. 'k2_cf1_.*bf16'), in every part")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory probes")
     parser.add_argument("--no-multirank", action="store_true", help="skip the expert-parallel runs")
     parser.add_argument("--same-process", action="store_true",
@@ -431,8 +452,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         grid = quick_grid()
     grid = only_dtypes(grid, [d for d in args.dtypes.split(",") if d])
+    if args.only:
+        grid = only_matching(grid, args.only)
     if args.reps:
-        grid.reps = args.reps
+        grid.reps, grid.budget_s = args.reps, None
     if args.fixed_tokens:
         grid.tokens = "fixed"
     doc = run(grid, device, memory=not args.no_memory, multirank=not args.no_multirank,
@@ -440,8 +463,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     doc["mode"] = "full" if args.full else "smoke" if args.smoke else "quick"
     if grid.dtypes:
         doc["dtypes"] = grid.dtypes
+    if grid.only:
+        doc["only"] = grid.only
     from benchmarks.layer_report import write_outputs
-    default_tag = f"layer_{doc['mode']}" + "".join(f"_{d}" for d in grid.dtypes)
+    default_tag = (f"layer_{doc['mode']}" + "".join(f"_{d}" for d in grid.dtypes)
+                   + ("_" + re.sub(r"\W+", "_", grid.only).strip("_") if grid.only else ""))
     paths = write_outputs(doc, args.out_dir, (args.tag or default_tag) + suffix)
     print("wrote " + ", ".join(os.path.relpath(p) for p in paths))
     return 0

@@ -208,6 +208,7 @@ def write_outputs(doc: Dict, out_dir: str, tag: str) -> Tuple[str, str, str]:
         json.dump(doc, f, indent=1)
     with open(md_path, "w") as f:
         only = f", {'+'.join(doc['dtypes'])} points only" if doc.get("dtypes") else ""
+        only += f", points matching {doc['only']!r} only" if doc.get("only") else ""
         f.write(markdown(doc, f"Layer vs DeepSpeed ({doc['environment']['device']}, {doc.get('mode', '')} grid{only})"))
     plot(doc, png_path)
     return json_path, md_path, png_path

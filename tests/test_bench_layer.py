@@ -181,6 +181,34 @@ def test_a_grid_cut_to_one_dtype_keeps_only_its_points_and_says_so(tmp_path):
     assert "smoke grid, fp32 points only" in (tmp_path / "layer_smoke_fp32.md").read_text()
 
 
+def test_a_grid_cut_to_matching_keys_keeps_only_those_points_everywhere(tmp_path):
+    full = bench_layer.full_grid(1 << 40)
+    cut = bench_layer.only_matching(full, r"k2_cf1_.*bf16")
+    for points, all_points in ((cut.points, full.points), (cut.memory_points, full.memory_points),
+                               (cut.multirank_points, full.multirank_points)):
+        assert points == [p for p in all_points if p.k == 2 and p.capacity_factor == 1.0 and p.dtype == "bf16"]
+    assert cut.points and cut.memory_points and not cut.multirank_points and cut.only == r"k2_cf1_.*bf16"
+    with pytest.raises(SystemExit, match="not a regular expression"):
+        bench_layer.only_matching(full, "k2_cf1_(")
+    with pytest.raises(SystemExit, match="no point"):
+        bench_layer.only_matching(full, "k3_")
+    assert bench_layer.main(["--smoke", "--only", "bf16$", "--same-process", "--out-dir", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "layer_smoke_bf16.json").read_text())
+    assert saved["only"] == "bf16$" and [r["key"] for r in saved["rows"]] == [
+        p.key for p in bench_layer.smoke_grid().points if p.dtype == "bf16"]
+    assert "points matching 'bf16$' only" in (tmp_path / "layer_smoke_bf16.md").read_text()
+
+
+def test_explicit_reps_run_every_round_whatever_the_time_budget(monkeypatch, tmp_path):
+    grids = []
+    monkeypatch.setattr(bench_layer, "run", lambda grid, *a, **kw: grids.append(grid) or {"rows": []})
+    monkeypatch.setattr("benchmarks.layer_report.write_outputs", lambda doc, out_dir, tag: [])
+    bench_layer.main(["--smoke", "--out-dir", str(tmp_path)])
+    bench_layer.main(["--smoke", "--reps", "4", "--out-dir", str(tmp_path)])
+    assert grids[0].budget_s == bench_layer.smoke_grid().budget_s and grids[0].reps == 3
+    assert grids[1].budget_s is None and grids[1].reps == 4
+
+
 def test_targets_read_memory_and_floor_rows():
     row = {"key": "a", "point": {"k": 2, "capacity_factor": 1.0}, "ours_over_deepspeed": 0.8,
            "ours_over_floor": 1.05, "deepspeed_over_floor": 1.3}
