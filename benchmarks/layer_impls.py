@@ -167,7 +167,7 @@ class TimedSteps:
     untimed work before each round (a new batch) and before a step (the floor's work, built from ours' routing
     of the round's batch), the orders rounds alternate between (the two layers take turns at being first on a
     round's batch; the floor comes last, after ours has routed it), the routing ours made on the first batch,
-    and the floor's first work."""
+    the floor's first work, and the two layers themselves."""
 
     fns: Dict[str, Callable[[], object]]
     prepare: Dict[str, Callable[[], None]]
@@ -176,6 +176,7 @@ class TimedSteps:
     kept_choices: List[int] = field(default_factory=list)  # the floor's kept choices, one per prepared batch
     before_round: Optional[Callable[[], None]] = None
     orders: List[List[str]] = field(default_factory=lambda: [list(ORDERS[0]), list(ORDERS[1])])
+    layers: Dict[str, nn.Module] = field(default_factory=dict)  # {"ours": ..., "deepspeed": ...}, as stepped
 
 
 def fresh_batch(point: Point, device: torch.device, index: int) -> torch.Tensor:
@@ -205,7 +206,7 @@ def timed_steps(point: Point, device: torch.device, tokens: str = "fixed") -> Ti
     steps = TimedSteps(fns={"ours": lambda: layer_step(ours, state["x_SM"], dy_SM),
                             "deepspeed": lambda: layer_step(reference, state["x_SM"], dy_SM),
                             "floor": lambda: floor_step(state["work"])},
-                       prepare={}, routing=routing, work=work, kept_choices=[work.kept_choices])
+                       prepare={}, routing=routing, work=work, kept_choices=[work.kept_choices], layers=layers)
     if tokens == "fresh":
         def next_batch() -> None:
             state["batches"] += 1

@@ -1,0 +1,108 @@
+"""What ours adds to the experts: its step with and without the experts' arithmetic, next to the expert-FFN floor.
+
+The issue's target at capacity factor 1.0, k=2 is ours within 1.10x of the floor, so everything ours does besides
+the experts (the router's fp32 products, softmax, choices, slots and l_aux, the plan, gather and combine forward
+and backward, the framework's calls) has to fit in a tenth of the experts' time. This measures that share
+directly: in each round, on the round's new batch, ours' step as it is, ours' step with each expert replaced by
+a stand-in that passes its rows through (a view: no arithmetic, one autograd node), and the floor (bench_layer's
+timed_steps, its floor prepared as in the grid). Orders alternate between rounds; medians over rounds.
+
+    python benchmarks/layer_overhead.py --point 2,1.0,16,256,bf16 --point 2,1.0,64,512,bf16 --rounds 25
+
+The stand-in is set on the layer's own Experts object for the rounds that need it; the library has no switch for
+it. Each point runs in a new interpreter, as the grid's points do.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+from typing import Dict, Iterator, List, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.fresh_process import FreshProcesses  # noqa: E402
+from benchmarks.layer_impls import Point  # noqa: E402
+
+CANDIDATES = ("ours", "ours_without_experts", "floor")
+
+
+def pass_rows_through(inputs_nM: Sequence) -> List:
+    """The experts' stand-in: each expert's rows, unchanged (views, so the gradient flows back as it came)."""
+    return [x_nM.view_as(x_nM) for x_nM in inputs_nM]
+
+
+@contextlib.contextmanager
+def experts_passed_through(layer) -> Iterator[None]:
+    """Within the block, ds_tutel layer `layer` runs the stand-in instead of its experts (grouped path)."""
+    experts = layer.deepspeed_moe.experts
+    experts._run_grouped = pass_rows_through
+    try:
+        yield
+    finally:
+        del experts._run_grouped
+
+
+def time_point(point: Point, warmup: int, rounds: int) -> Dict[str, List[float]]:
+    """Runs in the child: seconds per step of each candidate, one list per candidate, interleaved by round."""
+    import torch
+
+    from benchmarks.layer_impls import timed_steps
+    from benchmarks.timing import interleaved
+    steps = timed_steps(point, torch.device("cpu"), tokens="fresh")
+
+    def ours_without_experts() -> None:
+        with experts_passed_through(steps.layers["ours"]):
+            steps.fns["ours"]()
+
+    fns = {"ours": steps.fns["ours"], "ours_without_experts": ours_without_experts, "floor": steps.fns["floor"]}
+    orders = [list(CANDIDATES), ["ours_without_experts", "ours", "floor"]]
+    return interleaved(fns, torch.device("cpu"), warmup=warmup, reps=rounds, min_reps=rounds,
+                       prepare=steps.prepare, before_round=steps.before_round, orders=orders)
+
+
+def summarize(times: Dict[str, List[float]]) -> Dict[str, float]:
+    """Median ms per candidate, and ours' work besides the experts as a share of the floor (median of the
+    per-round shares)."""
+    row = {f"{name}_ms": 1e3 * statistics.median(times[name]) for name in CANDIDATES}
+    row["besides_experts_over_floor"] = statistics.median(
+        without / floor for without, floor in zip(times["ours_without_experts"], times["floor"]))
+    row["ours_over_floor"] = statistics.median(ours / floor for ours, floor in zip(times["ours"], times["floor"]))
+    return row
+
+
+def measure(points: Sequence[Point], warmup: int = 3, rounds: int = 25, timeout: float = 600.0
+            ) -> Dict[str, Dict[str, float]]:
+    """{point key: summarize(...)}, each point timed in a fresh interpreter."""
+    processes = FreshProcesses()
+    return {point.key: summarize(processes.call_on_point(time_point, point, 1, warmup, rounds, timeout=timeout,
+                                                          what=f"overhead at {point.key}"))
+            for point in points}
+
+
+def table(results: Dict[str, Dict[str, float]]) -> str:
+    lines = ["| point | ours ms | ours without experts ms | floor ms | without experts / floor | ours / floor |",
+             "|---|---|---|---|---|---|"]
+    for key, row in results.items():
+        lines.append(f"| {key} | {row['ours_ms']:.1f} | {row['ours_without_experts_ms']:.1f} | {row['floor_ms']:.1f} "
+                     f"| {row['besides_experts_over_floor']:.3f} | {row['ours_over_floor']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from benchmarks.onednn_cache import parse_point
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--point", action="append", help="k,cf,E,M,dtype (repeatable; default 2,1.0,16,256,bf16)")
+    parser.add_argument("--rounds", type=int, default=25, help="timed rounds per point")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    points = [parse_point(text) for text in (args.point or ["2,1.0,16,256,bf16"])]
+    print(table(measure(points, warmup=args.warmup, rounds=args.rounds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
