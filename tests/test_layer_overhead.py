@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from benchmarks.layer_impls import build_layers, layer_step, make_inputs
-from benchmarks.layer_overhead import experts_passed_through, measure, summarize, table
+from benchmarks.layer_impls import timed_steps
+from benchmarks.layer_overhead import experts_passed_through, measure, summarize, table, untimed_preparations
 from benchmarks.onednn_cache import parse_point
 
 
@@ -24,6 +25,18 @@ def test_the_stand_in_skips_the_experts_only_within_its_block():
     assert "_run_grouped" not in vars(ours.deepspeed_moe.experts)
     y_again_SM, _, _ = layer_step(ours, x_SM, dy_SM)
     assert torch.equal(y_again_SM, y_SM)
+
+
+def test_the_stand_ins_step_does_not_pay_for_freeing_the_experts_gradients():
+    point = parse_point("2,1.0,4,16,fp32", tokens=32)
+    steps = timed_steps(point, torch.device("cpu"), tokens="fresh")
+    steps.fns["ours"]()
+    expert_params = list(steps.layers["ours"].deepspeed_moe.experts.parameters())
+    assert all(p.grad is not None for p in expert_params)
+    prepare = untimed_preparations(steps)
+    assert prepare["floor"] is steps.prepare["floor"]
+    prepare["ours_without_experts"]()
+    assert all(p.grad is None for p in expert_params)
 
 
 def test_summary_takes_medians_and_per_round_shares():
