@@ -13,6 +13,8 @@ experts' work. Orders alternate between rounds; medians over rounds.
 
 The stand-in is set on the layer's own experts object for the steps that need it; neither library has a switch
 for it. Each point runs in a new interpreter, as the grid's points do.
+
+Shape legend: n rows of one expert, M model dim.
 """
 from __future__ import annotations
 
