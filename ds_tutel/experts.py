@@ -13,8 +13,9 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from .onednn_linear import route_linears_through_onednn
 from .onednn_off import close_failed_regions, run_without_onednn, should_switch_off
-from .row_buckets import expert_rows, with_pad_rows
+from .row_buckets import buckets_needed, expert_rows, with_pad_rows
 
 
 def mark_expert_params(module: nn.Module, group_name: str) -> None:
@@ -27,12 +28,21 @@ def mark_expert_params(module: nn.Module, group_name: str) -> None:
 class Experts(nn.Module):
 
     def __init__(self, expert: nn.Module, num_local_experts: int, group_name: str,
-                 cpu_fp32_onednn: bool = False) -> None:
+                 cpu_fp32_onednn: bool = False, cpu_fp32_linear: str = "blas") -> None:
         super().__init__()
         self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
         self.num_local_experts = num_local_experts
         self.cpu_fp32_onednn = cpu_fp32_onednn
+        self.cpu_fp32_linear = cpu_fp32_linear
+        if cpu_fp32_linear == "onednn":  # the layer's own copies only: the module passed in stays as it is
+            route_linears_through_onednn(self.deepspeed_experts)
         mark_expert_params(self, group_name)
+
+    def bucket_rows(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """True where each expert's row count should round up to a row bucket (row_buckets.py): wherever the
+        experts' matmuls go through oneDNN, which keeps a primitive per shape."""
+        onednn_fp32 = self.cpu_fp32_linear == "onednn" and device.type == "cpu" and dtype == torch.float32
+        return onednn_fp32 or buckets_needed(device, dtype)
 
     def forward(self, buf_WLCM: torch.Tensor) -> torch.Tensor:
         """Runs local expert l on buf_WLCM[:, l] (the slots every rank sent it)."""
@@ -68,7 +78,8 @@ class Experts(nn.Module):
         (filled slots are a prefix of each buffer), plus zero pad rows where row_buckets rounds the count up.
         Outputs of empty slots are zero and never read."""
         rows_L = [sum(_rows_of(filled_WL, l)) for l in range(buf_WLCM.shape[1])]
-        expert_rows_L = expert_rows(rows_L, buf_WLCM.device, buf_WLCM.dtype)
+        expert_rows_L = expert_rows(rows_L, buf_WLCM.device, buf_WLCM.dtype,
+                                    self.bucket_rows(buf_WLCM.device, buf_WLCM.dtype))
         inputs_pM = _PackFilled.apply(buf_WLCM, filled_WL, expert_rows_L)
         return _UnpackFilled.apply(buf_WLCM.shape, filled_WL, *self.forward_grouped(inputs_pM))
 

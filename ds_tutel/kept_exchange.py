@@ -44,7 +44,7 @@ class KeptLayout:
 
 
 def kept_layout(rows_E: Sequence[int], filled_WL: Sequence[Sequence[int]], me: int, device: torch.device,
-                dtype: torch.dtype) -> KeptLayout:
+                dtype: torch.dtype, bucket_rows: Optional[bool] = None) -> KeptLayout:
     """The layout of one exchange, from this rank's kept rows per expert (rows_E, E = W * L) and the rows every
     rank sends each local expert (filled_WL[w][l]); no collective."""
     W, L = len(filled_WL), len(filled_WL[0])
@@ -59,8 +59,8 @@ def kept_layout(rows_E: Sequence[int], filled_WL: Sequence[Sequence[int]], me: i
     for l in range(L):
         for w, end in enumerate(accumulate(filled_WL[w][l] for w in range(W))):
             within_expert_WL[w][l] = slice(end - filled_WL[w][l], end)
-    return KeptLayout(send_W, recv_W, rows_L, expert_rows(rows_L, device, dtype), received_LW, within_expert_WL,
-                      me)
+    return KeptLayout(send_W, recv_W, rows_L, expert_rows(rows_L, device, dtype, bucket_rows), received_LW,
+                      within_expert_WL, me)
 
 
 def _all_to_all_rows(x_JM: torch.Tensor, send_W: List[int], recv_W: List[int], me: int,
@@ -139,11 +139,14 @@ def _as_one_block(plan: GroupedPlan) -> GroupedPlan:
 
 
 def exchange_kept_and_compute(tokens_SM: torch.Tensor, plan: GroupedPlan, filled_WL: Sequence[Sequence[int]],
-                              experts: ExpertsFn, group: comm.Group) -> torch.Tensor:
+                              experts: ExpertsFn, group: comm.Group,
+                              bucket_rows: Optional[bool] = None) -> torch.Tensor:
     """y_SM: gather this rank's kept rows, send each to its expert's rank, run the local experts on what every
     rank sent, send the outputs back, combine. plan: this rank's grouped plan over all E experts, without row
-    buckets; filled_WL: exchange_counts' counts (the same numbers as every rank's plan)."""
-    layout = kept_layout(plan.rows_per_expert, filled_WL, dist.get_rank(group), tokens_SM.device, tokens_SM.dtype)
+    buckets; filled_WL: exchange_counts' counts (the same numbers as every rank's plan); bucket_rows: whether
+    the local experts' row counts round up to row buckets (None: where row_buckets says so)."""
+    layout = kept_layout(plan.rows_per_expert, filled_WL, dist.get_rank(group), tokens_SM.device, tokens_SM.dtype,
+                         bucket_rows)
     block = _as_one_block(plan)
     (send_JM,) = grouped_encode(tokens_SM, block)
     recv_RM = _AllToAllRows.apply(send_JM, layout, group, False)

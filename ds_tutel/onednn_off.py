@@ -26,7 +26,7 @@ from typing import Callable, Iterator, List, Sequence
 import torch
 
 
-def _fp32_matmuls_in_full_precision() -> bool:
+def fp32_matmuls_in_full_precision() -> bool:
     """False where the user lets oneDNN run fp32 matmuls in a reduced precision (bf16 or tf32 math)."""
     mkldnn_matmul = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")
     return torch.get_float32_matmul_precision() == "highest" and mkldnn_matmul in ("none", "ieee")
@@ -37,7 +37,7 @@ def should_switch_off(inputs_nM: Sequence[torch.Tensor], keep_onednn: bool) -> b
     autocast (bf16 matmuls) or with reduced-precision fp32 matmuls allowed."""
     return (not keep_onednn and len(inputs_nM) > 0 and inputs_nM[0].device.type == "cpu"
             and inputs_nM[0].dtype == torch.float32 and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu") and _fp32_matmuls_in_full_precision())
+            and not torch.is_autocast_enabled("cpu") and fp32_matmuls_in_full_precision())
 
 
 @contextlib.contextmanager

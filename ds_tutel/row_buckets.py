@@ -19,7 +19,7 @@ are never read.
 from __future__ import annotations
 
 import functools
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -49,9 +49,11 @@ def bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def expert_rows(rows: List[int], device: torch.device, dtype: torch.dtype) -> List[int]:
-    """The rows each expert runs on: `rows` itself, or each count's bucket where shapes cost (see above)."""
-    if not buckets_needed(device, dtype):
+def expert_rows(rows: List[int], device: torch.device, dtype: torch.dtype,
+                bucketed: Optional[bool] = None) -> List[int]:
+    """The rows each expert runs on: `rows` itself, or each count's bucket where shapes cost (see above;
+    bucketed, where given, decides instead: the experts know when their own matmuls go through oneDNN)."""
+    if not (buckets_needed(device, dtype) if bucketed is None else bucketed):
         return list(rows)
     return [bucket(n) for n in rows]
 

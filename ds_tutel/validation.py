@@ -69,6 +69,11 @@ def check_flag(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
 def check_parallel_setup(ep_size: int, mpu: Any, expert_tensor_parallel: bool) -> None:
     """ep_size must divide the world; tensor-parallel models are not supported yet."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -25,6 +25,7 @@ def build(**kwargs):
     (dict(min_capacity=-2), ValueError, "min_capacity"),
     (dict(a2a_send="filled"), ValueError, r"a2a_send must be one of \('kept', 'capacity'\)"),
     (dict(cpu_fp32_onednn="yes"), ValueError, "cpu_fp32_onednn must be True or False"),
+    (dict(cpu_fp32_linear="mkl"), ValueError, r"cpu_fp32_linear must be one of \('blas', 'onednn'\)"),
 ])
 def test_constructor_rejects(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
