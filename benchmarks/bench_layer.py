@@ -46,8 +46,8 @@ import torch  # noqa: E402
 from benchmarks import allocator  # noqa: E402
 from benchmarks.fresh_process import FreshProcesses  # noqa: E402
 from benchmarks.floors import copy_bandwidth, dispatch_bytes, floor_output  # noqa: E402
-from benchmarks.layer_impls import (DTYPES, IMPLEMENTATIONS, Point, build_layers, layer_step,  # noqa: E402
-                                    make_inputs, other_libraries, timed_steps)
+from benchmarks.layer_impls import (DTYPES, IMPLEMENTATIONS, OURS_OPTIONS_ENV, Point, build_layers,  # noqa: E402
+                                    layer_step, make_inputs, other_libraries, ours_options, timed_steps)
 from benchmarks.timing import geomean, interleaved, median, paired_ratio, ratio_quartiles  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -122,6 +122,21 @@ def only_dtypes(grid: Grid, dtypes: List[str]) -> Grid:
         return [p for p in points if p.dtype in dtypes]
     return replace(grid, points=kept(grid.points), memory_points=kept(grid.memory_points),
                    multirank_points=kept(grid.multirank_points), dtypes=list(dtypes))
+
+
+def parse_options(pairs: List[str]) -> Dict:
+    """["cpu_fp32_linear=onednn", "a2a_send=\"capacity\""] -> {...}; a value is JSON where it parses, else a
+    string. The keys are checked when ours is built (ds_tutel.MoE rejects unknown or bad ones)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--ours-option: expected KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def only_matching(grid: Grid, pattern: str) -> Grid:
@@ -383,6 +398,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "whenever one of its threads is descheduled; 0 = torch's choice)""")
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per point, all of them (default: the "
                         "grid's, cut short once a point has taken its time budget)")
+    parser.add_argument("--ours-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a ds_tutel.MoE keyword argument for ours alone (repeatable; VALUE read as JSON where it "
+                             "parses, else as a string), e.g. cpu_fp32_linear=onednn")
     parser.add_argument("--only", default="", metavar="REGEX",
                         help="only the grid's points whose key matches (e.g. 'k2_cf1_.*bf16'), in every part")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory probes")
@@ -411,6 +429,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None
                                                                                   else argv)],
                   {**os.environ, **allocator.STEADY_MALLOC_ENV})
+    if args.ours_option:
+        os.environ[OURS_OPTIONS_ENV] = json.dumps(parse_options(args.ours_option))
     # Before anything imports DeepSpeed (it picks its accelerator once, at import).
     os.environ.setdefault("DS_ACCELERATOR", args.device)
     if args.threads and args.device == "cpu":
@@ -465,9 +485,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         doc["dtypes"] = grid.dtypes
     if grid.only:
         doc["only"] = grid.only
+    if ours_options():
+        doc["ours_options"] = ours_options()
     from benchmarks.layer_report import write_outputs
     default_tag = (f"layer_{doc['mode']}" + "".join(f"_{d}" for d in grid.dtypes)
-                   + ("_" + re.sub(r"\W+", "_", grid.only).strip("_") if grid.only else ""))
+                   + ("_" + re.sub(r"\W+", "_", grid.only).strip("_") if grid.only else "")
+                   + "".join(f"_{k}_{v}" for k, v in ours_options().items()))
     paths = write_outputs(doc, args.out_dir, (args.tag or default_tag) + suffix)
     print("wrote " + ", ".join(os.path.relpath(p) for p in paths))
     return 0

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -27,6 +29,13 @@ IMPLEMENTATIONS: Tuple[str, ...] = ("ours", "deepspeed")
 OTHER_LIBRARIES: Tuple[str, ...] = ("tutel", "megablocks")
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIN_CAPACITY = 4  # DeepSpeed's default
+# ds_tutel.MoE keyword arguments for ours alone, as JSON (bench_layer --ours-option sets it; children inherit it)
+OURS_OPTIONS_ENV = "DS_TUTEL_BENCH_OURS_OPTIONS"
+
+
+def ours_options() -> Dict:
+    """The extra keyword arguments ours is built with in this run ({} by default)."""
+    return json.loads(os.environ.get(OURS_OPTIONS_ENV) or "{}")
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,7 @@ def build_layer(name: str, point: Point, device: torch.device, seed: int = 0, ep
     expert = expert_ffn(point.model_dim, point.hidden_dim)
     if name == "ours":
         import ds_tutel
-        layer = ds_tutel.MoE(point.model_dim, expert, **layer_kwargs(point, ep_size))
+        layer = ds_tutel.MoE(point.model_dim, expert, **layer_kwargs(point, ep_size), **ours_options())
     elif name == "deepspeed":
         from deepspeed.moe.layer import MoE as DeepSpeedMoE
         layer = DeepSpeedMoE(point.model_dim, expert, **layer_kwargs(point, ep_size))

@@ -87,7 +87,9 @@ def markdown(doc: Dict, title: str) -> str:
              f"Python {env['python']}; ds_tutel at {env.get('ds_tutel_revision')}; "
              f"malloc: {env.get('malloc', 'not recorded')}; "
              f"CPU dispatch loops: {env.get('cpu_kernels', 'not recorded')}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
-             f"other MoE libraries: {others}.", "",
+             f"other MoE libraries: {others}."
+             + (f" Ours built with {doc['ours_options']} (the FFN floor runs ours' expert modules)." if doc.get("ours_options")
+                else ""), "",
              TOKENS_NOTE[doc.get("tokens", "fixed")], "",
              "Forward+backward, interleaved runs: times are medians, ratios the median of per-round ratios "
              "(both timed in the same round), IQR their quartiles (a wide one = a noisy point). S tokens, "

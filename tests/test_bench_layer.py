@@ -199,6 +199,26 @@ def test_a_grid_cut_to_matching_keys_keeps_only_those_points_everywhere(tmp_path
     assert "points matching 'bf16$' only" in (tmp_path / "layer_smoke_bf16.md").read_text()
 
 
+def test_ours_options_reach_ours_alone_and_are_said_in_the_report(monkeypatch, tmp_path):
+    from benchmarks.layer_impls import OURS_OPTIONS_ENV, build_layer
+    from ds_tutel.onednn_linear import OneDNNLinear
+    assert bench_layer.parse_options(["cpu_fp32_linear=onednn", "a2a_auto_threshold=0"]) == {
+        "cpu_fp32_linear": "onednn", "a2a_auto_threshold": 0}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench_layer.parse_options(["cpu_fp32_linear"])
+    point = bench_layer.smoke_grid().points[0]
+    monkeypatch.setenv(OURS_OPTIONS_ENV, '{"cpu_fp32_linear": "onednn"}')
+    ours, reference = build_layer("ours", point, torch.device("cpu")), build_layer("deepspeed", point, torch.device("cpu"))
+    assert any(type(m) is OneDNNLinear for m in ours.modules())
+    assert not any(type(m) is OneDNNLinear for m in reference.modules())
+    monkeypatch.setenv(OURS_OPTIONS_ENV, "")  # main sets it for its children: undone after the test
+    assert bench_layer.main(["--smoke", "--same-process", "--ours-option", "cpu_fp32_linear=onednn",
+                             "--out-dir", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "layer_smoke_cpu_fp32_linear_onednn.json").read_text())
+    assert saved["ours_options"] == {"cpu_fp32_linear": "onednn"}
+    assert "Ours built with {'cpu_fp32_linear': 'onednn'}" in (tmp_path / "layer_smoke_cpu_fp32_linear_onednn.md").read_text()
+
+
 def test_explicit_reps_run_every_round_whatever_the_time_budget(monkeypatch, tmp_path):
     grids = []
     monkeypatch.setattr(bench_layer, "run", lambda grid, *a, **kw: grids.append(grid) or {"rows": []})
