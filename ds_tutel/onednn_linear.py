@@ -39,9 +39,10 @@ def available() -> bool:
 
 
 def runs_here(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True where OneDNNLinear takes the oneDNN path for this input and weight."""
+    """True where OneDNNLinear takes the oneDNN path for this input and weight. Not for an empty input (an
+    expert that got no tokens): oneDNN builds no primitive for zero rows."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() >= 1 and not torch.is_autocast_enabled("cpu") and fp32_matmuls_in_full_precision()
+            and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and fp32_matmuls_in_full_precision()
             and available())
 
 

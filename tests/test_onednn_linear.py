@@ -68,6 +68,17 @@ class Scaled(nn.Linear):
         return 2 * super().forward(x)
 
 
+def test_an_expert_without_tokens_still_gets_zero_gradients():
+    fast = nn.Linear(4, 8)
+    ol.route_linears_through_onednn(fast)
+    x = torch.empty(0, 4, requires_grad=True)
+    assert not ol.runs_here(x, fast.weight)
+    y = fast(x)
+    y.sum().backward()
+    assert y.shape == (0, 8) and x.grad.shape == (0, 4)
+    assert torch.equal(fast.weight.grad, torch.zeros(8, 4)) and torch.equal(fast.bias.grad, torch.zeros(8))
+
+
 def test_only_exact_linears_change_class_and_the_state_dict_stays_the_same():
     module = nn.Sequential(nn.Linear(4, 8), nn.GELU(), Scaled(8, 4))
     keys = list(module.state_dict())
@@ -129,3 +140,13 @@ def test_fp32_rows_are_bucketed_only_where_the_experts_use_onednn():
 def test_the_json_config_can_ask_for_it():
     layer = ds_tutel.MoE.from_config({"ds_tutel": {"num_experts": 4, "cpu_fp32_linear": "onednn"}}, 8, _expert(8))
     assert layer.deepspeed_moe.experts.cpu_fp32_linear == "onednn"
+
+
+def test_a_layer_step_with_experts_that_get_no_tokens():
+    M = 8
+    layer = ds_tutel.MoE(M, _expert(M), num_experts=8, k=1, cpu_fp32_linear="onednn")
+    x = torch.randn(3, M, requires_grad=True)  # 3 tokens, 8 experts: at least 5 get none
+    y, l_aux, counts = layer(x)
+    (y.sum() + l_aux).backward()
+    assert int((counts == 0).sum()) >= 5 and x.grad is not None
+    assert all(p.grad is not None for p in layer.deepspeed_moe.experts.parameters())
