@@ -150,3 +150,36 @@ def test_a_layer_step_with_experts_that_get_no_tokens():
     (y.sum() + l_aux).backward()
     assert int((counts == 0).sum()) >= 5 and x.grad is not None
     assert all(p.grad is not None for p in layer.deepspeed_moe.experts.parameters())
+
+
+def _both_exchanges_with_onednn_linears(rank, world_size):
+    """Each expert-parallel exchange (kept rows, capacity buffers) with oneDNN linears gives the BLAS layer's
+    results, fp32 rows bucketed (over 16 rows per local expert, so some pad); one rank has more tokens."""
+    import ds_tutel
+    from helpers import expert_ffn
+
+    M = 8
+    results = {}
+    for send, linear in (("kept", "blas"), ("kept", "onednn"), ("capacity", "onednn")):
+        torch.manual_seed(0)
+        layer = ds_tutel.MoE(M, expert_ffn(M), num_experts=4, ep_size=world_size, k=2, use_rts=False,
+                             top2_2nd_expert_sampling=False, a2a_send=send, cpu_fp32_linear=linear)
+        layer.set_deepspeed_parallelism()
+        x = torch.randn(41 + 6 * rank, M, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+        out, l_aux, _ = layer(x)
+        (out.square().sum() + l_aux).backward()
+        results[send, linear] = (out.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()})
+    reference = results["kept", "blas"]
+    for key in (("kept", "onednn"), ("capacity", "onednn")):
+        out, dx, grads = results[key]
+        _close(out, reference[0])
+        _close(dx, reference[1])
+        for name in reference[2]:
+            _close(grads[name], reference[2][name])
+    return True
+
+
+@pytest.mark.multirank
+def test_expert_parallel_exchanges_with_onednn_linears():
+    from multirank import run_ranks
+    assert run_ranks(_both_exchanges_with_onednn_linears, 2, timeout=180) == [True, True]
