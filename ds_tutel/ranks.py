@@ -10,6 +10,7 @@ killed, never left hanging. `local_size` emulates several nodes: ranks are numbe
 from __future__ import annotations
 
 import datetime
+import glob
 import io
 import os
 import queue as queue_module
@@ -60,6 +61,16 @@ def _rank_entry(rank: int, world_size: int, local_size: int, port: int, timeout:
             pass
 
 
+def stale_build_locks(before: float) -> List[str]:
+    """torch extension build locks last touched before `before` (a time.time()): a compile interrupted earlier
+    leaves its lock file, and every later build of that extension, DeepSpeed's CPU communication op included,
+    then waits on it for ever."""
+    from torch.utils.cpp_extension import get_default_build_root
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    paths = glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))
+    return sorted(path for path in paths if os.path.getmtime(path) < before)
+
+
 def run_local_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0,
                     local_size: Optional[int] = None, env: Optional[Dict[str, str]] = None,
                     threads_per_rank: Optional[int] = None) -> List[Any]:
@@ -77,6 +88,7 @@ def run_local_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 
     import torch
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
+    started = time.time()
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_entry, daemon=True,
@@ -95,6 +107,11 @@ def run_local_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 if time.monotonic() > deadline:
                     failure = (f"ranks {sorted(set(range(world_size)) - set(done))} did not finish in {timeout:.0f}s "
                                "(a hang or a crash)")
+                    locks = stale_build_locks(started)
+                    if locks:
+                        failure += (f"; torch extension build locks older than this run: {locks} (a compile "
+                                    "interrupted earlier leaves one, and later builds wait on it: delete it if no "
+                                    "compile is running)")
                 elif any(p.exitcode not in (None, 0) for p in procs):
                     dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                     failure = f"rank(s) {dead} died (exit codes {[procs[r].exitcode for r in dead]})"

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from ds_tutel import ranks
 from ds_tutel.ranks import RankFailure, run_local_ranks
 
 
@@ -49,11 +50,28 @@ def test_a_failing_rank_fails_the_call_with_its_message():
         run_local_ranks(_fail_on_rank_1, 2, timeout=120)
 
 
-def test_a_hanging_rank_fails_the_call_at_the_timeout():
+def test_a_hanging_rank_fails_the_call_at_the_timeout(monkeypatch):
+    seen = []
+    monkeypatch.setattr(ranks, "stale_build_locks", lambda before: seen.append(before) or ["ext/deepspeed_op/lock"])
     start = time.monotonic()
-    with pytest.raises(RankFailure, match=r"ranks \[0\] did not finish in 20s"):
+    with pytest.raises(RankFailure, match=r"ranks \[0\] did not finish in 20s") as failure:
         run_local_ranks(_hang_on_rank_0, 2, timeout=20)
     assert time.monotonic() - start < 60
+    # A build lock older than the run is named with the failure: an interrupted compile makes every later
+    # DeepSpeed start wait on it, which looks like a hang.
+    assert "build locks older than this run: ['ext/deepspeed_op/lock']" in str(failure.value)
+    assert len(seen) == 1 and seen[0] < time.time() - 19
+
+
+def test_stale_build_locks_are_the_lock_files_older_than_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, new = tmp_path / "py311_cpu" / "some_op" / "lock", tmp_path / "other_op" / "lock"
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+        path.write_text("")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert ranks.stale_build_locks(time.time() - 60) == [str(old)]
+    assert ranks.stale_build_locks(time.time() + 60) == sorted([str(old), str(new)])
 
 
 def test_a_dying_rank_fails_the_call():
