@@ -37,7 +37,7 @@ import platform
 import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -118,10 +118,15 @@ def only_dtypes(grid: Grid, dtypes: List[str]) -> Grid:
         raise SystemExit(f"--dtypes: unknown {sorted(unknown)}; choose among {sorted(DTYPES)}")
     if {p.dtype for p in grid.points} <= set(dtypes):
         return grid
+    return _points_kept(grid, lambda p: p.dtype in dtypes, dtypes=list(dtypes))
+
+
+def _points_kept(grid: Grid, keep: Callable[[Point], bool], **changes) -> Grid:
+    """The grid with only the points `keep` accepts, in timing, memory and multi-rank alike, and `changes`."""
     def kept(points: List[Point]) -> List[Point]:
-        return [p for p in points if p.dtype in dtypes]
+        return [p for p in points if keep(p)]
     return replace(grid, points=kept(grid.points), memory_points=kept(grid.memory_points),
-                   multirank_points=kept(grid.multirank_points), dtypes=list(dtypes))
+                   multirank_points=kept(grid.multirank_points), **changes)
 
 
 def parse_options(pairs: List[str]) -> Dict:
@@ -146,10 +151,7 @@ def only_matching(grid: Grid, pattern: str) -> Grid:
         regex = re.compile(pattern)
     except re.error as err:
         raise SystemExit(f"--only: {pattern!r} is not a regular expression ({err})")
-    def kept(points: List[Point]) -> List[Point]:
-        return [p for p in points if regex.search(p.key)]
-    cut = replace(grid, points=kept(grid.points), memory_points=kept(grid.memory_points),
-                  multirank_points=kept(grid.multirank_points), only=pattern)
+    cut = _points_kept(grid, lambda p: regex.search(p.key) is not None, only=pattern)
     if not (cut.points or cut.memory_points or cut.multirank_points):
         raise SystemExit(f"--only: no point of the grid matches {pattern!r}")
     return cut

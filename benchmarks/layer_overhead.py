@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.fresh_process import FreshProcesses  # noqa: E402
 from benchmarks.layer_impls import Point  # noqa: E402
+from benchmarks.timing import paired_ratio  # noqa: E402
 
 CANDIDATES = ("ours", "ours_without_experts", "deepspeed", "deepspeed_without_experts", "floor")
 LAYERS = ("ours", "deepspeed")
@@ -92,17 +93,13 @@ def untimed_preparations(steps) -> Dict:
     return prepare
 
 
-def _per_round(numerator: List[float], denominator: List[float]) -> float:
-    return statistics.median(n / d for n, d in zip(numerator, denominator))
-
-
 def summarize(times: Dict[str, List[float]]) -> Dict[str, float]:
     """Median ms per candidate; per layer, its work besides the experts and its whole step over the floor
     (medians of the per-round ratios)."""
     row = {f"{name}_ms": 1e3 * statistics.median(times[name]) for name in CANDIDATES}
     for name in LAYERS:
-        row[f"{name}_besides_experts_over_floor"] = _per_round(times[f"{name}_without_experts"], times["floor"])
-        row[f"{name}_over_floor"] = _per_round(times[name], times["floor"])
+        row[f"{name}_besides_experts_over_floor"] = paired_ratio(times[f"{name}_without_experts"], times["floor"])
+        row[f"{name}_over_floor"] = paired_ratio(times[name], times["floor"])
     return row
 
 
