@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks import allocator  # noqa: E402
 from benchmarks.fresh_process import FreshProcesses  # noqa: E402
-from benchmarks.floors import copy_bandwidth, dispatch_bytes, floor_output  # noqa: E402
+from benchmarks.floors import copy_bandwidth, dispatch_bytes, floor_output, router_products_seconds  # noqa: E402
 from benchmarks.layer_impls import (DTYPES, IMPLEMENTATIONS, OURS_OPTIONS_ENV, Point, build_layers,  # noqa: E402
                                     layer_step, make_inputs, other_libraries, ours_options, timed_steps)
 from benchmarks.timing import geomean, interleaved, median, paired_ratio, ratio_quartiles  # noqa: E402
@@ -174,9 +174,11 @@ def measure_point(point: Point, device: torch.device, grid: Grid, bandwidth_Bps:
     kept_choices = int(median(steps.kept_choices))
     bytes_floor_s = dispatch_bytes(kept_choices, point.model_dim, point.torch_dtype) / bandwidth_Bps
     floor_plus_bytes = [f + bytes_floor_s for f in times["floor"]]
+    router_floor_s = router_products_seconds(point.tokens, point.model_dim, point.num_experts, point.torch_dtype,
+                                             device)
     return {"key": point.key, "point": asdict(point), "capacity": steps.routing.capacity, "tokens": grid.tokens,
             "kept_choices": kept_choices, "times_s": times, "median_s": med, "bytes_floor_s": bytes_floor_s,
-            "ours_over_deepspeed": paired_ratio(times["ours"], times["deepspeed"]),
+            "router_floor_s": router_floor_s, "ours_over_deepspeed": paired_ratio(times["ours"], times["deepspeed"]),
             "ours_over_deepspeed_quartiles": ratio_quartiles(times["ours"], times["deepspeed"]),
             "ours_over_floor": paired_ratio(times["ours"], times["floor"]),
             "deepspeed_over_floor": paired_ratio(times["deepspeed"], times["floor"]),

@@ -1,4 +1,4 @@
-"""The two floors an MoE layer is measured against.
+"""The floors an MoE layer is measured against.
 
 Compute floor: every expert's FFN forward+backward on exactly the tokens routed to it (its kept choices, taken
 from the layer's own `last_routing`, so it is the same set the layer computed), inputs already gathered, one
@@ -8,6 +8,9 @@ Memory floor: the bytes dispatch must move. Encode reads J rows of M elements an
 them and writes them back into tokens; backward does the same again: 8 * J * M elements in all, J = kept
 choices (at most S * K). Reported as a time at the copy bandwidth measured in the same run (a large tensor
 copy, read + write bytes over its median time).
+
+Router floor (router_products_seconds): the router's fp32 products alone, the arithmetic a layer that routes as
+DeepSpeed's does cannot skip. With the two above it makes an ideal layer: floor + router products + bytes.
 
 Shape legend: S tokens, M model dim, K choices per token, J kept choices, n rows of one expert.
 """
@@ -90,6 +93,30 @@ def floor_output(experts: Sequence[nn.Module], routing, x_SM: torch.Tensor) -> t
 def dispatch_bytes(kept_choices: int, model_dim: int, dtype: torch.dtype) -> int:
     """Bytes encode + decode must read and write, forward and backward."""
     return DISPATCH_PASSES * kept_choices * model_dim * dtype.itemsize
+
+
+def router_products_seconds(tokens: int, model_dim: int, num_experts: int, dtype: torch.dtype,
+                            device: torch.device, reps: int = 7) -> float:
+    """Median seconds of the router's fp32 products on one point's shapes, forward and backward, as DeepSpeed's
+    gate runs them (`F.linear(x.float(), w)` under autograd: the conversion, the logits, the tokens' and the
+    weight's gradients). A layer that routes exactly as DeepSpeed's does pays at least this besides its experts;
+    in bf16 the experts run at about twice fp32's rate, so counting these products at the experts' rate (the
+    FLOP share) would understate them."""
+    x_SM = torch.randn(tokens, model_dim, device=device).to(dtype).requires_grad_(True)
+    w_EM = torch.randn(num_experts, model_dim, device=device, requires_grad=True)
+    grad_SE = torch.randn(tokens, num_experts, device=device)
+    times = []
+    for i in range(reps + 1):
+        x_SM.grad = w_EM.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.nn.functional.linear(x_SM.float(), w_EM).backward(grad_SE)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:  # the first call pays for first use (pages, kernels)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 128 << 20, reps: int = 7) -> float:

@@ -34,7 +34,7 @@ def targets(doc: Dict) -> List[Dict]:
                   f"{len(clearly_slower)} of them with the first quartile of the round ratios above 1 too",
          "met": not slower},
         {"target": f"cf 1.0, k=2: within {FLOOR_MARGIN}x of the expert-FFN floor",
-         "value": f"worst ours/floor {worst_floor:.3f} over {len(floor_rows)} points",
+         "value": f"worst ours/floor {worst_floor:.3f} over {len(floor_rows)} points{_ideal_range(floor_rows)}",
          "met": bool(floor_rows) and worst_floor <= FLOOR_MARGIN},
     ]
     memory = doc.get("memory")
@@ -55,12 +55,31 @@ def router_share(point: Dict) -> float:
     return point["num_experts"] / (2 * point["k"] * hidden)
 
 
+def ideal_seconds(row: Dict) -> float:
+    """An ideal layer's step: the expert-FFN floor, plus the router's fp32 products as measured in the run (rows
+    from before that measurement: its arithmetic at the experts' rate), plus the dispatch bytes at copy bandwidth;
+    no gate logic, no overhead at all."""
+    floor = row["median_s"]["floor"]
+    router = row.get("router_floor_s")
+    return (floor + router if router is not None else floor * (1 + router_share(row["point"]))) + row["bytes_floor_s"]
+
+
 def ideal_over_deepspeed(row: Dict) -> float:
-    """What an ideal layer would measure against DeepSpeed's: the expert-FFN floor, plus the router's arithmetic
-    at the experts' rate, plus the dispatch bytes at copy bandwidth; no gate logic, no overhead at all."""
-    med = row["median_s"]
-    ideal = med["floor"] * (1 + router_share(row["point"])) + row["bytes_floor_s"]
-    return ideal / med["deepspeed"]
+    """What an ideal layer would measure against DeepSpeed's layer."""
+    return ideal_seconds(row) / row["median_s"]["deepspeed"]
+
+
+def ideal_over_floor(row: Dict) -> float:
+    """Where an ideal layer would stand against the expert-FFN floor: the least any layer that routes as
+    DeepSpeed's does can reach."""
+    return ideal_seconds(row) / row["median_s"]["floor"]
+
+
+def _ideal_range(rows: List[Dict]) -> str:
+    ideals = [ideal_over_floor(r) for r in rows if "median_s" in r and "bytes_floor_s" in r]
+    if not ideals:
+        return ""
+    return f" (an ideal layer: {min(ideals):.3f}-{max(ideals):.3f})"
 
 
 def _ms(seconds: float) -> str:
@@ -95,9 +114,11 @@ def markdown(doc: Dict, title: str) -> str:
              "(both timed in the same round), IQR their quartiles (a wide one = a noisy point). S tokens, "
              "C capacity, "
              "floor = expert FFNs alone on the routed tokens, bytes = dispatch bytes at copy bandwidth, "
+             "ideal = floor + the router's fp32 products (measured in the run) + bytes, "
              "mem = peak memory ours/DS (separate processes).", "",
-             "| point | C | ours ms | DS ms | floor ms | bytes ms | ours/DS | ours/DS IQR | ours/floor | DS/floor | mem |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| point | C | ours ms | DS ms | floor ms | bytes ms | ours/DS | ours/DS IQR | ours/floor | DS/floor "
+             "| ideal/floor | mem |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         med = r["median_s"]
         mem = memory.get(r["key"])
@@ -106,7 +127,8 @@ def markdown(doc: Dict, title: str) -> str:
         lines.append(f"| {r['key']} | {r['capacity']} | {_ms(med['ours'])} | {_ms(med['deepspeed'])} | "
                      f"{_ms(med['floor'])} | {1e3 * r['bytes_floor_s']:.2f} | {r['ours_over_deepspeed']:.3f} | "
                      f"{q1:.2f}-{q3:.2f} | "
-                     f"{r['ours_over_floor']:.3f} | {r['deepspeed_over_floor']:.3f} | {mem_text} |")
+                     f"{r['ours_over_floor']:.3f} | {r['deepspeed_over_floor']:.3f} | {ideal_over_floor(r):.3f} "
+                     f"| {mem_text} |")
     ratios = [r["ours_over_deepspeed"] for r in rows]
     lines += ["", f"Geometric mean ours/DS: **{geomean(ratios):.3f}** (range {min(ratios):.3f}-{max(ratios):.3f}); "
               f"DS/floor {min(r['deepspeed_over_floor'] for r in rows):.2f}-"

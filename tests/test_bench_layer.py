@@ -9,10 +9,11 @@ import torch
 import ds_tutel
 
 from benchmarks import bench_layer
-from benchmarks.floors import dispatch_bytes, expert_work, floor_output, floor_step, tokens_per_expert
+from benchmarks.floors import (dispatch_bytes, expert_work, floor_output, floor_step, router_products_seconds,
+                               tokens_per_expert)
 from benchmarks.layer_impls import Point, build_layers, layer_step, make_inputs
-from benchmarks.layer_report import (ideal_over_deepspeed, markdown, multirank_lines, router_share, targets,
-                                     write_outputs)
+from benchmarks.layer_report import (ideal_over_deepspeed, ideal_over_floor, markdown, multirank_lines, router_share,
+                                     targets, write_outputs)
 from benchmarks.timing import interleaved, paired_ratio, ratio_quartiles
 
 CPU = torch.device("cpu")
@@ -156,7 +157,7 @@ def test_a_tiny_run_writes_json_markdown_and_png(tmp_path, same_process):
     for row in saved["rows"]:
         assert set(row["median_s"]) == {"ours", "deepspeed", "floor"}
         assert all(len(t) == 3 for t in row["times_s"].values())
-        assert row["bytes_floor_s"] > 0 and row["ours_over_deepspeed"] > 0
+        assert row["bytes_floor_s"] > 0 and row["router_floor_s"] > 0 and row["ours_over_deepspeed"] > 0
     assert saved["environment"]["deepspeed"] and saved["environment"]["torch"]
     assert torch.backends.cpu.get_cpu_capability() in saved["environment"]["cpu_isa"]
     assert len(saved["targets"]) == 3 and all(isinstance(t["met"], bool) for t in saved["targets"])
@@ -250,11 +251,25 @@ def test_never_slower_counts_the_points_slower_beyond_their_round_noise():
 
 
 def test_ideal_layer_adds_the_routers_arithmetic_and_the_dispatch_bytes_to_the_floor():
-    # E=16, k=2, H=2*256: the router's S*M*E multiply-adds against k*S*2*M*H for the experts.
+    # Rows from before the router was measured: E=16, k=2, H=2*256, so the router's S*M*E multiply-adds
+    # against k*S*2*M*H for the experts, at the experts' rate.
     point = {"k": 2, "num_experts": 16, "model_dim": 256, "hidden_mult": 2}
     assert router_share(point) == 1 / 128
     row = {"point": point, "median_s": {"floor": 0.080, "deepspeed": 0.100}, "bytes_floor_s": 0.001}
     assert abs(ideal_over_deepspeed(row) - (0.080 * (1 + 1 / 128) + 0.001) / 0.100) < 1e-12
+    # With the router's products measured in the run, those seconds replace the estimate.
+    row["router_floor_s"] = 0.004
+    assert abs(ideal_over_deepspeed(row) - (0.080 + 0.004 + 0.001) / 0.100) < 1e-12
+    assert abs(ideal_over_floor(row) - (0.080 + 0.004 + 0.001) / 0.080) < 1e-12
+    cf1_k2 = {"key": "k2_cf1", "point": {**point, "capacity_factor": 1.0}, "ours_over_deepspeed": 0.9,
+              "ours_over_floor": 1.2, **{name: row[name] for name in ("median_s", "bytes_floor_s", "router_floor_s")}}
+    assert "an ideal layer: 1.062-1.062" in targets({"rows": [cf1_k2]})[2]["value"]
+
+
+def test_router_products_take_longer_with_more_experts():
+    small = router_products_seconds(512, 64, 2, torch.bfloat16, CPU, reps=5)
+    large = router_products_seconds(512, 64, 256, torch.bfloat16, CPU, reps=5)
+    assert 0 < small < large
 
 
 def test_memory_probes_run_in_their_own_processes():
