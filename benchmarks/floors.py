@@ -96,7 +96,7 @@ def dispatch_bytes(kept_choices: int, model_dim: int, dtype: torch.dtype) -> int
 
 
 def router_products_seconds(tokens: int, model_dim: int, num_experts: int, dtype: torch.dtype,
-                            device: torch.device, reps: int = 7) -> float:
+                            device: torch.device, reps: int = 21) -> float:
     """Median seconds of the router's fp32 products on one point's shapes, forward and backward, as DeepSpeed's
     gate runs them (`F.linear(x.float(), w)` under autograd: the conversion, the logits, the tokens' and the
     weight's gradients). A layer that routes exactly as DeepSpeed's does pays at least this besides its experts;
