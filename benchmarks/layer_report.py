@@ -70,7 +70,7 @@ def ideal_over_deepspeed(row: Dict) -> float:
 
 
 def ideal_over_floor(row: Dict) -> float:
-    """Where an ideal layer would stand against the expert-FFN floor: the least any layer that routes as
+    """Where an ideal layer would stand against the expert-FFN floor: about the least any layer that routes as
     DeepSpeed's does can reach."""
     return ideal_seconds(row) / row["median_s"]["floor"]
 
@@ -137,7 +137,7 @@ def markdown(doc: Dict, title: str) -> str:
               f"Geometric means over the floor: DS {geomean([r['deepspeed_over_floor'] for r in rows]):.3f}, ours "
               f"{geomean([r['ours_over_floor'] for r in rows]):.3f} (a layer exactly at the floor would be "
               f"{geomean([r['deepspeed_over_floor'] for r in rows]):.2f}x faster than DS; one at the floor plus "
-              f"the router's arithmetic and the dispatch bytes, with nothing else, "
+              f"the router's fp32 products and the dispatch bytes, with nothing else, "
               f"{1 / geomean([ideal_over_deepspeed(r) for r in rows]):.2f}x).",
               "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in targets(doc)]
