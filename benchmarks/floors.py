@@ -24,6 +24,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from benchmarks.timing import interleaved
+
 DISPATCH_PASSES = 8  # (encode + decode) x (read + write) x (forward + backward)
 
 
@@ -105,17 +107,16 @@ def router_products_seconds(tokens: int, model_dim: int, num_experts: int, dtype
     x_SM = torch.randn(tokens, model_dim, device=device).to(dtype).requires_grad_(True)
     w_EM = torch.randn(num_experts, model_dim, device=device, requires_grad=True)
     grad_SE = torch.randn(tokens, num_experts, device=device)
-    times = []
-    for i in range(reps + 1):
+
+    def clear_grads() -> None:
         x_SM.grad = w_EM.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def products() -> None:
         torch.nn.functional.linear(x_SM.float(), w_EM).backward(grad_SE)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i > 0:  # the first call pays for first use (pages, kernels)
-            times.append(time.perf_counter() - start)
+
+    # One untimed call first: it pays for first use (pages, kernels).
+    times = interleaved({"router": products}, device, warmup=1, reps=reps, min_reps=reps,
+                        prepare={"router": clear_grads})["router"]
     return statistics.median(times)
 
 
