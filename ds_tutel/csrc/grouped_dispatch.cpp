@@ -72,60 +72,126 @@ void check_layout(const std::vector<torch::Tensor>& tensors_E, const std::vector
 constexpr int64_t kGrainTokens = 16;
 constexpr int64_t kDotLanes = 16;
 
-// <a, b> in acc_t, summed in kDotLanes interleaved partial sums: a single running sum is a chain of dependent
-// additions the compiler may not reorder (no fast-math), which ran the combine's backward at a third of the
-// forward's speed; the lanes vectorize.
+// Element access for the loops below. bf16 goes through its bits, which the compiler vectorizes; the rounding is
+// c10's: to nearest even, any NaN to 0x7FC0.
+inline float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
+inline uint16_t float_to_bf16_bits(float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof word);
+  const uint32_t rounded = (word + 0x7FFFu + ((word >> 16) & 1u)) >> 16;
+  return (word & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+template <typename scalar_t>
+struct Elements {
+  using raw_t = scalar_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  static acc_t widen(raw_t v) { return static_cast<acc_t>(v); }
+  static raw_t narrow(acc_t v) { return static_cast<raw_t>(v); }
+};
+
+template <>
+struct Elements<c10::BFloat16> {
+  using raw_t = uint16_t;
+  using acc_t = float;
+  static acc_t widen(raw_t v) { return bf16_bits_to_float(v); }
+  static raw_t narrow(acc_t v) { return float_to_bf16_bits(v); }
+};
+
+template <typename scalar_t>
+const typename Elements<scalar_t>::raw_t* raw(const scalar_t* p) {
+  return reinterpret_cast<const typename Elements<scalar_t>::raw_t*>(p);
+}
+
+template <typename scalar_t>
+typename Elements<scalar_t>::raw_t* raw(scalar_t* p) {
+  return reinterpret_cast<typename Elements<scalar_t>::raw_t*>(p);
+}
+
+// A row's share of a token's sum: weight * x in acc_t where kWeighted, else x (widened).
+template <typename scalar_t, typename acc_t, bool kWeighted>
+inline acc_t term(acc_t weight, typename Elements<scalar_t>::raw_t x) {
+  const acc_t value = Elements<scalar_t>::widen(x);
+  if (kWeighted) return weight * value;
+  return value;
+}
+
+// out_SM[s] = sum over s's kept choices, in row order, of weight * row_J[row], accumulated in acc_t from 0 and
+// rounded once (weight: gate_SK[s][k] where kWeighted, else 1; tokens without a kept choice get zeros). Both the
+// combine and the gather's backward are this sum; kWeighted is a template argument so that each gets its own
+// loop. One and two kept rows (k <= 2, nearly every token) have loops of their own that keep the sum in
+// registers; more rows go through an acc_t row buffer. Either way each element is ((0 + t_1) + t_2) + ...
+template <typename scalar_t, typename acc_t, bool kWeighted>
+void sum_kept_rows(const int64_t* row_SK, const acc_t* gate_SK, const std::vector<scalar_t*>& row_J, int64_t S,
+                   int64_t K, int64_t M, scalar_t* out_SM) {
+  using E = Elements<scalar_t>;
+  at::parallel_for(0, S, kGrainTokens, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc_M(K > 2 ? M : 0);
+    std::vector<int64_t> rows(K), choices(K);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t n = kept_in_row_order(row_SK + s * K, K, rows.data(), choices.data());
+      auto* out = raw(out_SM + s * M);
+      const acc_t w0 = kWeighted && n > 0 ? gate_SK[s * K + choices[0]] : acc_t(1);
+      const acc_t w1 = kWeighted && n > 1 ? gate_SK[s * K + choices[1]] : acc_t(1);
+      if (n == 0) {
+        std::memset(out, 0, sizeof(scalar_t) * M);
+      } else if (n == 1 && !kWeighted) {  // one unweighted row: a copy
+        std::memcpy(out, row_J[rows[0]], sizeof(scalar_t) * M);
+      } else if (n == 1) {
+        const auto* x0 = raw(row_J[rows[0]]);
+        for (int64_t m = 0; m < M; ++m) out[m] = E::narrow(acc_t(0) + term<scalar_t, acc_t, kWeighted>(w0, x0[m]));
+      } else if (n == 2) {
+        const auto* x0 = raw(row_J[rows[0]]);
+        const auto* x1 = raw(row_J[rows[1]]);
+        for (int64_t m = 0; m < M; ++m) {
+          const acc_t first = acc_t(0) + term<scalar_t, acc_t, kWeighted>(w0, x0[m]);
+          out[m] = E::narrow(first + term<scalar_t, acc_t, kWeighted>(w1, x1[m]));
+        }
+      } else {
+        acc_t* acc = acc_M.data();
+        std::fill(acc, acc + M, acc_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          const auto* x = raw(row_J[rows[i]]);
+          const acc_t w = kWeighted ? gate_SK[s * K + choices[i]] : acc_t(1);
+          for (int64_t m = 0; m < M; ++m) acc[m] = acc[m] + term<scalar_t, acc_t, kWeighted>(w, x[m]);
+        }
+        for (int64_t m = 0; m < M; ++m) out[m] = E::narrow(acc[m]);
+      }
+    }
+  });
+}
+
+// One kept choice's part of the combine's backward: grad[m] = gate * dy[m] rounded to the dtype, and <dy, out>
+// in acc_t, summed in kDotLanes interleaved partial sums (a single running sum is a chain of dependent additions
+// the compiler may not reorder, no fast-math; the lanes vectorize).
 template <typename scalar_t, typename acc_t>
-acc_t dot_product(const scalar_t* a, const scalar_t* b, int64_t M) {
+acc_t scale_and_dot(acc_t gate, const scalar_t* dy_in, const scalar_t* out_in, scalar_t* grad_in, int64_t M) {
+  using E = Elements<scalar_t>;
+  const auto* __restrict__ dy = raw(dy_in);
+  const auto* __restrict__ out = raw(out_in);
+  auto* __restrict__ grad = raw(grad_in);
+  for (int64_t m = 0; m < M; ++m) grad[m] = E::narrow(gate * E::widen(dy[m]));
   acc_t lanes[kDotLanes] = {};
   int64_t m = 0;
   for (; m + kDotLanes <= M; m += kDotLanes) {
     for (int64_t l = 0; l < kDotLanes; ++l) {
-      const acc_t product = static_cast<acc_t>(a[m + l]) * static_cast<acc_t>(b[m + l]);
+      const acc_t product = E::widen(dy[m + l]) * E::widen(out[m + l]);
       lanes[l] = lanes[l] + product;
     }
   }
   for (int64_t l = 0; m < M; ++m, ++l) {
-    const acc_t product = static_cast<acc_t>(a[m]) * static_cast<acc_t>(b[m]);
+    const acc_t product = E::widen(dy[m]) * E::widen(out[m]);
     lanes[l] = lanes[l] + product;
   }
   acc_t sum = 0;
   for (int64_t l = 0; l < kDotLanes; ++l) sum = sum + lanes[l];
   return sum;
-}
-
-// out_SM[s] = sum over s's kept choices, in row order, of weight * row_J[row], accumulated in acc_t and rounded
-// once (weight: gate_SK[s][k] where kWeighted, else 1; tokens without a kept choice get zeros). Both the combine
-// and the gather's backward are this sum; kWeighted is a template argument so that each gets its own loop.
-template <typename scalar_t, typename acc_t, bool kWeighted>
-void sum_kept_rows(const int64_t* row_SK, const acc_t* gate_SK, const std::vector<scalar_t*>& row_J, int64_t S,
-                   int64_t K, int64_t M, scalar_t* out_SM) {
-  at::parallel_for(0, S, kGrainTokens, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc_M(M);
-    std::vector<int64_t> rows(K), choices(K);
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t n = kept_in_row_order(row_SK + s * K, K, rows.data(), choices.data());
-      scalar_t* out_row = out_SM + s * M;
-      if (!kWeighted && n == 1) {  // one unweighted row: a copy
-        std::memcpy(out_row, row_J[rows[0]], sizeof(scalar_t) * M);
-        continue;
-      }
-      std::fill(acc_M.begin(), acc_M.end(), acc_t(0));
-      for (int64_t i = 0; i < n; ++i) {
-        const scalar_t* x = row_J[rows[i]];
-        if (kWeighted) {
-          const acc_t g = gate_SK[s * K + choices[i]];
-          for (int64_t m = 0; m < M; ++m) {
-            const acc_t product = g * static_cast<acc_t>(x[m]);
-            acc_M[m] = acc_M[m] + product;
-          }
-        } else {
-          for (int64_t m = 0; m < M; ++m) acc_M[m] = acc_M[m] + static_cast<acc_t>(x[m]);
-        }
-      }
-      for (int64_t m = 0; m < M; ++m) out_row[m] = static_cast<scalar_t>(acc_M[m]);
-    }
-  });
 }
 
 }  // namespace
@@ -184,11 +250,7 @@ std::vector<torch::Tensor> combine_backward(torch::Tensor row_SK, torch::Tensor 
         for (int64_t k = 0; k < K; ++k) {
           const int64_t j = row[s * K + k];
           if (j < 0) continue;
-          const scalar_t* out = out_J[j];
-          scalar_t* grad_row = grad_J[j];
-          const acc_t g = gate[s * K + k];
-          for (int64_t m = 0; m < M; ++m) grad_row[m] = static_cast<scalar_t>(g * static_cast<acc_t>(dy_row[m]));
-          grad_gate[s * K + k] = dot_product<scalar_t, acc_t>(dy_row, out, M);
+          grad_gate[s * K + k] = scale_and_dot<scalar_t, acc_t>(gate[s * K + k], dy_row, out_J[j], grad_J[j], M);
         }
       }
     });
