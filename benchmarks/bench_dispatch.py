@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import sys
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -87,7 +87,7 @@ def table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: List[str] = None) -> Dict:
+def main(argv: Optional[List[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="two tiny shapes, a few rounds")
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per shape (default 41; smoke 3)")
