@@ -16,10 +16,8 @@ Shape legend: S tokens, M model dim, E experts, K choices per token.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -27,16 +25,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_layer import environment, tokens_for  # noqa: E402
 from benchmarks.floors import copy_bandwidth, dispatch_bytes  # noqa: E402
+from benchmarks.layer_impls import DTYPES  # noqa: E402
 from benchmarks.timing import interleaved, median  # noqa: E402
 from ds_tutel.dispatch import grouped_decode, grouped_encode, grouped_plan  # noqa: E402
 from ds_tutel.gating import route_deepspeed  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# (S, M, E): the layer grid's shapes, S tokens at model dim M (bench_layer.py's tokens_for)
-FULL_SHAPES = [(2048, 256, E) for E in (4, 16, 64)] + [(1024, 512, E) for E in (4, 16, 64)] + \
-              [(512, 1024, E) for E in (4, 32)] + [(256, 2048, 8)]
+# (S, M, E): shapes of the layer grid, with its tokens per model dim
+FULL_SHAPES = [(tokens_for(M), M, E) for M, experts in ((256, (4, 16, 64)), (512, (4, 16, 64)), (1024, (4, 32)),
+                                                        (2048, (8,))) for E in experts]
 SMOKE_SHAPES = [(64, 32, 4), (48, 16, 3)]
 
 
@@ -104,10 +103,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     shapes = SMOKE_SHAPES if args.smoke else FULL_SHAPES
     bandwidth = copy_bandwidth(torch.device("cpu"), nbytes=(1 << 20) if args.smoke else (128 << 20))
     rows = [measure(S, M, E, d, reps, bandwidth) for d in dtypes for S, M, E in shapes]
-    doc = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-           "torch": torch.__version__, "threads": 1, "copy_bandwidth_Bps": bandwidth, "reps": reps, "rows": rows}
-    text = (f"Grouped dispatch alone (gather + combine, forward + backward), {doc['date']}, torch {doc['torch']}, "
-            f"1 thread, copy bandwidth {bandwidth / 1e9:.1f} GB/s, medians of {reps} rounds\n\n{table(rows)}\n")
+    env = environment(torch.device("cpu"), threads=1)
+    doc = {"environment": env, "copy_bandwidth_Bps": bandwidth, "reps": reps, "rows": rows}
+    text = (f"Grouped dispatch alone (gather + combine, forward + backward), {env['date']}; {env['processor']} "
+            f"({env['cpu_isa']}), torch {env['torch']}, 1 thread, {env['malloc']}; copy bandwidth "
+            f"{bandwidth / 1e9:.1f} GB/s, medians of {reps} rounds\n\n{table(rows)}\n")
     print(text)
     if args.tag:
         os.makedirs(args.out_dir, exist_ok=True)
