@@ -1,5 +1,15 @@
 """ds_tutel: a Tutel-style Mixture-of-Experts backend for DeepSpeed.
 
+One forward pass of `ds_tutel.MoE` (layer.py), stage by stage:
+    routing/    tokens -> Routing (DeepSpeed's or Tutel's semantics)
+    dispatch/   kept rows grouped by expert, or capacity buffers [E, C, M]
+    parallel/   the all-to-all exchange over the expert-parallel group (flat, 2DH, kept rows)
+    experts.py  the local experts on their rows
+    dispatch/   combine: gate-weighted sum back at each token
+strategies.py names the ways these stages compose; kernels/ is the one registry of faster implementations (CPU
+loops in kernels/cpu/, Triton kernels in the top-level triton_kernels package). launch/ and train/ are the
+applications: the launcher and the GPT-MoE training job.
+
 The public names load lazily, so that `python -m ds_tutel.launch` and the rank start-up do not import torch
 and DeepSpeed before they have bound the process to its CPUs.
 """
@@ -8,14 +18,14 @@ from typing import Any
 
 _EXPORTS = {
     "MoE": "layer",
-    "Routing": "routing",
+    "Routing": "routing.types",
     "RouterOptions": "options",
     "RoutingStats": "stats",
     "StatsCollector": "stats",
     "routing_stats": "stats",
-    "route": "gating",
-    "route_deepspeed": "gating",
-    "route_tutel": "tutel_gating",
+    "route": "routing.gate",
+    "route_deepspeed": "routing.deepspeed",
+    "route_tutel": "routing.tutel",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,14 +8,13 @@ Shape legend: W ranks in the expert-parallel group, L local experts, C capacity,
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .onednn_linear import route_linears_through_onednn
-from .onednn_off import close_failed_regions, run_without_onednn, should_switch_off
-from .row_buckets import buckets_needed, expert_rows, with_pad_rows
+from . import kernels
+from .dispatch.grouped import RowRounding, with_pad_rows
 
 
 def mark_expert_params(module: nn.Module, group_name: str) -> None:
@@ -27,22 +26,18 @@ def mark_expert_params(module: nn.Module, group_name: str) -> None:
 
 class Experts(nn.Module):
 
-    def __init__(self, expert: nn.Module, num_local_experts: int, group_name: str,
-                 cpu_fp32_onednn: bool = False, cpu_fp32_linear: str = "blas") -> None:
+    def __init__(self, expert: nn.Module, num_local_experts: int, group_name: str) -> None:
         super().__init__()
         self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
         self.num_local_experts = num_local_experts
-        self.cpu_fp32_onednn = cpu_fp32_onednn
-        self.cpu_fp32_linear = cpu_fp32_linear
-        if cpu_fp32_linear == "onednn":  # the layer's own copies only: the module passed in stays as it is
-            route_linears_through_onednn(self.deepspeed_experts)
         mark_expert_params(self, group_name)
 
-    def bucket_rows(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """True where each expert's row count should round up to a row bucket (row_buckets.py): wherever the
-        experts' matmuls go through oneDNN, which keeps a primitive per shape."""
-        onednn_fp32 = self.cpu_fp32_linear == "onednn" and device.type == "cpu" and dtype == torch.float32
-        return onednn_fp32 or buckets_needed(device, dtype)
+    @staticmethod
+    def row_rounding(device: torch.device, dtype: torch.dtype) -> Optional[RowRounding]:
+        """How each expert's row count rounds up before it runs, where a matmul of a new shape costs a compile and
+        resident memory (the "cpu" backend's row buckets for CPU half types through oneDNN); None: exact rows."""
+        rounding = kernels.find("expert_row_rounding", device, dtype)
+        return None if rounding is None else rounding(dtype)
 
     def forward(self, buf_WLCM: torch.Tensor) -> torch.Tensor:
         """Runs local expert l on buf_WLCM[:, l] (the slots every rank sent it)."""
@@ -58,13 +53,11 @@ class Experts(nn.Module):
         """Runs expert l on inputs_nM[l], exactly its tokens (no empty capacity slots).
 
         Every expert runs, on zero rows if it got none, so each expert parameter always has a gradient (ZeRO
-        reduces expert gradients in buckets that every rank must fill alike). fp32 experts on the CPU run with
-        oneDNN off unless cpu_fp32_onednn (onednn_off.py: row counts change every step).
+        reduces expert gradients in buckets that every rank must fill alike). A backend may wrap the run
+        ("run_experts": on the CPU, fp32 experts run with oneDNN off, since row counts change every step).
         """
-        close_failed_regions()
-        if should_switch_off(inputs_nM, self.cpu_fp32_onednn):
-            return run_without_onednn(self._run_grouped, inputs_nM)
-        return self._run_grouped(inputs_nM)
+        run = kernels.find("run_experts", inputs_nM[0].device) if len(inputs_nM) else None
+        return run(self._run_grouped, inputs_nM) if run is not None else self._run_grouped(inputs_nM)
 
     def _run_grouped(self, inputs_nM: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         outputs = []
@@ -75,11 +68,11 @@ class Experts(nn.Module):
 
     def forward_filled(self, buf_WLCM: torch.Tensor, filled_WL: Sequence[Sequence[int]]) -> torch.Tensor:
         """Like forward, but each expert runs only on the filled slots: filled_WL[w][l] rows of buf_WLCM[w, l]
-        (filled slots are a prefix of each buffer), plus zero pad rows where row_buckets rounds the count up.
+        (filled slots are a prefix of each buffer), plus zero pad rows where row_rounding rounds the count up.
         Outputs of empty slots are zero and never read."""
         rows_L = [sum(_rows_of(filled_WL, l)) for l in range(buf_WLCM.shape[1])]
-        expert_rows_L = expert_rows(rows_L, buf_WLCM.device, buf_WLCM.dtype,
-                                    self.bucket_rows(buf_WLCM.device, buf_WLCM.dtype))
+        rounding = self.row_rounding(buf_WLCM.device, buf_WLCM.dtype)
+        expert_rows_L = rows_L if rounding is None else list(rounding(rows_L))
         inputs_pM = _PackFilled.apply(buf_WLCM, filled_WL, expert_rows_L)
         return _UnpackFilled.apply(buf_WLCM.shape, filled_WL, *self.forward_grouped(inputs_pM))
 

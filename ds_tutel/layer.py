@@ -16,34 +16,33 @@ import torch.nn.functional as F
 from deepspeed.utils import groups
 from torch import nn
 
-from . import comm
-from .backends import dispatch_functions, resolve_backend, tutel_router
-from .dispatch import grouped_decode, grouped_encode, grouped_plan
-from .config import ConfigSource, moe_kwargs
-from .exchange import exchange_and_compute, exchange_counts
+from . import strategies
 from .experts import Experts
-from .gating import NOISY_GATE_POLICIES, Gate
-from .kept_exchange import exchange_kept_and_compute
-from .onednn_linear import CPU_FP32_LINEARS
-from .routing import Routing
+from .kernels import resolve_dispatch_backend
+from .options import (ConfigSource, RouterOptions, auto_threshold, check_backend, check_capacity_factor,
+                      check_constructor, check_exchange, check_forward_input, check_k, check_parallel_setup,
+                      moe_kwargs)
+from .parallel.alltoall import agree_max
+from .parallel.exchange import exchange_counts
+from .routing.gate import Gate
+from .routing.types import Routing
 from .stats import RoutingStats, routing_stats
-from .options import RouterOptions
-from .validation import (check_backend, check_capacity_factor, check_choice, check_constructor, check_exchange,
-                         check_flag, check_forward_input, check_k, check_parallel_setup)
 
 
 class MOELayer(nn.Module):
-    """gate -> encode -> all-to-all -> experts -> all-to-all -> decode, in DeepSpeed's module layout."""
+    """route -> dispatch -> (exchange ->) experts (-> exchange) -> combine, in DeepSpeed's module layout.
+
+    The stages between routing and the output are one named strategy (strategies.py), chosen per call from the
+    options and the device's dispatch backend.
+    """
 
     def __init__(self, gate: Gate, experts: Experts, ep_group_name: str, ep_size: int, num_local_experts: int,
                  a2a_algorithm: str = "flat", a2a_ffn_overlap_degree: int = 1, dispatch_backend: str = "auto",
                  a2a_auto_threshold: Optional[int] = None, a2a_send: str = "kept") -> None:
         super().__init__()
-        self.a2a_auto_threshold = a2a_auto_threshold
-        self.a2a_send = a2a_send
+        self.exchange = strategies.ExchangeOptions(algorithm=a2a_algorithm, overlap_degree=a2a_ffn_overlap_degree,
+                                                   auto_threshold=a2a_auto_threshold, send=a2a_send)
         self.dispatch_backend = dispatch_backend
-        self.a2a_algorithm = a2a_algorithm
-        self.a2a_ffn_overlap_degree = a2a_ffn_overlap_degree
         self.gate = gate
         self.experts = experts
         self.ep_group = None
@@ -65,19 +64,15 @@ class MOELayer(nn.Module):
     def _agree_capacity(self, device: torch.device):
         if self.ep_size == 1:
             return None
-        return lambda capacity: comm.agree_max(capacity, self.ep_group, device)
+        return lambda capacity: agree_max(capacity, self.ep_group, device)
 
     def _exchange_counts(self, routing: Routing):
         return exchange_counts(routing.kept_per_expert(), routing.capacity, self.ep_group, self.num_local_experts,
-                               algorithm=self.a2a_algorithm, auto_threshold=self.a2a_auto_threshold)
+                               algorithm=self.exchange.algorithm, auto_threshold=self.exchange.auto_threshold)
 
-    def _sends_kept_rows(self, backend: str) -> bool:
-        """True where the exchange moves exactly the kept rows (kept_exchange.py): a flat all-to-all in one
-        piece, with the torch dispatch (the Triton kernels fill capacity buffers). "auto" counts as flat only
-        with a zero threshold: otherwise it picks per message size, and kept rows give every rank another size."""
-        flat = self.a2a_algorithm == "flat" or (self.a2a_algorithm == "auto"
-                                                and comm.auto_threshold(self.a2a_auto_threshold) == 0)
-        return self.a2a_send == "kept" and backend == "torch" and flat and self.a2a_ffn_overlap_degree == 1
+    def strategy(self, device: torch.device) -> str:
+        """The forward strategy for tokens on `device` (strategies.py)."""
+        return strategies.choose(self.ep_size, resolve_dispatch_backend(self.dispatch_backend, device), self.exchange)
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
                 capacity_factor: Optional[float] = None, k: Optional[int] = None) -> torch.Tensor:
@@ -88,11 +83,13 @@ class MOELayer(nn.Module):
         M = hidden_states.shape[-1]
         x_SM = hidden_states.reshape(-1, M)
         used_S = None if used_token is None else used_token.reshape(-1)
-        backend = resolve_backend(self.dispatch_backend, x_SM.device)
+        backend = resolve_dispatch_backend(self.dispatch_backend, x_SM.device)
+        strategy = strategies.choose(self.ep_size, backend, self.exchange)
+        strategies.warn_ineffective(strategy, self.ep_size, backend, self.exchange)
 
         def route(agree):  # the dispatch gathers from the tokens the router passes on (see router_linear.py)
             return self.gate.route_tokens(x_SM, used_S, agree, capacity_factor=capacity_factor, k=k,
-                                          tutel_router=tutel_router(backend))
+                                          tutel_router=strategies.tutel_router(backend))
 
         # With expert parallelism every rank must route with one capacity. Where it follows from the token count
         # alone, each rank routes with its own and the capacities ride along with the kept counts' exchange:
@@ -110,26 +107,8 @@ class MOELayer(nn.Module):
         self.exp_counts = routing.counts_E.detach()
         self.last_routing = routing.detached()
 
-        if self.ep_size == 1 and backend == "torch":
-            # No exchange: each expert runs on exactly its kept tokens.
-            plan = grouped_plan(routing, bucket_rows=self.experts.bucket_rows(x_SM.device, x_SM.dtype))
-            outs_nM = self.experts.forward_grouped(grouped_encode(tokens_SM, plan))
-            y_SM = grouped_decode(outs_nM, plan)
-        elif self._sends_kept_rows(backend):
-            y_SM = exchange_kept_and_compute(tokens_SM, grouped_plan(routing), filled_WL, self.experts.forward_grouped,
-                                             self.ep_group, self.experts.bucket_rows(x_SM.device, x_SM.dtype))
-        else:
-            encode, decode = dispatch_functions(backend)
-            buf_ECM = encode(tokens_SM, routing)
-            if self.ep_size == 1:  # a None group would mean the whole world to torch.distributed
-                out_ECM = self.experts(buf_ECM.unsqueeze(0)).squeeze(0)
-            else:
-                # The exchanged kept counts let the experts skip empty slots.
-                out_ECM = exchange_and_compute(buf_ECM, self.experts.forward_filled, self.ep_group,
-                                               self.num_local_experts, algorithm=self.a2a_algorithm,
-                                               overlap_degree=self.a2a_ffn_overlap_degree,
-                                               auto_threshold=self.a2a_auto_threshold, filled_WL=filled_WL)
-            y_SM = decode(out_ECM, routing)
+        y_SM = strategies.run(strategy, tokens_SM, routing, self.experts, backend=backend, group=self.ep_group,
+                              num_local_experts=self.num_local_experts, exchange=self.exchange, filled_WL=filled_WL)
         return y_SM.reshape(hidden_states.shape)
 
 
@@ -148,15 +127,9 @@ class MoE(ds_layer.MoE):
         $DS_TUTEL_A2A_AUTO_THRESHOLD, else 0 = always flat; measure it with benchmarks/bench_alltoall.py).
       a2a_send: "kept" (default): with a flat all-to-all in one piece (auto at threshold 0 is flat) and the
         torch dispatch, send each expert exactly its kept rows (all-to-alls sized by the routing); "capacity":
-        always send whole capacity buffers [E, C, M], as DeepSpeed does (fixed message sizes).
+        always send whole capacity buffers [E, C, M], as DeepSpeed does (fixed message sizes). Where "kept"
+        cannot apply, the layer warns once and sends capacity buffers.
       dispatch_backend: "auto" (Triton kernels for tensors on a GPU, torch on the CPU) | "triton" | "torch".
-      cpu_fp32_onednn: False (default): fp32 experts on the CPU run with torch's oneDNN switched off, so the
-        row counts that change every step compile no oneDNN primitives (resident memory stays flat; see
-        ds_tutel/onednn_off.py); True: leave oneDNN as the process has it.
-      cpu_fp32_linear: "blas" (default): the experts' fp32 nn.Linear matmuls on the CPU run where torch runs
-        them (its BLAS); "onednn": they run by oneDNN, forward and backward, with row counts rounded to row
-        buckets. Faster where the BLAS does not use the CPU's widest vectors (1.6-2.3x per Linear on an AMD
-        EPYC with AVX-512), at a few MB of resident oneDNN primitives per row bucket (ds_tutel/onednn_linear.py).
     """
 
     def __init__(self,
@@ -190,22 +163,17 @@ class MoE(ds_layer.MoE):
                  a2a_ffn_overlap_degree: int = 1,
                  a2a_auto_threshold: Optional[int] = None,
                  a2a_send: str = "kept",
-                 dispatch_backend: str = "auto",
-                 cpu_fp32_onednn: bool = False,
-                 cpu_fp32_linear: str = "blas") -> None:
+                 dispatch_backend: str = "auto") -> None:
         options = RouterOptions(capacity_mode=capacity_mode, batch_prioritized_routing=batch_prioritized_routing,
                                 normalize_gate=normalize_gate, gate_noise=gate_noise, input_dropout=input_dropout,
                                 input_jitter=input_jitter, aux_loss=aux_loss, z_loss_coef=z_loss_coef,
                                 expert_bias=expert_bias, expert_bias_rate=expert_bias_rate)
         check_constructor(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=k,
                           capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                          min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy,
-                          allowed_policies=NOISY_GATE_POLICIES, capacity_mode=capacity_mode)
+                          min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy, capacity_mode=capacity_mode)
         check_exchange(a2a_algorithm, a2a_ffn_overlap_degree, a2a_send)
-        comm.auto_threshold(a2a_auto_threshold)
+        auto_threshold(a2a_auto_threshold)
         check_backend(dispatch_backend)
-        check_flag("cpu_fp32_onednn", cpu_fp32_onednn)
-        check_choice("cpu_fp32_linear", cpu_fp32_linear, CPU_FP32_LINEARS)
         # DeepSpeed's own __init__ would build its layer only for us to replace it: initialise nn.Module directly.
         nn.Module.__init__(self)
         self.hidden_size = hidden_size
@@ -219,8 +187,7 @@ class MoE(ds_layer.MoE):
 
         gate = Gate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                     noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling, options)
-        experts = Experts(expert, self.num_local_experts, self.expert_group_name, cpu_fp32_onednn=cpu_fp32_onednn,
-                          cpu_fp32_linear=cpu_fp32_linear)
+        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
                                       a2a_algorithm=a2a_algorithm, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
                                       dispatch_backend=dispatch_backend, a2a_auto_threshold=a2a_auto_threshold,

@@ -1,16 +1,45 @@
-"""Tutel's routing features as one validated, keyword-only options object (defaults keep DeepSpeed's behaviour)."""
+"""Every option of the layer in one place: allowed values, defaults, checks, the "ds_tutel" section of a DeepSpeed
+JSON config and the environment overrides.
+
+Options reach the layer from three places, always through this module: `ds_tutel.MoE`'s keyword arguments, the
+JSON section (`MoE.from_config`, explicit arguments win) and two environment variables that hold per-cluster or
+per-machine settings (DS_TUTEL_A2A_AUTO_THRESHOLD, DS_TUTEL_CPU_KERNELS). Every check runs before any collective,
+so that bad input fails loudly instead of hanging a job.
+"""
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import os
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
 
 CAPACITY_MODES = ("deepspeed", "tutel")
 AUX_LOSSES = ("gshard", "switch", "none")
 A2A_ALGORITHMS = ("flat", "2dh", "auto")
 A2A_SENDS = ("kept", "capacity")
 DISPATCH_BACKENDS = ("auto", "triton", "torch")
+NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 
+SECTION = "ds_tutel"
+ConfigSource = Union[str, os.PathLike, Mapping[str, Any]]
+
+AUTO_THRESHOLD_ENV = "DS_TUTEL_A2A_AUTO_THRESHOLD"
+# Largest message (bytes per rank) for which a2a_algorithm="auto" picks 2DH. Zero: auto is flat unless
+# configured, because on the machines measured so far (docs/ALLTOALL.md) 2DH never beat flat; set the value that
+# benchmarks/bench_alltoall.py reports for your cluster.
+DEFAULT_AUTO_THRESHOLD_BYTES = 0
+CPU_KERNELS_ENV = "DS_TUTEL_CPU_KERNELS"
+CPU_KERNELS_MODES = ("auto", "0", "1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing options
 
 @dataclass(kw_only=True)
 class RouterOptions:
@@ -64,3 +93,155 @@ class RouterOptions:
     def pick(cls, kwargs: Dict[str, Any]) -> "RouterOptions":
         """Builds options from the matching keys of kwargs (others are left alone)."""
         return cls(**{k: kwargs[k] for k in cls.field_names() if k in kwargs})
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks of the constructor's and forward's arguments
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_constructor(*, hidden_size: Any, expert: Any, num_experts: Any, ep_size: Any, k: Any,
+                      capacity_factor: Any, eval_capacity_factor: Any, min_capacity: Any,
+                      noisy_gate_policy: Any, allowed_policies: Sequence[Optional[str]] = NOISY_GATE_POLICIES,
+                      capacity_mode: str = "deepspeed") -> None:
+    """Validates the constructor arguments shared with DeepSpeed's MoE."""
+    _positive_int("hidden_size", hidden_size)
+    _positive_int("num_experts", num_experts)
+    _positive_int("ep_size", ep_size)
+    if not isinstance(expert, nn.Module):
+        raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
+    if num_experts % ep_size != 0:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size})")
+    check_k(k, num_experts)
+    for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        check_capacity_factor(name, value, capacity_mode)
+    if isinstance(min_capacity, bool) or not isinstance(min_capacity, int) or min_capacity < 0:
+        raise ValueError(f"min_capacity must be an int >= 0, got {min_capacity!r}")
+    if noisy_gate_policy not in allowed_policies:
+        raise ValueError(f"noisy_gate_policy must be one of {list(allowed_policies)}, got {noisy_gate_policy!r}")
+
+
+def check_capacity_factor(name: str, value: Any, capacity_mode: str) -> None:
+    """Any number in Tutel's capacity mode (negative = bounded, 0 = dropless); >= 0 in DeepSpeed's."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if capacity_mode == "deepspeed" and value < 0:
+        raise ValueError(f"{name} must be >= 0 with capacity_mode='deepspeed' (negative values are Tutel's "
+                         f"bounded capacity: pass capacity_mode='tutel'), got {value!r}")
+
+
+def check_k(k: Any, num_experts: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
+
+
+def check_algorithm(algorithm: Any) -> str:
+    if not isinstance(algorithm, str) or algorithm not in A2A_ALGORITHMS:
+        raise ValueError(f"a2a algorithm must be one of {A2A_ALGORITHMS}, got {algorithm!r}")
+    return algorithm
+
+
+def check_exchange(a2a_algorithm: Any, overlap_degree: Any, a2a_send: Any = "kept") -> None:
+    if a2a_send not in A2A_SENDS:
+        raise ValueError(f"a2a_send must be one of {A2A_SENDS}, got {a2a_send!r}")
+    check_algorithm(a2a_algorithm)
+    if isinstance(overlap_degree, bool) or not isinstance(overlap_degree, int) or overlap_degree < 1:
+        raise ValueError(f"a2a_ffn_overlap_degree must be an int >= 1, got {overlap_degree!r}")
+
+
+def check_backend(dispatch_backend: Any) -> None:
+    if dispatch_backend not in DISPATCH_BACKENDS:
+        raise ValueError(f"dispatch_backend must be one of {DISPATCH_BACKENDS}, got {dispatch_backend!r}")
+
+
+def check_parallel_setup(ep_size: int, mpu: Any, expert_tensor_parallel: bool) -> None:
+    """ep_size must divide the world; tensor-parallel models are not supported yet."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed is not initialised: call deepspeed.init_distributed() first")
+    world_size = dist.get_world_size()
+    if world_size % ep_size != 0:
+        raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world_size})")
+    if mpu is not None and mpu.get_tensor_model_parallel_world_size() > 1:
+        raise NotImplementedError("ds_tutel.MoE does not support tensor-parallel models (mpu with tensor-parallel "
+                                  "size > 1) yet; use deepspeed.moe.layer.MoE for them")
+
+
+def check_forward_input(hidden_states: Any, hidden_size: int, used_token: Optional[Any]) -> None:
+    """hidden_states must be a floating tensor [..., hidden_size]; used_token one value per token."""
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+    if hidden_states.dim() < 1 or hidden_states.shape[-1] != hidden_size:
+        raise ValueError(f"hidden_states must have last dimension hidden_size={hidden_size}, "
+                         f"got shape {tuple(hidden_states.shape)}")
+    if used_token is not None:
+        num_tokens = hidden_states.numel() // hidden_size
+        if not isinstance(used_token, torch.Tensor) or used_token.numel() != num_tokens:
+            raise ValueError(f"used_token must be a tensor with one value per token ({num_tokens})")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The JSON config section
+
+def load_section(config: ConfigSource) -> Dict[str, Any]:
+    """The "ds_tutel" section of a DeepSpeed config given as a dict or a JSON file path ({} if absent)."""
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            config = json.load(f)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
+    section = config.get(SECTION, {})
+    if not isinstance(section, Mapping):
+        raise ValueError(f'the "{SECTION}" section must be a JSON object')
+    return dict(section)
+
+
+def moe_kwargs(config: ConfigSource, accepted: inspect.Signature, **overrides: Any) -> Dict[str, Any]:
+    """Keyword arguments for ds_tutel.MoE from the config section, overridden by explicit ones.
+
+    Unknown keys are an error (a typo must not silently leave a feature off).
+    """
+    section = load_section(config)
+    valid = set(accepted.parameters) - {"self", "hidden_size", "expert"}
+    unknown = sorted(set(section) - valid)
+    if unknown:
+        raise ValueError(f'unknown keys in the "{SECTION}" config section: {unknown}; valid keys: {sorted(valid)}')
+    return {**section, **overrides}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environment overrides
+
+def parse_bytes(text: str) -> int:
+    """'65536', '64K', '4M', '1G' (powers of 1024) -> bytes."""
+    raw = text.strip().upper().rstrip("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:], 1)
+    digits = raw[:-1] if scale != 1 else raw
+    try:
+        value = int(float(digits) * scale)
+    except ValueError:
+        raise ValueError(f"not a byte count: {text!r} (examples: 65536, 64K, 4M)") from None
+    if value < 0:
+        raise ValueError(f"byte count must be >= 0, got {text!r}")
+    return value
+
+
+def auto_threshold(threshold: Optional[int] = None) -> int:
+    """The auto threshold in bytes: the argument, else $DS_TUTEL_A2A_AUTO_THRESHOLD, else the default."""
+    if threshold is None:
+        raw = os.environ.get(AUTO_THRESHOLD_ENV)
+        return DEFAULT_AUTO_THRESHOLD_BYTES if raw is None or raw.strip() == "" else parse_bytes(raw)
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ValueError(f"auto threshold must be an int >= 0 (bytes), got {threshold!r}")
+    return threshold
+
+
+def cpu_kernels_mode() -> str:
+    """$DS_TUTEL_CPU_KERNELS, checked: "auto" (default: build the compiled CPU loops, fall back with a warning),
+    "0" (never: the torch path), "1" (required: a failed build raises)."""
+    value = os.environ.get(CPU_KERNELS_ENV, "auto").strip().lower() or "auto"
+    if value not in CPU_KERNELS_MODES:
+        raise ValueError(f"{CPU_KERNELS_ENV} must be one of {CPU_KERNELS_MODES}, got {value!r}")
+    return value

@@ -19,7 +19,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from ds_tutel.shm import remove_deepspeed_shm_buffers
+from .launch.shm import remove_deepspeed_shm_buffers
 
 
 class RankFailure(RuntimeError):
@@ -130,3 +130,11 @@ def run_local_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 
     if failure is not None:
         raise RankFailure(failure)
     return [done[r] for r in range(world_size)]
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, local_size: Optional[int] = None,
+              env: Optional[Dict[str, str]] = None) -> List[Any]:
+    """run_local_ranks with one torch thread per rank and a test-sized timeout, so that a hang fails fast: the
+    tests' and small jobs' way to run fn(rank, world_size, *args) on spawned gloo ranks."""
+    return run_local_ranks(fn, world_size, *args, timeout=timeout, local_size=local_size, env=env,
+                           threads_per_rank=1)

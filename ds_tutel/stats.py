@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .routing import Routing
+from .routing.types import Routing
 
 
 @dataclass
@@ -52,8 +52,9 @@ class StatsCollector:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from .layer import MoE
-        self.layers = [(name or "moe", module) for name, module in model.named_modules() if isinstance(module, MoE)]
+        # ds_tutel layers are the modules whose inner layer keeps its last routing (no import of the layer here).
+        self.layers = [(name or "moe", module) for name, module in model.named_modules()
+                       if hasattr(getattr(module, "deepspeed_moe", None), "last_routing")]
         self.rows: List[Dict[str, Any]] = []
 
     def collect(self, step: int, keep: bool = True) -> List[Dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 Run it through a recipe (run_deepspeed.sh, run_mpirun.sh) or `python -m ds_tutel.launch -- launch/moe_step.py`.
 Each rank prints one line `DS_TUTEL_STEP {json}` (and writes rank<r>.json under --report-dir): its rank, world
-size, the CPUs it runs on, its torch thread count, the binding ds_tutel.binding applied, the loss and the
+size, the CPUs it runs on, its torch thread count, the binding ds_tutel.launch.binding applied, the loss and the
 per-expert token counts.
 """
 import argparse
@@ -16,7 +16,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import nn
 
 from ds_tutel import MoE
-from ds_tutel.machine import format_cpulist
+from ds_tutel.launch.machine import format_cpulist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -20,6 +20,6 @@ echo "training the default MoE language model on $RANKS rank(s); outputs in $OUT
 status=0
 deepspeed --num_gpus "$RANKS" --master_port "$PORT" --module ds_tutel.train \
     --config deepspeed_config.json --out "$OUT" "$@" || status=$?
-# DeepSpeed's CPU communication leaves one shared-memory buffer per rank behind (see ds_tutel/shm.py).
-python -c "from ds_tutel.shm import remove_deepspeed_shm_buffers as rm; rm('127.0.0.1', $PORT)" || true
+# DeepSpeed's CPU communication leaves one shared-memory buffer per rank behind (see ds_tutel/launch/shm.py).
+python -c "from ds_tutel.launch.shm import remove_deepspeed_shm_buffers as rm; rm('127.0.0.1', $PORT)" || true
 exit $status

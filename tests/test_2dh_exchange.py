@@ -9,7 +9,7 @@ Shape legend: W group ranks, L local experts (E = W * L), C capacity, M model di
 import pytest
 import torch
 
-from multirank import run_ranks
+from ds_tutel.ranks import run_ranks
 
 pytestmark = pytest.mark.multirank
 
@@ -47,7 +47,7 @@ def _expected(group_ranks, my_index: int, L: int, C: int):
 
 def _run_exchange(group, group_ranks, L, C, algorithm, degree, **kwargs):
     import torch.distributed as dist
-    from ds_tutel.exchange import exchange_and_compute
+    from ds_tutel.parallel.exchange import exchange_and_compute
 
     me = dist.get_rank()
     W = len(group_ranks)
@@ -82,8 +82,9 @@ class _Recorder:
 
 def _check_2x2(rank, world_size):
     import torch.distributed as dist
-    from ds_tutel import comm, topology
-    from ds_tutel.exchange import exchange_and_compute
+    from ds_tutel.parallel import alltoall as comm
+    from ds_tutel.parallel import topology
+    from ds_tutel.parallel.exchange import exchange_and_compute
 
     assert topology.from_env().num_nodes == 2
     # Every rank creates every group, in the same order (torch.distributed requires it).
@@ -196,7 +197,7 @@ def test_2dh_equals_flat_and_analytic_on_2_nodes_x_2():
 
 def _check_2x4(rank, world_size):
     import torch.distributed as dist
-    from ds_tutel import comm
+    from ds_tutel.parallel import alltoall as comm
 
     world = dist.new_group(list(range(8)))
     halves = [dist.new_group([0, 2, 4, 6]), dist.new_group([1, 3, 5, 7])]  # 2 nodes x 2 of each group

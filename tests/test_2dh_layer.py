@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import EXPERT_PREFIX as PREFIX, local_expert_state
-from multirank import run_ranks
+from ds_tutel.ranks import run_ranks
 
 pytestmark = pytest.mark.multirank
 

@@ -1,4 +1,4 @@
-"""Backend selection (ds_tutel.backends): auto/triton/torch resolution, the functions each backend hands out, and
+"""Backend selection (ds_tutel.kernels, ds_tutel.strategies): auto/triton/torch resolution, the functions each backend hands out, and
 that the library imports and falls back to torch without triton.
 
 These tests never import triton in this process (the kernel tests need to import it first, under the interpreter):
@@ -14,9 +14,11 @@ import sys
 import pytest
 import torch
 
-from ds_tutel import backends
-from ds_tutel import dispatch as torch_dispatch
-from ds_tutel.tutel_gating import route_tutel
+from ds_tutel import kernels
+from ds_tutel import strategies as backends
+from triton_kernels import interpreting
+from ds_tutel.dispatch import capacity as torch_dispatch
+from ds_tutel.routing.tutel import route_tutel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -25,53 +27,54 @@ GPU = torch.device("cuda", 0)  # a device object only: no GPU is needed to resol
 
 @pytest.fixture
 def triton_present(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backends, "_triton_importable", lambda: True)
+    monkeypatch.setattr(kernels, "_triton_runs_on",
+                        lambda: lambda device: torch.device(device).type == "cuda" or interpreting())
 
 
 @pytest.fixture
 def triton_absent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backends, "_triton_importable", lambda: False)
+    monkeypatch.setattr(kernels, "_triton_runs_on", lambda: None)
 
 
 def test_torch_is_always_torch(triton_present):
-    assert backends.resolve_backend("torch", CPU) == "torch"
-    assert backends.resolve_backend("torch", GPU) == "torch"
+    assert kernels.resolve_dispatch_backend("torch", CPU) == "torch"
+    assert kernels.resolve_dispatch_backend("torch", GPU) == "torch"
 
 
 def test_auto_takes_triton_on_gpus_only(triton_present, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert backends.resolve_backend("auto", GPU) == "triton"
-    assert backends.resolve_backend("auto", "cuda") == "triton"
-    assert backends.resolve_backend("auto", CPU) == "torch"
+    assert kernels.resolve_dispatch_backend("auto", GPU) == "triton"
+    assert kernels.resolve_dispatch_backend("auto", "cuda") == "triton"
+    assert kernels.resolve_dispatch_backend("auto", CPU) == "torch"
     # The interpreter is for tests that ask for triton explicitly; auto on the CPU stays torch.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backends.resolve_backend("auto", CPU) == "torch"
+    assert kernels.resolve_dispatch_backend("auto", CPU) == "torch"
 
 
 def test_auto_falls_back_to_torch_without_triton(triton_absent):
-    assert backends.resolve_backend("auto", GPU) == "torch"
+    assert kernels.resolve_dispatch_backend("auto", GPU) == "torch"
 
 
 def test_triton_on_cpu_needs_the_interpreter(triton_present, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        backends.resolve_backend("triton", CPU)
+        kernels.resolve_dispatch_backend("triton", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="runs on GPU tensors"):
-        backends.resolve_backend("triton", CPU)
+        kernels.resolve_dispatch_backend("triton", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backends.resolve_backend("triton", CPU) == "triton"
-    assert backends.resolve_backend("triton", GPU) == "triton"
+    assert kernels.resolve_dispatch_backend("triton", CPU) == "triton"
+    assert kernels.resolve_dispatch_backend("triton", GPU) == "triton"
 
 
 def test_triton_without_the_package_is_a_clear_error(triton_absent):
     with pytest.raises(RuntimeError, match="needs the triton package"):
-        backends.resolve_backend("triton", GPU)
+        kernels.resolve_dispatch_backend("triton", GPU)
 
 
 def test_unknown_backend_names_are_rejected():
     with pytest.raises(ValueError, match="auto"):
-        backends.resolve_backend("cuda", CPU)
+        kernels.resolve_dispatch_backend("cuda", CPU)
     for resolved_only in (backends.dispatch_functions, backends.tutel_router):
         with pytest.raises(ValueError, match="resolved backend"):
             resolved_only("auto")
@@ -105,10 +108,10 @@ def test_library_imports_and_selects_torch_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from ds_tutel import backends, dispatch\n"
-        "assert backends.resolve_backend('auto', torch.device('cuda')) == 'torch'\n"
+        "from ds_tutel import kernels, layer\n"
+        "assert kernels.resolve_dispatch_backend('auto', torch.device('cuda')) == 'torch'\n"
         "try:\n"
-        "    backends.resolve_backend('triton', torch.device('cuda'))\n"
+        "    kernels.resolve_dispatch_backend('triton', torch.device('cuda'))\n"
         "except RuntimeError as e:\n"
         "    assert 'needs the triton package' in str(e)\n"
         "else:\n"
@@ -122,7 +125,7 @@ def test_library_imports_and_selects_torch_without_triton():
 
 def test_triton_probe_agrees_with_the_installation():
     code = ("import importlib.util, torch\n"
-            "from ds_tutel import backends\n"
-            "print(backends._triton_importable() == (importlib.util.find_spec('triton') is not None))\n")
+            "from ds_tutel import kernels\n"
+            "print((kernels._triton_runs_on() is not None) == (importlib.util.find_spec('triton') is not None))\n")
     result = _run(code, {})
     assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr

@@ -8,9 +8,9 @@ import tempfile
 
 import pytest
 
-from ds_tutel import binding as B
-from ds_tutel import fabric
-from ds_tutel.machine import Machine, TopologyError, format_cpulist, local_machine, ndv4, read_machine
+from ds_tutel.launch import binding as B
+from ds_tutel.launch import fabric
+from ds_tutel.launch.machine import Machine, TopologyError, format_cpulist, local_machine, ndv4, read_machine
 from fixtures.fake_sysfs import make_ndv4, make_two_socket_cpu_box
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def _run_entry(tmp_path, env_extra, *args):
     script.write_text(REPORT)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_RANK", "LOCAL_SIZE")}
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=REPO, **env_extra)
-    return subprocess.run([sys.executable, "-m", "ds_tutel.binding", *args, str(script), "--flag", "x"],
+    return subprocess.run([sys.executable, "-m", "ds_tutel.launch.binding", *args, str(script), "--flag", "x"],
                           env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
 
 
@@ -173,7 +173,7 @@ def test_rank_entry_bad_input_exits_before_the_script(tmp_path):
 
 
 def test_bind_cpus_takes_the_overlap_with_an_outer_binding():
-    code = ("import os; from ds_tutel.binding import bind_cpus; cpu = min(os.sched_getaffinity(0)); "
+    code = ("import os; from ds_tutel.launch.binding import bind_cpus; cpu = min(os.sched_getaffinity(0)); "
             "print(bind_cpus([cpu, 100000]), sorted(os.sched_getaffinity(0)) == [cpu], bind_cpus([100001]))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO},
                          capture_output=True, text=True, timeout=120)

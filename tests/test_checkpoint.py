@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from multirank import run_ranks
+from ds_tutel.ranks import run_ranks
 from test_train import CONFIG, REPO, TINY, read_records, train_on_ranks
 
 
@@ -47,13 +47,13 @@ def _eval(world_size, ckpt_dir, out_dir):
 
 
 def _reshard_cli(*args):
-    return subprocess.run([sys.executable, "-m", "ds_tutel.checkpoint", "reshard", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "ds_tutel.train.checkpoint", "reshard", *args], cwd=REPO,
                           env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300)
 
 
 def _full_states(ckpt_dir):
-    from ds_tutel.checkpoint import read_latest, verify
-    from ds_tutel.reshard import read_full_states
+    from ds_tutel.train.checkpoint import read_latest, verify
+    from ds_tutel.train.reshard import read_full_states
     tag = read_latest(ckpt_dir)
     return read_full_states(os.path.join(ckpt_dir, tag), verify(ckpt_dir, tag))
 
@@ -78,7 +78,7 @@ def test_reshard_2_to_1_and_1_to_2_keeps_validation_loss_and_optimizer_state(sou
     assert val_one["val_loss"] == pytest.approx(val_two, rel=1e-4)  # bf16 matmuls batched differently
     _assert_same_states(_full_states(source["ckpt"]), _full_states(one))
 
-    from ds_tutel.reshard import reshard
+    from ds_tutel.train.reshard import reshard
     reshard(one, two, world_size=2, ep_size=2)
     val_back = _eval(2, two, str(tmp_path / "e3"))
     assert (val_back["world_size"], val_back["ep_size"]) == (2, 2)
@@ -147,7 +147,7 @@ def test_corrupt_partial_and_mismatched_checkpoints_are_refused(source, resharde
     assert "different model (d_model: checkpoint 32 vs run 64)" in mismatched
     wrong_size = _error_line(_train_cli("--out", str(tmp_path / "o2"), "--checkpoint-dir", source["ckpt"],
                                         "--resume"))
-    assert "world size 2 and ep_size 2" in wrong_size and "ds_tutel.checkpoint reshard" in wrong_size
+    assert "world size 2 and ep_size 2" in wrong_size and "ds_tutel.train.checkpoint reshard" in wrong_size
 
     expert_file = os.path.join(tag_dir, "layer_0_expert_1_mp_rank_00_model_states.pt")
     with open(expert_file, "r+b") as f:
@@ -174,10 +174,10 @@ def test_corrupt_partial_and_mismatched_checkpoints_are_refused(source, resharde
 
 
 def _interrupted_save(rank, world_size, ckpt_dir):
-    from ds_tutel import checkpoint
-    from ds_tutel.engine import build_engine, deepspeed_dict, load_config
-    from ds_tutel.model import GPTMoE
-    from ds_tutel.presets import get_preset
+    from ds_tutel.train import checkpoint
+    from ds_tutel.train.engine import build_engine, deepspeed_dict, load_config
+    from ds_tutel.train.model import GPTMoE
+    from ds_tutel.train.presets import get_preset
     cfg = get_preset("tiny", {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32}).resolved(world_size)
     engine = build_engine(GPTMoE(cfg), deepspeed_dict(load_config(CONFIG), "fp32", 10))
     checkpoint.save(engine, ckpt_dir, "global_step1", {"step": 1})
@@ -201,7 +201,7 @@ def _interrupted_save(rank, world_size, ckpt_dir):
 
 
 def test_interrupted_save_never_moves_latest_and_is_cleaned_up_by_the_next_save(tmp_path):
-    from ds_tutel.checkpoint import verify
+    from ds_tutel.train.checkpoint import verify
     ckpt = str(tmp_path / "ckpt")
     (latest, names), (latest_after, names_after) = run_ranks(_interrupted_save, 1, ckpt, timeout=180)[0]
     assert latest == "global_step1"

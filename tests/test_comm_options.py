@@ -3,27 +3,28 @@ rank-independent order of second hops (no processes spawned)."""
 import pytest
 import torch
 
-from ds_tutel import comm
+from ds_tutel import options
+from ds_tutel.parallel import alltoall as comm
 
 
 def test_algorithm_and_threshold_checks(monkeypatch):
-    for good in comm.ALGORITHMS:
-        assert comm.check_algorithm(good) == good
+    for good in options.A2A_ALGORITHMS:
+        assert options.check_algorithm(good) == good
     for bad in ("2DH", "ring", None, 1):
         with pytest.raises(ValueError, match="must be one of"):
-            comm.check_algorithm(bad)
-    assert [comm.parse_bytes(t) for t in ("65536", "64K", "4MB", "1g", "0")] == [65536, 65536, 4 << 20, 1 << 30, 0]
+            options.check_algorithm(bad)
+    assert [options.parse_bytes(t) for t in ("65536", "64K", "4MB", "1g", "0")] == [65536, 65536, 4 << 20, 1 << 30, 0]
     for bad in ("lots", "-1", ""):
         with pytest.raises(ValueError):
-            comm.parse_bytes(bad)
-    monkeypatch.delenv(comm.AUTO_THRESHOLD_ENV, raising=False)
-    assert comm.auto_threshold() == comm.DEFAULT_AUTO_THRESHOLD_BYTES
-    monkeypatch.setenv(comm.AUTO_THRESHOLD_ENV, "256K")
-    assert comm.auto_threshold() == 256 << 10
-    assert comm.auto_threshold(100) == 100  # the argument wins over the environment
+            options.parse_bytes(bad)
+    monkeypatch.delenv(options.AUTO_THRESHOLD_ENV, raising=False)
+    assert options.auto_threshold() == options.DEFAULT_AUTO_THRESHOLD_BYTES
+    monkeypatch.setenv(options.AUTO_THRESHOLD_ENV, "256K")
+    assert options.auto_threshold() == 256 << 10
+    assert options.auto_threshold(100) == 100  # the argument wins over the environment
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError):
-            comm.auto_threshold(bad)
+            options.auto_threshold(bad)
 
 
 def test_auto_chooses_by_size_and_only_with_a_hierarchy():

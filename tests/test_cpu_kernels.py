@@ -10,10 +10,13 @@ import pytest
 import torch
 
 import ds_tutel
-from ds_tutel import choices, cpu_kernels, grouped_kernels
-from ds_tutel.dispatch import grouped_plan
-from ds_tutel.gating import route_deepspeed
-from ds_tutel.slots import rank_by_score_within_groups, rank_within_groups, top2_slots
+from ds_tutel.dispatch.grouped import grouped_plan
+from ds_tutel.kernels.cpu import build as cpu_kernels
+from ds_tutel.kernels.cpu import grouped as grouped_kernels
+from ds_tutel.kernels.cpu.row_buckets import round_rows
+from ds_tutel.routing import choices
+from ds_tutel.routing.deepspeed import route_deepspeed
+from ds_tutel.routing.slots import rank_by_score_within_groups, rank_within_groups, top2_slots
 from helpers import expert_ffn, run_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,6 +31,32 @@ def test_the_loops_build_on_this_machine():
             "padded_tokens"} <= set(dir(module))
 
 
+CPU = torch.device("cpu")
+OPERATIONS = ("expert_row_rounding", "grouped_plan", "own_column_picks", "rank_by_score_within_groups",
+              "rank_within_groups", "router_softmax", "run_experts", "top1", "top2", "top2_slots")
+
+
+def test_the_provider_registers_its_operations_and_they_apply_to_cpu_tensors():
+    """What the tests below compare against the torch path is what the core finds in the registry."""
+    from ds_tutel import kernels
+    from ds_tutel.kernels.cpu import routing as cpu_routing
+    assert kernels.provider_loaded("cpu") and kernels.registered("cpu") == OPERATIONS
+    score_SE, group_J = torch.rand(8, 4), torch.randint(0, 3, (10,))
+    routing = route_deepspeed(torch.randn(16, 4), k=2, capacity_factor=1.0, min_capacity=0)[0]
+    assert kernels.find("top1", CPU, score_SE) is cpu_routing.top1
+    assert kernels.find("top2", CPU, score_SE, score_SE) is cpu_routing.top2
+    assert kernels.find("rank_within_groups", CPU, group_J, 3) is cpu_routing.rank_within_groups
+    assert kernels.find("top2_slots", CPU, group_J.view(5, 2), None, 3) is cpu_routing.top2_slots
+    assert kernels.find("grouped_plan", CPU, routing) is grouped_kernels.compiled_plan
+    assert kernels.find("run_experts", CPU) is not None
+    # not for what the torch path does as fast, nor for tensors elsewhere
+    assert kernels.find("top1", CPU, score_SE.double()) is None
+    assert kernels.find("rank_within_groups", CPU, group_J.int(), 3) is None
+    assert kernels.find("top1", torch.device("meta"), score_SE) is None
+    assert kernels.find("router_softmax", CPU, torch.rand(8, 64)) is None
+    assert kernels.find("router_softmax", CPU, torch.rand(8, 2)) is cpu_routing.column_softmax
+
+
 def test_an_unknown_setting_is_rejected(monkeypatch):
     monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", "yes")
     with pytest.raises(ValueError, match="DS_TUTEL_CPU_KERNELS"):
@@ -38,14 +67,32 @@ def test_switched_off_the_plan_uses_the_torch_path_and_requiring_the_loops_raise
     monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", "0")
     routing = route_deepspeed(torch.randn(16, 4), k=2, capacity_factor=1.0, min_capacity=0)[0]
     assert cpu_kernels.load() is None
-    assert grouped_plan(routing).kernels is None
+    assert grouped_plan(routing).compiled is None
+    from ds_tutel import kernels
+    assert kernels.find("top1", CPU, torch.rand(8, 4)) is None  # the compiled routing passes step aside too
     with pytest.raises(RuntimeError, match="use_kernels=True"):
         grouped_plan(routing, use_kernels=True)
 
 
+def test_a_compiled_plan_runs_its_loops_even_where_the_setting_changes_after_it(monkeypatch):
+    from ds_tutel.dispatch.grouped import grouped_decode, grouped_encode
+    routing = route_deepspeed(torch.randn(16, 4), k=2, capacity_factor=1.0, min_capacity=0)[0]
+    plan = grouped_plan(routing, use_kernels=True)
+    x_SM = torch.randn(16, 8, requires_grad=True)
+    monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", "0")
+    y_SM = grouped_decode([2 * x_nM for x_nM in grouped_encode(x_SM, plan)], plan)
+    y_SM.sum().backward()
+    torch_plan = grouped_plan(routing)
+    assert torch_plan.compiled is None
+    x = x_SM.detach().requires_grad_(True)
+    y = grouped_decode([2 * x_nM for x_nM in grouped_encode(x, torch_plan)], torch_plan)
+    y.sum().backward()
+    assert torch.equal(y_SM, y) and torch.equal(x_SM.grad, x.grad)
+
+
 def test_a_built_module_loads_without_torchs_extension_builder():
     """Importing torch.utils.cpp_extension costs every process about 4.5 MB; a current build needs none of it."""
-    code = ("import sys; from ds_tutel import cpu_kernels; assert cpu_kernels.load() is not None; "
+    code = ("import sys; from ds_tutel.kernels.cpu import build; assert build.load() is not None; "
             "print('torch.utils.cpp_extension' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "DS_TUTEL_CPU_KERNELS": "1"})
@@ -83,8 +130,9 @@ def test_the_layer_runs_the_loops_on_the_cpu_with_the_torch_paths_results(dtype,
     layer = ds_tutel.MoE(16, expert_ffn(16), num_experts=4, k=k, capacity_factor=1.0).to(dtype)
     x = torch.randn(3, 40, 16).to(dtype)
     calls = []
-    compiled_combine = grouped_kernels.compiled_combine
-    monkeypatch.setattr(grouped_kernels, "compiled_combine", lambda *a: calls.append(1) or compiled_combine(*a))
+    compiled_combine = grouped_kernels.CompiledPlanOps.combine
+    monkeypatch.setattr(grouped_kernels.CompiledPlanOps, "combine",
+                        lambda *a: calls.append(1) or compiled_combine(*a))
     results = {}
     for setting in ("0", "1"):
         monkeypatch.setenv("DS_TUTEL_CPU_KERNELS", setting)
@@ -105,7 +153,7 @@ def test_the_layer_runs_the_loops_on_the_cpu_with_the_torch_paths_results(dtype,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_loops_give_the_same_bits_on_one_thread_and_on_several(dtype):
     """Each token's sum is one thread's work, in a fixed order: the thread count cannot change a bit."""
-    from ds_tutel.dispatch import grouped_decode, grouped_encode
+    from ds_tutel.dispatch.grouped import grouped_decode, grouped_encode
     S, E, M, k = 333, 5, 40, 2
     gen = torch.Generator().manual_seed(7)
     routing = route_deepspeed(torch.randn(S, E, generator=gen), k=k, capacity_factor=1.0, min_capacity=0)[0]
@@ -215,8 +263,10 @@ def test_the_compiled_plan_is_the_torch_paths_plan(S, E, k, capacity_factor, buc
     k = min(k, E)
     routing = route_deepspeed(torch.randn(S, E, generator=gen), k=k, capacity_factor=capacity_factor,
                               min_capacity=0, used_token_S=used_S, use_rts=False)[0]
-    compiled = grouped_plan(routing, bucket_rows=bucket_rows, use_kernels=True)
-    torch_path = grouped_plan(routing, bucket_rows=bucket_rows, use_kernels=False)
+    rounding = round_rows if bucket_rows else None
+    compiled = grouped_plan(routing, round_rows=rounding, use_kernels=True)
+    torch_path = grouped_plan(routing, round_rows=rounding, use_kernels=False)
+    assert isinstance(compiled.compiled, grouped_kernels.CompiledPlanOps) and torch_path.compiled is None
     assert compiled.rows_per_expert == torch_path.rows_per_expert
     assert compiled.expert_rows == torch_path.expert_rows
     assert torch.equal(compiled.token_J, torch_path.token_J)

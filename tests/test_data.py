@@ -5,8 +5,7 @@ Shape legend: B batch, T sequence, N windows, U bytes.
 import pytest
 import torch
 
-from ds_tutel.data import (BLOCK_BYTES, VAL_EVERY, DataError, collect_files, decode, encode, load_corpus, split,
-                           stdlib_dir, train_batch, val_windows)
+from ds_tutel.train.data import BLOCK_BYTES, VAL_EVERY, DataError, collect_files, decode, encode, load_corpus, split, stdlib_dir, train_batch, val_windows
 
 
 def test_stdlib_corpus_is_real_python_source_and_split_deterministically():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from multirank import run_ranks
+from ds_tutel.ranks import run_ranks
 
 pytestmark = pytest.mark.multirank
 

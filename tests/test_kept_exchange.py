@@ -1,4 +1,4 @@
-"""The expert-parallel exchange of exactly the kept rows (ds_tutel.kept_exchange): its layout, the regrouping by
+"""The expert-parallel exchange of exactly the kept rows (ds_tutel.parallel.kept_exchange): its layout, the regrouping by
 expert with its inverse, and on spawned gloo ranks the same outputs and gradients as the capacity buffers with
 fewer rows on the wire."""
 import pytest
@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_tutel.kept_exchange import KeptLayout, _ByExpert, _BySource, kept_layout
-from multirank import run_ranks
+from ds_tutel.parallel.kept_exchange import KeptLayout, _ByExpert, _BySource, kept_layout
+from ds_tutel.ranks import run_ranks
 
 M = 8
 

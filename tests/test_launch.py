@@ -10,9 +10,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from ds_tutel import fabric, launch
-from ds_tutel.binding import plan_node
-from ds_tutel.machine import format_cpulist, local_machine, ndv4, parse_cpulist, read_machine
+from ds_tutel.launch import fabric
+from ds_tutel.launch import cli as launch
+from ds_tutel.launch.binding import plan_node
+from ds_tutel.launch.machine import format_cpulist, local_machine, ndv4, parse_cpulist, read_machine
 from fixtures.fake_sysfs import make_two_socket_cpu_box
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def test_dry_run_one_ndv4_node():
     assert {s.name for s in fabric.ndv4_preset(ndv4())} <= set(env)
     assert env["NCCL_TOPO_FILE"] == fabric.nccl_topology_path(ndv4())
     assert "would run:" in stderr and "deepspeed.launcher.runner --num_gpus 8" in stderr
-    assert "--module ds_tutel.binding --topology ndv4 --device gpu --fabric ndv4 train.py --lr 1" in stderr
+    assert "--module ds_tutel.launch.binding --topology ndv4 --device gpu --fabric ndv4 train.py --lr 1" in stderr
 
 
 def test_dry_run_two_ndv4_nodes_mpirun():

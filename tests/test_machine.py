@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from ds_tutel import machine as M
+from ds_tutel.launch import machine as M
 from fixtures.fake_sysfs import NDV4_NVIDIA_SMI_TOPO, make_ndv4, make_two_socket_cpu_box
 
 NDV4_GPU_NUMA = (1, 1, 0, 0, 3, 3, 2, 2)

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from ds_tutel.model import GPTMoE, ModelConfig, check_parallel_layout, dropped_fraction, expert_counts
-from ds_tutel.plan import format_plan, memory_plan
-from ds_tutel.presets import PRESETS, get_preset
+from ds_tutel.train.model import GPTMoE, ModelConfig, check_parallel_layout, dropped_fraction, expert_counts
+from ds_tutel.train.plan import format_plan, memory_plan
+from ds_tutel.train.presets import PRESETS, get_preset
 
 SMALL = ModelConfig(seq_len=16, d_model=32, n_layers=4, n_heads=4, num_experts=4, ep_size=1, k=1,
                     capacity_factor=1.25, eval_capacity_factor=4.0)

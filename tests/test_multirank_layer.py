@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import local_expert_state
-from multirank import run_ranks
+from ds_tutel.ranks import run_ranks
 
 pytestmark = pytest.mark.multirank
 
@@ -102,7 +102,7 @@ def _check_layouts_dropless(rank, world_size):
 def _collectives_per_forward(rank, world_size):
     import ds_tutel
     import ds_tutel.layer as layer_module
-    from ds_tutel import comm
+    from ds_tutel.parallel import alltoall as comm
     from helpers import expert_ffn
     calls = {"agree": 0, "counts": 0}
     agree_max, exchange_counts = comm.agree_max, layer_module.exchange_counts

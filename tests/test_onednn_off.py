@@ -2,15 +2,21 @@
 
 Shape legend: S tokens, M model dim.
 """
+import os
+import subprocess
+import sys
+from typing import List
+
 import pytest
 import torch
 from torch import nn
 
 import ds_tutel
-from benchmarks.onednn_cache import measure
+from ds_tutel.kernels.cpu import onednn
 from helpers import run_step
 
 M = 16
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SharedLog(dict):
@@ -46,6 +52,47 @@ def step(layer: nn.Module, dtype: torch.dtype = torch.float32) -> None:
     (out_SM.float().square().sum() + l_aux).backward()
 
 
+STEP_MARK = "@@step"
+# One child: both layers (equal arguments) take `steps` fp32 forward+backward steps on new batches, a mark line
+# before each. argv: steps.
+_CHILD = """
+import sys
+import torch
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from torch import nn
+import ds_tutel
+torch.set_num_threads(1)
+M, steps = 32, int(sys.argv[1])
+for name, cls in (("ours", ds_tutel.MoE), ("deepspeed", DeepSpeedMoE)):
+    torch.manual_seed(0)
+    layer = cls(M, nn.Sequential(nn.Linear(M, 2 * M), nn.GELU(), nn.Linear(2 * M, M)), num_experts=4, k=2,
+                capacity_factor=1.0, min_capacity=0)
+    for i in range(steps):
+        print("@@step", name, i, flush=True)
+        out, l_aux, _ = layer(torch.randn(64, M, requires_grad=True))
+        (out.square().sum() + l_aux).backward()
+        sys.stdout.flush()
+"""
+
+
+def primitives_created_per_step(steps: int):
+    """oneDNN primitives each step created (its verbose log's cache misses): (ours per step, DeepSpeed's)."""
+    env = dict(os.environ, ONEDNN_VERBOSE="all", DS_ACCELERATOR="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(steps)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = {"ours": [], "deepspeed": []}
+    current: List[int] = []
+    for line in done.stdout.splitlines():
+        if line.startswith(STEP_MARK):
+            current = counts[line.split()[1]]
+            current.append(0)
+        elif line.startswith("onednn_verbose") and "create:cache_miss" in line.split(",") and current:
+            current[-1] += 1
+    return counts["ours"], counts["deepspeed"]
+
+
 @pytest.fixture(autouse=True)
 def onednn_restored():
     before = torch.backends.mkldnn.enabled
@@ -67,10 +114,9 @@ def test_fp32_experts_run_without_onednn_and_the_setting_comes_back():
 
 
 @needs_onednn
-@pytest.mark.parametrize("kwargs,dtype", [(dict(cpu_fp32_onednn=True), torch.float32), ({}, torch.bfloat16)])
-def test_onednn_stays_on_when_asked_or_not_fp32(kwargs, dtype):
+def test_onednn_stays_on_for_bf16_experts():
     log = SharedLog()
-    step(probed_layer(log, **kwargs).to(dtype), dtype)
+    step(probed_layer(log).to(torch.bfloat16), torch.bfloat16)
     assert log == {"forward": {True}, "backward": {True}}
 
 
@@ -122,15 +168,20 @@ def test_no_grad_forward_and_a_failing_expert_restore_the_setting():
     assert torch.backends.mkldnn.enabled
 
 
-def test_same_step_with_and_without_onednn():
-    """Only the GELU's kernel changes: outputs, l_aux and gradients agree to fp32 rounding."""
-    torch.manual_seed(0)
-    expert = nn.Sequential(nn.Linear(M, 2 * M), nn.GELU(), nn.Linear(2 * M, M))
-    off = ds_tutel.MoE(M, expert, num_experts=4, k=2)
-    on = ds_tutel.MoE(M, expert, num_experts=4, k=2, cpu_fp32_onednn=True)
+def test_same_step_with_and_without_onednn(monkeypatch):
+    """Only the GELU's kernel changes: outputs, l_aux and gradients agree to fp32 rounding (oneDNN on: the
+    registry's "run_experts" told not to switch it off)."""
+    log_off, log_on = SharedLog(), SharedLog()
+    off, on = probed_layer(log_off), probed_layer(log_on)
     on.load_state_dict(off.state_dict())
     x_SM = torch.randn(40, M)
-    for a, b in zip(run_step(off, x_SM), run_step(on, x_SM)):
+    result_off = run_step(off, x_SM)
+    monkeypatch.setattr(onednn, "should_switch_off", lambda inputs_nM: False)
+    result_on = run_step(on, x_SM)
+    if torch.backends.mkldnn.is_available():
+        assert log_off == {"forward": {False}, "backward": {False}}
+        assert log_on == {"forward": {True}, "backward": {True}}
+    for a, b in zip(result_off, result_on):
         if isinstance(a, dict):
             assert a.keys() == b.keys()
             for name in a:
@@ -143,10 +194,9 @@ def test_same_step_with_and_without_onednn():
 def test_new_row_counts_compile_no_onednn_primitives():
     """End to end in a child with oneDNN's verbose log: ours' fp32 steps on new batches (new row counts per
     expert every step) create no primitive at all; DeepSpeed's layer compiles its GELU once."""
-    ours = measure("2,1.0,4,32,fp32", "ours", steps=4, tokens=64, timeout=300)
-    deepspeed = measure("2,1.0,4,32,fp32", "deepspeed", steps=4, tokens=64, timeout=300)
-    assert len(ours) == 4 and sum(s.misses for s in ours) == 0
-    assert deepspeed[0].misses >= 1
+    ours, deepspeed = primitives_created_per_step(steps=4)
+    assert len(ours) == 4 and sum(ours) == 0
+    assert len(deepspeed) == 4 and deepspeed[0] >= 1
 
 
 @needs_onednn

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ds_tutel import router_linear as rl
-from ds_tutel.gating import Gate
+from ds_tutel.routing import router_linear as rl
+from ds_tutel.routing.gate import Gate
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ds_tutel
-from ds_tutel import losses
-from ds_tutel.tutel_gating import padded_capacity
+from ds_tutel.routing import losses
+from ds_tutel.routing.tutel import padded_capacity
 from helpers import expert_ffn
 
 M = 8

@@ -8,11 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ds_tutel.dispatch import grouped_decode, grouped_encode, grouped_plan
+from ds_tutel.dispatch.grouped import grouped_decode, grouped_encode, grouped_plan
 from ds_tutel.experts import Experts
-from ds_tutel.gating import route_deepspeed
-from ds_tutel import row_buckets
-from ds_tutel.row_buckets import BUCKETS_PER_OCTAVE, bucket, buckets_needed, expert_rows, onednn_half_matmuls
+from ds_tutel.kernels.cpu import row_buckets
+from ds_tutel.kernels.cpu.row_buckets import (BUCKETS_PER_OCTAVE, bucket, buckets_needed, onednn_half_matmuls,
+                                              round_rows)
+from ds_tutel.routing.deepspeed import route_deepspeed
 
 
 @pytest.fixture
@@ -40,15 +41,24 @@ def test_at_most_sixteen_sizes_between_n_and_2n(low):
     assert len({bucket(n) for n in range(low, 2 * low)}) <= BUCKETS_PER_OCTAVE + 1
 
 
+def test_round_rows_rounds_each_count_to_its_bucket():
+    assert round_rows([]) == []
+    assert round_rows([0, 1, 16, 31, 33, 37, 130]) == [0, 1, 16, 31, 34, 38, 136]
+
+
 def test_buckets_only_where_a_new_shape_costs(onednn):
+    """The experts' rounding (through the registry's "expert_row_rounding") is row_buckets.round_rows exactly
+    where buckets_needed: CPU half types whose matmuls go through oneDNN."""
     cpu, meta = torch.device("cpu"), torch.device("meta")
     assert buckets_needed(cpu, torch.bfloat16) and buckets_needed(cpu, torch.float16)
     assert not buckets_needed(cpu, torch.float32) and not buckets_needed(meta, torch.bfloat16)
-    assert expert_rows([37, 130], cpu, torch.float32) == [37, 130]
-    assert expert_rows([37, 130], cpu, torch.bfloat16) == [38, 136]
+    assert Experts.row_rounding(cpu, torch.float32) is None
+    assert Experts.row_rounding(meta, torch.bfloat16) is None
+    for dtype in (torch.bfloat16, torch.float16):
+        assert Experts.row_rounding(cpu, dtype)([37, 130]) == [38, 136]
     onednn(False)  # half-type matmuls in ATen's own loops keep nothing per shape: padding would only add work
     assert not buckets_needed(cpu, torch.bfloat16) and not buckets_needed(cpu, torch.float16)
-    assert expert_rows([37, 130], cpu, torch.bfloat16) == [37, 130]
+    assert Experts.row_rounding(cpu, torch.bfloat16) is None and Experts.row_rounding(cpu, torch.float16) is None
 
 
 def test_the_onednn_check_is_torchs_own():
@@ -74,7 +84,7 @@ def _row_counts(experts):
 
 def _grouped_step(experts, x_SM, gates_SK, routing, dy_SM, bucket_rows):
     routing.gates_SK = gates_SK
-    plan = grouped_plan(routing, bucket_rows=bucket_rows)
+    plan = grouped_plan(routing, round_rows=round_rows if bucket_rows else None)
     y_SM = grouped_decode(experts.forward_grouped(grouped_encode(x_SM, plan)), plan)
     y_SM.backward(dy_SM)
     return plan, y_SM

@@ -6,9 +6,9 @@ from deepspeed.moe import sharded_moe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_tutel.gating import route_deepspeed
-from ds_tutel.slots import rank_by_score_within_groups, rank_within_groups
-from ds_tutel.softmax import router_softmax
+from ds_tutel.routing.deepspeed import route_deepspeed
+from ds_tutel.routing.slots import rank_by_score_within_groups, rank_within_groups
+from ds_tutel.routing.softmax import router_softmax
 
 
 def _dense_combine(routing, S, E):
@@ -87,7 +87,7 @@ def test_rank_by_score_orders_each_group_by_descending_score(J, G, seed):
 
 @pytest.mark.parametrize("capability,lanes", [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 16)])
 def test_router_softmax_takes_the_column_layout_below_one_vector_of_experts(monkeypatch, capability, lanes):
-    from ds_tutel import softmax
+    from ds_tutel.kernels.cpu import routing as softmax
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     softmax.row_kernel_min_experts.cache_clear()
     try:

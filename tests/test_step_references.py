@@ -3,8 +3,8 @@ the routing for statistics (without one), and neither past the start of the next
 
 Why it matters: a kept graph keeps the step's leaf inputs and their gradients alive until the next step has
 routed. Those are among the last tensors a backward allocates, so they can sit at the top of the heap, where
-glibc then cannot give back the memory that zero_grad frees below them (seen with glibc's heap statistics in a
-standalone run at k4_cf1.25_E32_M512 fp32; benchmarks/RESULTS.md, twelfth session).
+glibc then cannot give back the memory that zero_grad frees below them (benchmarks/RESULTS.md, "The previous
+step's graph is released when a forward starts").
 """
 import weakref
 

@@ -1,7 +1,7 @@
 """Nodes x local ranks from the launcher's environment: precedence, agreement, uneven nodes, group layouts."""
 import pytest
 
-from ds_tutel.topology import Topology, TopologyError, from_env
+from ds_tutel.parallel.topology import Topology, TopologyError, from_env
 
 
 def test_launcher_variables_in_order_of_precedence():

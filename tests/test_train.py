@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from multirank import run_ranks
+from ds_tutel.ranks import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "deepspeed_config.json")
@@ -21,17 +21,17 @@ TINY = ["--config", CONFIG, "--model", "d_model=32", "--model", "n_layers=2", "-
 
 
 def _train(rank, world_size, argv):
-    from ds_tutel.train import run
+    from ds_tutel.train.loop import run
     return run(argv)
 
 
 def train_on_ranks(world_size, argv, timeout=240):
-    """ds_tutel.train.run(argv) on spawned gloo ranks; returns rank 0's summary."""
+    """ds_tutel.train.loop.run(argv) on spawned gloo ranks; returns rank 0's summary."""
     return run_ranks(_train, world_size, argv, timeout=timeout)[0]
 
 
 def read_records(out_dir, kind):
-    from ds_tutel.report import read_log
+    from ds_tutel.train.report import read_log
     return [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if r["type"] == kind]
 
 
@@ -53,8 +53,8 @@ def test_resumed_run_matches_uninterrupted_run_step_for_step(tmp_path):
     assert summary_b["final_val_loss"] == pytest.approx(summary_a["final_val_loss"], rel=1e-6)
     assert summary_a["final_val_loss"] < summary_a["initial_val_loss"]
 
-    from ds_tutel.reshard import read_full_states
-    from ds_tutel.checkpoint import verify
+    from ds_tutel.train.reshard import read_full_states
+    from ds_tutel.train.checkpoint import verify
     ckpt_a, ckpt_b = os.path.join(a, "checkpoints"), os.path.join(b, "checkpoints")
     states_a = read_full_states(os.path.join(ckpt_a, "global_step8"), verify(ckpt_a, "global_step8"))
     states_b = read_full_states(os.path.join(ckpt_b, "global_step8"), verify(ckpt_b, "global_step8"))
@@ -78,7 +78,7 @@ def _launch(out_dir, extra, **popen):
 
 
 def _free_port():
-    from multirank import free_port
+    from ds_tutel.ranks import free_port
     return free_port()
 
 
@@ -127,7 +127,7 @@ def test_killed_rank_fails_the_job_and_resume_continues_from_last_complete_check
     assert proc.returncode != 0, output[-3000:]
     assert took < 30, f"the job took {took:.0f}s to fail after a rank died"
 
-    from ds_tutel.checkpoint import verify
+    from ds_tutel.train.checkpoint import verify
     before = read_records(out, "train")
     latest = _latest_step(ckpt)
     verify(ckpt, f"global_step{latest}")  # `latest` names a complete checkpoint, even if a save was cut short

@@ -13,10 +13,10 @@ import torch
 
 from test_triton_interpreter import load_interpreted, poisoned  # noqa: F401  (poisoned is a fixture)
 
-from ds_tutel import dispatch as torch_dispatch
-from ds_tutel.backends import dispatch_functions
-from ds_tutel.routing import Routing
-from ds_tutel.tutel_gating import route_tutel
+from ds_tutel.dispatch import capacity as torch_dispatch
+from ds_tutel.strategies import dispatch_functions
+from ds_tutel.routing.types import Routing
+from ds_tutel.routing.tutel import route_tutel
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -14,9 +14,9 @@ import torch
 
 from test_triton_interpreter import load_interpreted, poisoned  # noqa: F401  (poisoned is a fixture)
 
-from ds_tutel.backends import tutel_router
-from ds_tutel.routing import Routing
-from ds_tutel.tutel_gating import route_tutel
+from ds_tutel.strategies import tutel_router
+from ds_tutel.routing.types import Routing
+from ds_tutel.routing.tutel import route_tutel
 
 
 def _assert_same_routing(got: Routing, want: Routing) -> None:

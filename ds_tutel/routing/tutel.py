@@ -1,0 +1,85 @@
+"""Tutel's routing semantics: any top-k, fixed / dropless / bounded capacity, batch-prioritized routing.
+
+Choices queue for their expert in priority order: all first choices (k = 0) of all tokens, then all second
+choices, and so on; inside one k, tokens in position order, or by descending top-1 score with batch-prioritized
+routing (ties keep position order). A choice whose place in its expert's queue is >= capacity is dropped
+(location -1, gate 0). Gates are the top-k softmax values, optionally renormalised to sum to 1 per token
+before dropping, as Tutel does.
+
+Shape legend: S tokens, E experts, K choices per token, J = K * S choices in priority order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .types import CapacityAgreement, Routing
+from .slots import rank_within_groups
+from .softmax import router_softmax
+
+
+def padded_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """Tutel's fixed capacity: k * int(|cf| * ceil(S / E))."""
+    per_expert = -(-num_tokens // num_experts)
+    return k * int(abs(capacity_factor) * per_expert)
+
+
+def tutel_capacity(counts_E: torch.Tensor, num_tokens: int, k: int, capacity_factor: float, min_capacity: int,
+                   agree: CapacityAgreement) -> int:
+    """cf > 0: padded capacity (at least min_capacity); 0: dropless (largest count over the group);
+    cf < 0: min(largest count over the group, |cf| x padded capacity)."""
+    E = counts_E.shape[0]
+    if capacity_factor > 0:
+        return agree(max(padded_capacity(num_tokens, E, k, capacity_factor), min_capacity))
+    largest = agree(int(counts_E.max()) if counts_E.numel() else 0)
+    if capacity_factor == 0:
+        return largest
+    return min(largest, agree(padded_capacity(num_tokens, E, k, capacity_factor)))
+
+
+def route_tutel(logits_SE: torch.Tensor,
+                k: int = 1,
+                capacity_factor: float = 1.0,
+                min_capacity: int = 0,
+                batch_prioritized_routing: bool = False,
+                normalize_gate: bool = True,
+                used_token_S: Optional[torch.Tensor] = None,
+                agree_capacity: Optional[CapacityAgreement] = None,
+                selection_scores_SE: Optional[torch.Tensor] = None) -> Routing:
+    """Tutel-style routing of fp32 logits [S, E] (see the module docstring for the exact rules).
+
+    selection_scores_SE, when given, chooses the top-k experts (noise or balancing bias added by the caller);
+    the gate values always come from softmax(logits).
+    """
+    agree = agree_capacity or (lambda c: c)
+    logits_SE = logits_SE.float()
+    S, E = logits_SE.shape
+    probs_SE = router_softmax(logits_SE)
+    if selection_scores_SE is None:
+        top_SK, indices_SK = torch.topk(probs_SE, k=k, dim=1)
+    else:
+        indices_SK = torch.topk(selection_scores_SE, k=k, dim=1).indices
+        top_SK = probs_SE.gather(1, indices_SK)
+    gates_SK = top_SK
+    if normalize_gate:
+        gates_SK = gates_SK / torch.clamp(gates_SK.sum(dim=1, keepdim=True), min=torch.finfo(gates_SK.dtype).eps)
+
+    used_S = torch.ones(S, dtype=torch.bool, device=logits_SE.device) if used_token_S is None else used_token_S != 0
+    if batch_prioritized_routing:
+        token_order_S = torch.sort(-top_SK[:, 0].detach(), stable=True).indices
+    else:
+        token_order_S = torch.arange(S, device=logits_SE.device)
+    # Priority order: k-major, tokens in token_order_S; unused tokens queue at a sentinel expert E.
+    ordered_KS = indices_SK[token_order_S].t().masked_fill(~used_S[token_order_S].unsqueeze(0), E)
+    positions_KS = rank_within_groups(ordered_KS.reshape(-1), E)[0].view(k, S)
+    positions_SK = torch.empty_like(indices_SK)
+    positions_SK[token_order_S] = positions_KS.t()
+
+    counts_E = torch.bincount(indices_SK[used_S].reshape(-1), minlength=E)
+    capacity = tutel_capacity(counts_E, S, k, capacity_factor, min_capacity, agree)
+    kept_SK = (positions_SK < capacity) & used_S.unsqueeze(1)
+    locations_SK = torch.where(kept_SK, positions_SK, torch.full_like(positions_SK, -1))
+    gates_SK = gates_SK * kept_SK
+    return Routing(indices_SK=indices_SK, locations_SK=locations_SK, gates_SK=gates_SK, capacity=int(capacity),
+                   counts_E=counts_E, probs_SE=probs_SE)

@@ -1,0 +1,196 @@
+"""Expert checkpoint resharding: a checkpoint written at one world size / ep_size, rewritten for another.
+
+What changes with the layout, and how each part is converted:
+  - expert weights: DeepSpeed names the per-expert files and keys by global expert id, so they do not depend on
+    the layout; they are loaded by the new ranks like any other weight;
+  - ZeRO optimizer shards (fp32 master weights, Adam's exp_avg and exp_avg_sq, step): read from every source
+    shard through the parameter slice map DeepSpeed stores in it, joined into one tensor per parameter (expert
+    parameters renamed from local to global ids), then handed to a DeepSpeed engine built at the new layout,
+    which partitions them its own way (deepspeed.utils.safe_set_full_*), and saved by DeepSpeed;
+  - LR scheduler state, step counters and the learning rate of the optimizer groups are copied.
+The new ranks run as local CPU processes (gloo), so the whole model must fit in this machine's memory. The
+source is only read; the destination must not exist. Supported: ZeRO stage 1 and 2 checkpoints from
+ds_tutel.train.checkpoint.save (the manifest gives the source layout).
+
+Shape legend: P parameter elements (flattened).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from . import checkpoint
+from .checkpoint import CheckpointError
+from .model import ModelConfig, check_parallel_layout
+
+EXPERT_NAME = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
+ZERO_SHARD = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def global_name(name: str, ep_rank: int, num_local: int) -> str:
+    """Local expert j on expert-parallel rank r is global expert r * num_local + j; other names are unchanged."""
+    m = EXPERT_NAME.match(name)
+    if m is None:
+        return name
+    return f"{m.group(1)}{ep_rank * num_local + int(m.group(2))}{m.group(3)}"
+
+
+def _zero_shards(tag_dir: str, manifest: Dict[str, Any]) -> List[str]:
+    shards: Dict[int, str] = {}
+    for rel in manifest["files"]:
+        m = ZERO_SHARD.match(rel)
+        if m:
+            shards[int(m.group(2))] = os.path.join(tag_dir, rel)
+    world = manifest["world_size"]
+    if sorted(shards) != list(range(world)):
+        raise CheckpointError(f"{tag_dir}: expected ZeRO optimizer shards for ranks 0..{world - 1}, found "
+                              f"{sorted(shards)} (only ZeRO stage 1/2 checkpoints can be resharded)")
+    return [shards[r] for r in range(world)]
+
+
+def read_full_states(tag_dir: str, manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """Per-parameter optimizer state, by global name: {"params": {name: {"fp32", "exp_avg", "exp_avg_sq"}},
+    "step": ..., "lr": ...}; every tensor 1-D (P)."""
+    model = manifest["model"]
+    ep_size = model["ep_size"]
+    num_local = model["num_experts"] // ep_size
+    # name -> [(partition index, {key: fragment_P})]
+    fragments: Dict[str, List[Tuple[int, Dict[str, torch.Tensor]]]] = defaultdict(list)
+    steps, lrs = set(), set()
+    step_value: Any = None
+    for rank, path in enumerate(_zero_shards(tag_dir, manifest)):
+        try:
+            shard = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        except Exception as e:
+            raise CheckpointError(f"cannot read ZeRO shard {path}: {type(e).__name__}: {e}") from e
+        base = shard["base_optimizer_state"]
+        for g, group in enumerate(base["param_groups"]):
+            moe = bool(group.get("moe", False))
+            ep_rank, partition = (rank % ep_size, rank // ep_size) if moe else (0, rank)
+            fp32_P = shard["single_partition_of_fp32_groups"][g]
+            state = base["state"].get(g, {})
+            step = state.get("step", group.get("step"))
+            steps.add(float(step) if step is not None else None)
+            step_value = step
+            lrs.add(group["lr"])
+            for name, address in shard["param_slice_mappings"][g].items():
+                piece = {"fp32": fp32_P.narrow(0, address.start, address.numel)}
+                for key in OPTIM_KEYS:
+                    piece[key] = state[key].narrow(0, address.start, address.numel)
+                fragments[global_name(name, ep_rank, num_local) if moe else name].append((partition, piece))
+    if len(steps) != 1 or len(lrs) != 1:
+        raise CheckpointError(f"{tag_dir}: optimizer groups disagree on step {sorted(map(str, steps))} or lr {lrs}")
+    params = {}
+    for name, pieces in fragments.items():
+        pieces.sort(key=lambda item: item[0])
+        params[name] = {key: torch.cat([piece[key] for _, piece in pieces]).clone()
+                        for key in ("fp32",) + OPTIM_KEYS}
+    return {"params": params, "step": step_value, "lr": lrs.pop()}
+
+
+def _rebuild_rank(rank: int, world_size: int, job: Dict[str, Any]) -> List[str]:
+    """One rank of the new layout: build the engine, install the full states, save with DeepSpeed."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from .engine import build_engine, quiet_deepspeed
+    from .model import GPTMoE
+    quiet_deepspeed()
+    cfg = ModelConfig.from_dict(job["model"])
+    ep_rank = rank % cfg.ep_size
+    num_local = cfg.num_experts // cfg.ep_size
+    engine = build_engine(GPTMoE(cfg, ep_rank=ep_rank), job["ds_config"])
+    states = torch.load(job["states_path"], map_location="cpu", weights_only=True, mmap=True)
+    # torch's Adam creates its state at the first step and DeepSpeed links each parameter's view of it then;
+    # create the state now (values are overwritten below) and link it the same way.
+    inner = engine.optimizer.optimizer
+    for group in inner.param_groups:
+        group["lr"] = states["lr"]
+        for flat in group["params"]:
+            inner.state[flat] = {"step": states["step"].clone() if torch.is_tensor(states["step"]) else states["step"],
+                                 **{key: torch.zeros_like(flat) for key in OPTIM_KEYS}}
+    if not hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        raise CheckpointError("this DeepSpeed version's ZeRO optimizer cannot link optimizer state; reshard needs "
+                              "ZeRO stage 1 or 2")
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+    used = []
+    for name, param in engine.module.named_parameters():
+        full = states["params"].get(global_name(name, ep_rank, num_local))
+        if full is None:
+            raise CheckpointError(f"the checkpoint has no state for parameter {global_name(name, ep_rank, num_local)}")
+        if full["fp32"].numel() != param.numel():
+            raise CheckpointError(f"parameter {name}: checkpoint has {full['fp32'].numel()} elements, the model "
+                                  f"{param.numel()}")
+        with torch.no_grad():
+            param.data.copy_(full["fp32"].view(param.shape).to(param.dtype))
+        safe_set_full_fp32_param(param, full["fp32"].view(param.shape))
+        for key in OPTIM_KEYS:
+            safe_set_full_optimizer_state(param, full[key].view(param.shape), key)
+        used.append(global_name(name, ep_rank, num_local))
+    if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
+    engine.global_steps = job["meta"]["step"]
+    engine.global_samples = states.get("global_samples", 0)
+    checkpoint.save(engine, job["dst_dir"], job["tag"], job["meta"])
+    return used
+
+
+def reshard(src_dir: str, dst_dir: str, world_size: int, ep_size: Optional[int] = None, tag: Optional[str] = None,
+            timeout: float = 1800.0) -> Dict[str, Any]:
+    """Writes `tag` (default: the latest) of `src_dir` into the new directory `dst_dir` for `world_size` ranks."""
+    from ..ranks import run_local_ranks
+    if os.path.exists(dst_dir):
+        raise CheckpointError(f"destination {dst_dir} already exists; refusing to overwrite it")
+    if not os.path.isdir(src_dir):
+        raise CheckpointError(f"source checkpoint directory {src_dir} does not exist")
+    tag = tag or checkpoint.read_latest(src_dir)
+    if tag is None:
+        raise CheckpointError(f"no checkpoint in {src_dir} (no `latest` file); pass --tag")
+    manifest = checkpoint.verify(src_dir, tag)
+    ep_size = world_size if ep_size is None else ep_size
+    if world_size < 1 or ep_size < 1:
+        raise ValueError("world size and ep_size must be positive")
+    model = {**manifest["model"], "ep_size": ep_size}
+    check_parallel_layout(model["num_experts"], ep_size, world_size)
+
+    src_tag_dir = os.path.join(src_dir, tag)
+    states = read_full_states(src_tag_dir, manifest)
+    dense = torch.load(os.path.join(src_tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                       weights_only=False)
+    states["lr_scheduler"] = dense.get("lr_scheduler")
+    states["global_samples"] = dense.get("global_samples", 0)
+
+    ds_config = dict(manifest["ds_config"])
+    if "train_micro_batch_size_per_gpu" in ds_config:
+        ds_config.pop("train_batch_size", None)  # derived again from the new world size
+    meta = {k: v for k, v in manifest.items() if k not in ("format", "tag", "files")}
+    meta.update(model=model, world_size=world_size, ds_config=ds_config,
+                resharded_from={"world_size": manifest["world_size"], "ep_size": manifest["model"]["ep_size"],
+                                "tag": tag})
+
+    parent = os.path.dirname(os.path.abspath(dst_dir))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".reshard-", dir=parent)
+    try:
+        states_path = os.path.join(work, "states.pt")
+        torch.save(states, states_path)
+        job = {"model": model, "ds_config": ds_config, "states_path": states_path, "meta": meta,
+               "dst_dir": os.path.join(work, "out"), "tag": tag}
+        used = run_local_ranks(_rebuild_rank, world_size, job, timeout=timeout)
+        missing = sorted(set(states["params"]) - {name for names in used for name in names})
+        if missing:
+            raise CheckpointError(f"the new layout has no parameter for checkpoint entries {missing[:5]}")
+        if os.path.exists(dst_dir):
+            raise CheckpointError(f"destination {dst_dir} appeared during the conversion; refusing to overwrite it")
+        os.rename(job["dst_dir"], dst_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"src": src_dir, "dst": dst_dir, "tag": tag, "step": meta["step"],
+            "from": {"world_size": manifest["world_size"], "ep_size": manifest["model"]["ep_size"]},
+            "to": {"world_size": world_size, "ep_size": ep_size}, "parameters": len(states["params"])}
