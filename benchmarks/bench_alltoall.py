@@ -47,7 +47,7 @@ WIN_MARGIN = 1.05
 
 
 def parse_size(text: str) -> int:
-    from ds_tutel.comm import parse_bytes
+    from ds_tutel.options import parse_bytes
     return parse_bytes(text)
 
 
@@ -106,7 +106,7 @@ def measure(sizes: List[int], variants: List[str], iters: int, budget_s: float, 
     """Runs on every rank of an initialised job; returns rows (identical on every rank)."""
     import torch
     import torch.distributed as dist
-    from ds_tutel import comm
+    from ds_tutel.parallel import alltoall as comm
 
     world = dist.get_world_size()
     exchanges = {name: comm.plan_exchange(None, VARIANTS[name][0], device, intra_strategy=VARIANTS[name][1])
@@ -159,7 +159,7 @@ def measure_overlap(sizes: List[int], degrees: List[int], hidden: int, iters: in
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from ds_tutel.exchange import exchange_and_compute
+    from ds_tutel.parallel.exchange import exchange_and_compute
 
     world = dist.get_world_size()
     M = 64
@@ -210,7 +210,7 @@ def measure_overlap(sizes: List[int], degrees: List[int], hidden: int, iters: in
 
 def report(rows: List[Dict], args: argparse.Namespace, setup: str) -> Dict:
     import torch
-    from ds_tutel import topology
+    from ds_tutel.parallel import topology
     topo = topology.from_env()
     return {
         "date": datetime.date.today().isoformat(),

@@ -25,14 +25,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_layer import environment, tokens_for  # noqa: E402
 from benchmarks.floors import copy_bandwidth, dispatch_bytes  # noqa: E402
-from benchmarks.layer_impls import DTYPES  # noqa: E402
+from benchmarks.layer_impls import DTYPES, tokens_for  # noqa: E402
+from benchmarks.layer_report import RESULTS_DIR, environment  # noqa: E402
 from benchmarks.timing import interleaved, median  # noqa: E402
-from ds_tutel.dispatch import grouped_decode, grouped_encode, grouped_plan  # noqa: E402
-from ds_tutel.gating import route_deepspeed  # noqa: E402
+from ds_tutel.dispatch.grouped import grouped_decode, grouped_encode, grouped_plan  # noqa: E402
+from ds_tutel.routing.deepspeed import route_deepspeed  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # (S, M, E): shapes of the layer grid, with its tokens per model dim
 FULL_SHAPES = [(tokens_for(M), M, E) for M, experts in ((256, (4, 16, 64)), (512, (4, 16, 64)), (1024, (4, 32)),
                                                         (2048, (8,))) for E in experts]
@@ -106,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     env = environment(torch.device("cpu"), threads=1)
     doc = {"environment": env, "copy_bandwidth_Bps": bandwidth, "reps": reps, "rows": rows}
     text = (f"Grouped dispatch alone (gather + combine, forward + backward), {env['date']}; {env['processor']} "
-            f"({env['cpu_isa']}), torch {env['torch']}, 1 thread, {env['malloc']}; copy bandwidth "
+            f"({env['cpu_isa']}), torch {env['torch']}, 1 thread; copy bandwidth "
             f"{bandwidth / 1e9:.1f} GB/s, medians of {reps} rounds\n\n{table(rows)}\n")
     print(text)
     if args.tag:

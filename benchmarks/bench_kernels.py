@@ -61,8 +61,8 @@ if not ON_GPU:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, REPO)
 
-from ds_tutel.backends import dispatch_functions, tutel_router  # noqa: E402
-from ds_tutel.routing import Routing  # noqa: E402
+from ds_tutel.strategies import dispatch_functions, tutel_router  # noqa: E402
+from ds_tutel.routing.types import Routing  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 

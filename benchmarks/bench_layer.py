@@ -1,25 +1,24 @@
 """The MoE layer, forward+backward: ds_tutel.MoE against DeepSpeed's installed MoE and the two floors.
 
-    python benchmarks/bench_layer.py --quick            small grid, ~5 minutes on 2 CPU cores
+    python benchmarks/bench_layer.py --quick            small grid, a few minutes on a small CPU machine
     python benchmarks/bench_layer.py --full             the issue's whole grid (k 1,2,4; cf 1.0,1.25;
                                                         E 4..64; M 256..2048; fp32 and bf16)
     python benchmarks/bench_layer.py --smoke            two tiny points: the harness runs (seconds)
     python benchmarks/bench_layer.py --correctness      tiny sizes: every implementation gives the same
                                                         output and gradients on the same weights (exit 1 if not)
     python benchmarks/bench_layer.py --profile          where each layer's time goes on one point (--point)
-    python benchmarks/bench_layer.py --faults           page faults per step and per operator (--point)
     python benchmarks/bench_layer.py --redraw F.json    rewrite the markdown and PNG of a saved result
     ... --device cuda                                   the same on a GPU (CUDA events, allocator peaks)
-    ... --allocator steady                              the whole run with benchmarks/allocator.py's glibc settings
-    ... --dtypes fp32                                   only the grid's fp32 points (on CPUs without AVX-512, bf16
-                                                        matmuls run in ATen's own loops and a step takes seconds)
+    ... --dtypes fp32                                   only the grid's fp32 points (on CPUs without AVX-512 BF16,
+                                                        bf16 matmuls run in ATen's own loops and a step takes seconds)
 
 Per point, both layers hold identical weights and the same expert module (Linear(M, 2M) -> GELU ->
 Linear(2M, M)), see the same tokens and output gradient, and run interleaved (ours, deepspeed, floor, ours,
 ...) after warm-up; medians are reported, and every ratio is taken within one run. Floors (benchmarks/floors.py):
 the expert FFNs alone on exactly the routed tokens, and the bytes dispatch must move at the measured copy
 bandwidth. Peak memory per implementation comes from separate processes (benchmarks/memory.py), step time on
-2 and 4 expert-parallel CPU ranks from spawned gloo ranks (benchmarks/layer_multirank.py).
+2 and 4 expert-parallel CPU ranks from spawned gloo ranks (benchmarks/layer_multirank.py). The grids and the
+layers live in benchmarks/layer_impls.py, the environment record and the reports in benchmarks/layer_report.py.
 
 Writes benchmarks/results/<tag>.json, <tag>.md and <tag>.png (tag: layer_quick, layer_full, ...; a cuda run
 appends _cuda). Methodology and how to read the table: docs/BENCHMARKS.md.
@@ -29,85 +28,25 @@ Shape legend: S tokens, M model dim, E experts, K choices per token.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import re
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks import allocator  # noqa: E402
 from benchmarks.fresh_process import FreshProcesses  # noqa: E402
 from benchmarks.floors import copy_bandwidth, dispatch_bytes, floor_output, router_products_seconds  # noqa: E402
-from benchmarks.layer_impls import (DTYPES, IMPLEMENTATIONS, OURS_OPTIONS_ENV, Point, build_layers,  # noqa: E402
-                                    layer_step, make_inputs, other_libraries, ours_options, timed_steps)
+from benchmarks.layer_impls import (DTYPES, IMPLEMENTATIONS, OURS_OPTIONS_ENV, Grid, Point,  # noqa: E402, F401
+                                    build_layers, full_grid, layer_step, make_inputs, ours_options,
+                                    parse_point, quick_grid, smoke_grid, timed_steps, tokens_for)
+from benchmarks.layer_report import RESULTS_DIR, environment  # noqa: E402
 from benchmarks.timing import geomean, interleaved, median, paired_ratio, ratio_quartiles  # noqa: E402
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def tokens_for(model_dim: int) -> int:
-    """Tokens per point: 2048 at M=256, halving as M doubles (S*M = 2**19), so that no point's step takes
-    more than about a second on two CPU cores."""
-    return max(256, min(2048, (1 << 19) // model_dim))
-
-
-@dataclass
-class Grid:
-    """A set of points plus the multi-rank and memory subsets and the repetition counts."""
-
-    points: List[Point]
-    memory_points: List[Point]
-    multirank_points: List[Point]
-    world_sizes: List[int] = field(default_factory=lambda: [2, 4])
-    warmup: int = 2
-    reps: int = 5
-    budget_s: Optional[float] = 6.0  # per point, after the first 5 timed rounds (None: every round)
-    tokens: str = "fresh"  # a new batch every round ("fresh", as in training) or one batch throughout ("fixed")
-    dtypes: List[str] = field(default_factory=list)  # set where the grid was cut to these dtypes
-    only: str = ""  # set where the grid was cut to the points whose key matches this regular expression
-
-
-def _point(k: int, cf: float, E: int, M: int, dtype: str = "fp32", tokens: Optional[int] = None) -> Point:
-    return Point(k=k, capacity_factor=cf, num_experts=E, model_dim=M, tokens=tokens or tokens_for(M), dtype=dtype)
-
-
-def quick_grid() -> Grid:
-    """13 points over k, capacity factor, E 4..64, M 256..1024 and both dtypes, each step ~0.05-0.3 s on one
-    core (the M=512 points with 512 tokens); ~5 minutes with the memory (three processes per probe) and
-    multi-rank parts."""
-    points = [_point(k, cf, 8, 256) for k, cf in itertools.product([1, 2, 4], [1.0, 1.25])]
-    points += [_point(2, 1.0, 32, 512, tokens=512), _point(4, 1.25, 32, 512, tokens=512), _point(2, 1.0, 64, 256),
-               _point(4, 1.25, 64, 256), _point(2, 1.25, 4, 1024), _point(2, 1.0, 16, 512, "bf16"),
-               _point(1, 1.25, 8, 256, "bf16")]
-    memory = [p for p in points if p.k == 2 and p.capacity_factor == 1.0] + [_point(4, 1.25, 32, 512, tokens=512)]
-    multirank = [_point(2, 1.0, 8, 256, tokens=512), _point(2, 1.25, 8, 256, tokens=512)]
-    return Grid(points, memory, multirank, warmup=1, reps=9, budget_s=5.0)
-
-
-def full_grid(max_layer_bytes: int) -> Grid:
-    """The issue's whole grid, less points whose expert weights + gradients exceed max_layer_bytes."""
-    points = [_point(k, cf, E, M, dtype)
-              for dtype, M, E, k, cf in itertools.product(["fp32", "bf16"], [256, 512, 1024, 2048], [4, 8, 16, 32, 64],
-                                                          [1, 2, 4], [1.0, 1.25])]
-    points = [p for p in points if 2 * p.expert_param_bytes() <= max_layer_bytes]
-    memory = [p for p in points if p.k == 2]
-    multirank = [_point(1, 1.0, 8, 256, tokens=1024), _point(2, 1.0, 8, 256, tokens=1024),
-                 _point(2, 1.25, 16, 512, tokens=512)]
-    return Grid(points, memory, multirank, warmup=2, reps=7, budget_s=10.0)
-
-
-def smoke_grid() -> Grid:
-    """Two tiny points, timed but not measured for memory or on several ranks."""
-    points = [Point(1, 1.0, 4, model_dim=16, tokens=32), Point(2, 1.25, 4, model_dim=16, tokens=32, dtype="bf16")]
-    return Grid(points, [], [], warmup=1, reps=3, budget_s=1.0)
 
 
 def only_dtypes(grid: Grid, dtypes: List[str]) -> Grid:
@@ -130,7 +69,7 @@ def _points_kept(grid: Grid, keep: Callable[[Point], bool], **changes) -> Grid:
 
 
 def parse_options(pairs: List[str]) -> Dict:
-    """["cpu_fp32_linear=onednn", "a2a_send=\"capacity\""] -> {...}; a value is JSON where it parses, else a
+    """["a2a_send=capacity", "a2a_auto_threshold=0"] -> {...}; a value is JSON where it parses, else a
     string. The keys are checked when ours is built (ds_tutel.MoE rejects unknown or bad ones)."""
     options = {}
     for pair in pairs:
@@ -182,8 +121,7 @@ def measure_point(point: Point, device: torch.device, grid: Grid, bandwidth_Bps:
             "ours_over_deepspeed_quartiles": ratio_quartiles(times["ours"], times["deepspeed"]),
             "ours_over_floor": paired_ratio(times["ours"], times["floor"]),
             "deepspeed_over_floor": paired_ratio(times["deepspeed"], times["floor"]),
-            "ours_over_floor_plus_bytes": paired_ratio(times["ours"], floor_plus_bytes), "pid": os.getpid(),
-            "malloc": allocator.describe()}
+            "ours_over_floor_plus_bytes": paired_ratio(times["ours"], floor_plus_bytes), "pid": os.getpid()}
 
 
 def check_point(point: Point) -> List[str]:
@@ -235,85 +173,23 @@ def correctness(points: Optional[List[Point]] = None, multirank: bool = False, l
     return problems
 
 
-def environment(device: torch.device, threads: int) -> Dict:
-    import deepspeed
-    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
-           "torch": torch.__version__, "deepspeed": deepspeed.__version__, "machine": platform.machine(),
-           "processor": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-           "device": str(device), "other_libraries": other_libraries(), "ds_tutel_revision": _revision(),
-           "malloc": allocator.describe(), "cpu_kernels": _cpu_kernels(), "cpu_isa": _cpu_isa()}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
-def _cpu_isa() -> str:
-    """The vector instructions torch's CPU kernels use, the CPU's family and model, and what runs bf16 matmuls:
-    runs on two generations of one vendor's CPUs are not comparable (on the quick grid's bf16 points, steps took
-    40-60x longer on an AMD EPYC without AVX-512 than on one with AVX-512 BF16)."""
-    from ds_tutel.row_buckets import onednn_half_matmuls
-    ids = _cpuinfo("cpu family", "model")
-    family = f", family {ids['cpu family']} model {ids['model']}" if len(ids) == 2 else ""
-    bf16 = "oneDNN" if onednn_half_matmuls(torch.bfloat16) else "ATen loops"
-    return f"{torch.backends.cpu.get_cpu_capability()}{family}, bf16 matmuls: {bf16}"
-
-
-def _cpu_kernels() -> str:
-    """DS_TUTEL_CPU_KERNELS and whether the compiled grouped-dispatch loops loaded (ours' CPU combine)."""
-    from ds_tutel import cpu_kernels
-    return f"{cpu_kernels.mode()} ({'loaded' if cpu_kernels.load() is not None else 'torch operators'})"
-
-
-def _revision() -> Optional[str]:
-    """The repository's commit, with "+changes" when the layer's package has uncommitted edits."""
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ds_tutel"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
-
-
-def _cpuinfo(*keys: str) -> Dict[str, str]:
-    """The first value of each of these /proc/cpuinfo fields (those it has; none without /proc)."""
-    found: Dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in keys:
-                    found.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return found
-
-
-def _cpu_name() -> str:
-    return _cpuinfo("model name").get("model name") or platform.processor()
-
-
 def run(grid: Grid, device: torch.device, memory: bool, multirank: bool, same_process: bool = False,
         log=print) -> Dict:
     """Measures the whole grid; returns the result document (see docs/BENCHMARKS.md for its fields).
 
     Each point runs in a fresh process unless same_process: on the CPU the allocator's state left by earlier
-    points moved a layer's time by 10-30 %, differently for each layer.
+    points moves a layer's time, differently for each layer (docs/BENCHMARKS.md).
     """
     env = environment(device, torch.get_num_threads())  # at the start: the revision the children import
     bandwidth = copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     processes = None if same_process else FreshProcesses()
-    from benchmarks import bench_layer  # this file under its module name, which a child can import
     rows = []
     for i, point in enumerate(grid.points):
         if processes is None:
             row = measure_point(point, device, grid, bandwidth)
         else:
-            row = processes.call_on_point(bench_layer.measure_point, point, torch.get_num_threads(), device, grid,
+            row = processes.call_on_point(measure_point, point, torch.get_num_threads(), device, grid,
                                           bandwidth, what=f"point {point.key}")
         rows.append(row)
         med = row["median_s"]
@@ -394,17 +270,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "that the harness runs (seconds)")
     mode.add_argument("--correctness", action="store_true", help="equal outputs on equal weights, tiny sizes")
     mode.add_argument("--profile", action="store_true", help="profile both layers on one point")
-    mode.add_argument("--faults", action="store_true", help="page faults per step and per operator on one point "
-                      "(--point)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on CPU (default 1: on a shared machine a multi-threaded region stalls "
-                             "whenever one of its threads is descheduled; 0 = torch's choice)""")
+                             "whenever one of its threads is descheduled; 0 = torch's choice)")
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per point, all of them (default: the "
                         "grid's, cut short once a point has taken its time budget)")
     parser.add_argument("--ours-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a ds_tutel.MoE keyword argument for ours alone (repeatable; VALUE read as JSON where it "
-                             "parses, else as a string), e.g. cpu_fp32_linear=onednn")
+                             "parses, else as a string), e.g. a2a_send=capacity")
     parser.add_argument("--only", default="", metavar="REGEX",
                         help="only the grid's points whose key matches (e.g. 'k2_cf1_.*bf16'), in every part")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory probes")
@@ -414,25 +288,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--fixed-tokens", action="store_true",
                         help="one batch of tokens for every step (default: a new batch every round, as in training, "
                              "so per-expert row counts change from step to step)")
-    parser.add_argument("--allocator", choices=["default", "steady"], default="default",
-                        help="steady: run everything with benchmarks/allocator.py's STEADY_MALLOC_ENV (glibc keeps "
-                             "freed memory, so no step page-faults its buffers back in); default: glibc as it comes")
     parser.add_argument("--max-layer-gb", type=float, default=2.5,
                         help="--full skips points whose expert weights + gradients exceed this (default 2.5)")
     parser.add_argument("--dtypes", default="fp32,bf16",
                         help="only the grid's points in these dtypes (comma-separated; default both): on a CPU "
-                             "without AVX-512 a bf16 step takes seconds, and the full grid would take hours")
-    parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's and --faults' point: "
-                        "k,cf,E,M,dtype")
+                             "without AVX-512 BF16 a bf16 step takes seconds, and the full grid would take hours")
+    parser.add_argument("--point", default="2,1.0,16,512,fp32", help="--profile's point: k,cf,E,M,dtype")
     parser.add_argument("--tag", default="", help="output name under benchmarks/results (default: layer_<mode>)")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--redraw", metavar="JSON", help="rewrite the markdown and PNG of a saved result")
     args = parser.parse_args(argv)
-    if args.allocator == "steady" and not allocator.is_steady():
-        # glibc reads its settings when a process starts: start this run again with them.
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None
-                                                                                  else argv)],
-                  {**os.environ, **allocator.STEADY_MALLOC_ENV})
     if args.ours_option:
         os.environ[OURS_OPTIONS_ENV] = json.dumps(parse_options(args.ours_option))
     # Before anything imports DeepSpeed (it picks its accelerator once, at import).
@@ -455,19 +320,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               "points (and on 2 expert-parallel ranks)")
         return 1 if problems else 0
     if args.profile:
-        k, cf, E, M, dtype = args.point.split(",")
-        text = profile(_point(int(k), float(cf), int(E), int(M), dtype), device)
+        text = profile(parse_point(args.point), device)
         print(text)
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, f"{args.tag or 'layer_profile'}{suffix}.txt"), "w") as f:
             f.write(text + "\n")
-        return 0
-
-    if args.faults:
-        from benchmarks.page_faults import report
-        k, cf, E, M, dtype = args.point.split(",")
-        print(f"malloc: {allocator.describe()}")
-        print(report(_point(int(k), float(cf), int(E), int(M), dtype)))
         return 0
     if args.full:
         grid = full_grid(int(args.max_layer_gb * (1 << 30)))

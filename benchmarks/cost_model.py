@@ -10,10 +10,10 @@ Per rank, for B bytes sent by each of W = n nodes x m ranks per node (times in s
   (transposed)
 
 t_step is one collective on the critical path (launch + synchronisation; on the CPU cluster plus t_rank per
-process, since W processes share 2 cores and must all run before a step completes), a_* the cost of one message
+process, since W processes share a few cores and must all run before a step completes), a_* the cost of one message
 over a link, b_* seconds per byte, b_copy a local layout copy. join is max where the two links work in parallel
-(GPUs: NVSwitch and InfiniBand) and + where one CPU does everything (the emulated cluster: 2 shared cores). The
-2dh strategy (per_node up to a few nodes, transposed beyond) is the one ds_tutel.comm picks.
+(GPUs: NVSwitch and InfiniBand) and + where one CPU does everything (the emulated cluster: shared cores). The
+2dh strategy (per_node up to a few nodes, transposed beyond) is the one ds_tutel.parallel.alltoall picks.
 
 2DH trades (n-1)(m-1) inter-node messages per rank for a second step and intra-node bytes. It wins when a_inter
 is large against t_step and the bytes' cost, i.e. at many nodes and small messages.
@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from ds_tutel.comm import intra_strategy_for  # noqa: E402  (the model follows the library's choice)
+from ds_tutel.parallel.alltoall import intra_strategy_for  # noqa: E402  (the model follows the library's choice)
 
 RESULTS = os.path.join(HERE, "results")
 PARAMS = ("t_step", "a_intra", "a_inter", "b_intra", "b_inter", "b_copy")
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     paths = [path for path in args.fit if os.path.exists(path)]
     if paths:
         points = load_points(paths)
-        fits = [fit(points, concurrent, "emulated cluster (gloo, 2 CPU cores, tbf link)", args.link_gbit * 1e9 / 8)
+        fits = [fit(points, concurrent, "emulated cluster (gloo, shared CPU cores, tbf link)", args.link_gbit * 1e9 / 8)
                 for concurrent in (False, True)]
         cpu, rms = min(fits, key=lambda fr: fr[1])
         print(f"calibration on {len(points)} measured points ({', '.join(os.path.basename(x) for x in paths)}):")

@@ -3,7 +3,7 @@
 benchmarks/memory.py measures the layer alone and sets the gradients to None before every step, as `zero_grad`
 does. That leaves one heap hole per gradient. Activations whose sizes change every step (ours: each expert's
 row count) can be carved out of those holes, and then the next backward grows the heap by all the gradients at
-once (RESULTS.md, tenth and eleventh sessions). Here the layer is trained as users train it:
+once (benchmarks/RESULTS.md). Here the layer is trained as users train it:
 `deepspeed.initialize` with the project's deepspeed_config.json (ZeRO stage 2, contiguous gradients, AdamW),
 one gloo rank, STEPS steps of forward, `engine.backward` and `engine.step`, each on a new batch.
 
@@ -22,7 +22,10 @@ import json
 import os
 import statistics
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,28 +37,42 @@ STEPS = 6
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepspeed_config.json")
 
 
+class LayerLoss(nn.Module):
+    """The layer with the benchmark's loss, <y, dy> + 0.01 * l_aux, as the engine's model."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x_SM: torch.Tensor, dy_SM: torch.Tensor) -> torch.Tensor:
+        y_SM, l_aux, _ = self.layer(x_SM)
+        return (y_SM * dy_SM).sum() + 0.01 * l_aux
+
+
 def engine_probe(point: Point, impl: str) -> Dict[str, float]:
     """Runs in the child: one layer in a DeepSpeed engine, STEPS training steps, peak and starting RSS."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import torch
-    from torch import nn
+    from ds_tutel.train import engine as ds_engine
 
+    own_world = "RANK" not in os.environ  # then init_distributed makes a world of one, on a free port
+    ds_engine.init_distributed(timeout_s=300)
+    try:
+        return _train_steps(point, impl)
+    finally:
+        if own_world:  # DeepSpeed's CPU communication would leave its shared-memory buffers behind
+            import torch.distributed as dist
+
+            from ds_tutel.launch.shm import remove_deepspeed_shm_buffers
+            dist.destroy_process_group()
+            remove_deepspeed_shm_buffers(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+
+
+def _train_steps(point: Point, impl: str) -> Dict[str, float]:
+    """engine_probe's measurement, once the child's world is up."""
     from benchmarks.layer_impls import build_layer, fresh_batch, make_inputs
     from benchmarks.memory import _host_bytes, _reset_peak
-    from ds_tutel import engine as ds_engine
+    from ds_tutel.train import engine as ds_engine
 
-    class LayerLoss(nn.Module):
-        """The layer with the benchmark's loss, <y, dy> + 0.01 * l_aux, as the engine's model."""
-
-        def __init__(self, layer: nn.Module) -> None:
-            super().__init__()
-            self.layer = layer
-
-        def forward(self, x_SM: torch.Tensor, dy_SM: torch.Tensor) -> torch.Tensor:
-            y_SM, l_aux, _ = self.layer(x_SM)
-            return (y_SM * dy_SM).sum() + 0.01 * l_aux
-
-    ds_engine.init_distributed(timeout_s=300)
     ds_engine.quiet_deepspeed()
     _reset_peak()
     cpu = torch.device("cpu")
@@ -73,20 +90,20 @@ def engine_probe(point: Point, impl: str) -> Dict[str, float]:
         engine.step()
     trained = sum(not torch.equal(p.detach().float(), s.float()) for p, s in zip(model.parameters(), start))
     return {"peak_bytes": _host_bytes(peak=True), "before_step_bytes": before, "parameters_changed": trained,
-            "parameters": len(start), "hash_seed": os.environ.get("PYTHONHASHSEED"), "pid": os.getpid()}
+            "parameters": len(start), "hash_seed": os.environ.get("PYTHONHASHSEED"), "pid": os.getpid(),
+            "master_port": os.environ.get("MASTER_PORT")}
 
 
 def engine_memory(points: List[Point], impls: List[str], seeds: int = 3, timeout: float = 600.0,
                   log=print) -> Dict[str, Dict[str, Dict]]:
     """{point key: {impl: {"peak_MB", "step_MB", "peak_MB_range", "samples"}}}: medians over `seeds` hash seeds,
     one new interpreter per (seed, implementation)."""
-    from benchmarks.engine_memory import engine_probe as probe  # by its module's name, also when run as a script
     processes = FreshProcesses(spawn=True)
     results: Dict[str, Dict[str, Dict]] = {}
     for point in points:
         row: Dict[str, Dict] = {}
         for impl in impls:
-            samples = [processes.call_on_point(probe, point, 1, impl, timeout=timeout,
+            samples = [processes.call_on_point(engine_probe, point, 1, impl, timeout=timeout,
                                                what=f"engine memory {impl} {point.key}", hash_seed=seed)
                        for seed in range(seeds)]
             peaks = [s["peak_bytes"] / _MB for s in samples]
@@ -101,7 +118,7 @@ def engine_memory(points: List[Point], impls: List[str], seeds: int = 3, timeout
     return results
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--point", action="append", default=[], help="k,cf,E,M,S,dtype (repeatable; default: "
                         "the quick grid's two E=32, M=512 memory points)")

@@ -3,7 +3,7 @@ or spawned as a new interpreter with a hash seed of its own.
 
 Two uses in the benchmarks: peak memory (each implementation must start from a clean process) and timing
 (each point must not inherit the heap left by the points before it: glibc's allocator adapts its thresholds to
-past allocations, and on the CPU a layer's time moved by 10-30 % with the history of the process).
+past allocations, and on the CPU a layer's time moves with the history of the process; docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -11,11 +11,23 @@ import contextlib
 import importlib
 import multiprocessing as mp
 import os
+import sys
 import traceback
 from dataclasses import asdict
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 PRELOAD = ["torch", "deepspeed.moe.layer", "ds_tutel", "benchmarks.layer_impls"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def importable_name(fn: Callable[..., Any]) -> Tuple[str, str]:
+    """(module, name) under which a child imports the module-level function fn: a benchmark run as a script
+    (module __main__) by its dotted name under the repository, benchmarks.bench_layer say."""
+    module = fn.__module__
+    if module == "__main__":
+        path = os.path.splitext(os.path.abspath(sys.modules["__main__"].__file__))[0]
+        module = os.path.relpath(path, REPO).replace(os.sep, ".")
+    return module, fn.__name__
 
 
 def _child_main(conn, module: str, name: str, args: tuple) -> None:
@@ -27,13 +39,13 @@ def _child_main(conn, module: str, name: str, args: tuple) -> None:
         conn.close()
 
 
-def _on_point(function: Callable[..., Any], point_fields: Dict, threads: int, *args: Any) -> Any:
+def _on_point(module: str, name: str, point_fields: Dict, threads: int, *args: Any) -> Any:
     """The child's side of FreshProcesses.call_on_point."""
     import torch
 
     from benchmarks.layer_impls import Point
     torch.set_num_threads(threads)
-    return function(Point(**point_fields), *args)
+    return getattr(importlib.import_module(module), name)(Point(**point_fields), *args)
 
 
 @contextlib.contextmanager
@@ -54,7 +66,8 @@ def _environment(name: str, value: Optional[str]) -> Iterator[None]:
 
 
 class FreshProcesses:
-    """`call(fn, *args)` runs the module-level function fn in a new child and returns its (picklable) result.
+    """`call(fn, *args)` runs the module-level function fn in a new child and returns its (picklable) result;
+    the child imports fn's module by name (see importable_name), so the module is loaded there, not pickled.
 
     By default children fork from one server that has imported `preload` (a fork instead of an import per call).
     spawn=True starts every child as a new interpreter instead, so that `call(..., hash_seed=n)` can give each
@@ -75,7 +88,7 @@ class FreshProcesses:
         if hash_seed is not None and not self.spawn:
             raise ValueError("hash_seed needs FreshProcesses(spawn=True): forked children share their server's")
         recv, send = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_child_main, args=(send, fn.__module__, fn.__name__, args), daemon=True)
+        proc = self._ctx.Process(target=_child_main, args=(send, *importable_name(fn), args), daemon=True)
         with _environment("PYTHONHASHSEED", None if hash_seed is None else str(hash_seed)):
             proc.start()
         send.close()
@@ -94,7 +107,7 @@ class FreshProcesses:
 
     def call_on_point(self, function: Callable[..., Any], point: Any, threads: int, *args: Any,
                       timeout: float = 600.0, what: str = "", hash_seed: Optional[int] = None) -> Any:
-        """function(point, *args) in a new child running `threads` torch threads. function must be importable
-        under its module's name (not a script's __main__); the point travels as plain fields."""
-        return self.call(_on_point, function, asdict(point), threads, *args, timeout=timeout,
+        """function(point, *args) in a new child running `threads` torch threads. function is module-level (in a
+        benchmark run as a script too, see importable_name); the point travels as plain fields."""
+        return self.call(_on_point, *importable_name(function), asdict(point), threads, *args, timeout=timeout,
                          what=what or f"{function.__name__} of {point.key}", hash_seed=hash_seed)

@@ -1,6 +1,7 @@
 """The MoE layers the layer benchmark compares, built on the same shapes, weights and expert module.
 
-A `Point` is one benchmark shape. `build_layers` returns ds_tutel's layer and DeepSpeed's installed layer with
+A `Point` is one benchmark shape and a `Grid` a set of them (the quick, full and smoke grids that bench_layer.py
+and layer_multirank.py both run). `build_layers` returns ds_tutel's layer and DeepSpeed's installed layer with
 identical weights (ours loads DeepSpeed's state dict, the drop-in path; for timing, the expert parameters are
 then shared so that two copies of large expert weights never sit in memory). `layer_step` is one
 forward+backward of the kind a training step runs (output and l_aux both reach the loss).
@@ -13,8 +14,8 @@ Shape legend: S tokens, M model dim, H expert hidden dim, E experts, K choices p
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
+import itertools
 import json
 import os
 import weakref
@@ -70,6 +71,75 @@ class Point:
         return self.num_experts * per_expert * self.torch_dtype.itemsize
 
 
+def tokens_for(model_dim: int) -> int:
+    """Tokens per point: 2048 at M=256, halving as M doubles (S*M = 2**19), so that no point's step takes more
+    than about a second on one CPU core."""
+    return max(256, min(2048, (1 << 19) // model_dim))
+
+
+def grid_point(k: int, cf: float, E: int, M: int, dtype: str = "fp32", tokens: Optional[int] = None) -> Point:
+    """A point of the grids: tokens_for(M) tokens unless `tokens` is given."""
+    return Point(k=k, capacity_factor=cf, num_experts=E, model_dim=M, tokens=tokens or tokens_for(M), dtype=dtype)
+
+
+def parse_point(text: str, tokens: int = 0) -> Point:
+    """"k,cf,E,M,dtype" (the benchmarks' --point) as a grid point, with tokens_for(M) tokens unless `tokens`."""
+    try:
+        k, cf, E, M, dtype = text.split(",")
+        point = grid_point(int(k), float(cf), int(E), int(M), dtype, tokens=tokens or None)
+    except ValueError:
+        raise SystemExit(f"--point: expected k,cf,E,M,dtype (e.g. 2,1.0,16,512,fp32), got {text!r}")
+    if point.dtype not in DTYPES:
+        raise SystemExit(f"--point: unknown dtype {point.dtype!r}; choose among {sorted(DTYPES)}")
+    return point
+
+
+@dataclass
+class Grid:
+    """A set of points plus the multi-rank and memory subsets and the repetition counts."""
+
+    points: List[Point]
+    memory_points: List[Point]
+    multirank_points: List[Point]
+    world_sizes: List[int] = field(default_factory=lambda: [2, 4])
+    warmup: int = 2
+    reps: int = 5
+    budget_s: Optional[float] = 6.0  # per point, after the first 5 timed rounds (None: every round)
+    tokens: str = "fresh"  # a new batch every round ("fresh", as in training) or one batch throughout ("fixed")
+    dtypes: List[str] = field(default_factory=list)  # set where the grid was cut to these dtypes
+    only: str = ""  # set where the grid was cut to the points whose key matches this regular expression
+
+
+def quick_grid() -> Grid:
+    """13 points over k, capacity factor, E 4..64, M 256..1024 and both dtypes (the M=512 points with 512 tokens,
+    to keep every step well under a second on one core), plus the memory and multi-rank subsets."""
+    points = [grid_point(k, cf, 8, 256) for k, cf in itertools.product([1, 2, 4], [1.0, 1.25])]
+    points += [grid_point(2, 1.0, 32, 512, tokens=512), grid_point(4, 1.25, 32, 512, tokens=512),
+               grid_point(2, 1.0, 64, 256), grid_point(4, 1.25, 64, 256), grid_point(2, 1.25, 4, 1024),
+               grid_point(2, 1.0, 16, 512, "bf16"), grid_point(1, 1.25, 8, 256, "bf16")]
+    memory = [p for p in points if p.k == 2 and p.capacity_factor == 1.0] + [grid_point(4, 1.25, 32, 512, tokens=512)]
+    multirank = [grid_point(2, 1.0, 8, 256, tokens=512), grid_point(2, 1.25, 8, 256, tokens=512)]
+    return Grid(points, memory, multirank, warmup=1, reps=9, budget_s=5.0)
+
+
+def full_grid(max_layer_bytes: int) -> Grid:
+    """The issue's whole grid, less points whose expert weights + gradients exceed max_layer_bytes."""
+    points = [grid_point(k, cf, E, M, dtype)
+              for dtype, M, E, k, cf in itertools.product(["fp32", "bf16"], [256, 512, 1024, 2048], [4, 8, 16, 32, 64],
+                                                          [1, 2, 4], [1.0, 1.25])]
+    points = [p for p in points if 2 * p.expert_param_bytes() <= max_layer_bytes]
+    memory = [p for p in points if p.k == 2]
+    multirank = [grid_point(1, 1.0, 8, 256, tokens=1024), grid_point(2, 1.0, 8, 256, tokens=1024),
+                 grid_point(2, 1.25, 16, 512, tokens=512)]
+    return Grid(points, memory, multirank, warmup=2, reps=7, budget_s=10.0)
+
+
+def smoke_grid() -> Grid:
+    """Two tiny points, timed but not measured for memory or on several ranks."""
+    points = [Point(1, 1.0, 4, model_dim=16, tokens=32), Point(2, 1.25, 4, model_dim=16, tokens=32, dtype="bf16")]
+    return Grid(points, [], [], warmup=1, reps=3, budget_s=1.0)
+
+
 def other_libraries() -> Dict[str, bool]:
     """Which other MoE libraries are importable here (none of them is on PyPI as a CPU build)."""
     return {name: importlib.util.find_spec(name) is not None for name in OTHER_LIBRARIES}
@@ -86,13 +156,16 @@ def layer_kwargs(point: Point, ep_size: int = 1) -> dict:
                 use_rts=False, top2_2nd_expert_sampling=False)
 
 
-def build_layer(name: str, point: Point, device: torch.device, seed: int = 0, ep_size: int = 1) -> nn.Module:
-    """One implementation alone (the memory probe builds only the layer it measures)."""
+def build_layer(name: str, point: Point, device: torch.device, seed: int = 0, ep_size: int = 1,
+                ours_extra: Optional[Dict] = None) -> nn.Module:
+    """One implementation alone (the memory probe builds only the layer it measures). Ours gets the run's
+    ours_options() and, over them, `ours_extra`."""
     torch.manual_seed(seed)
     expert = expert_ffn(point.model_dim, point.hidden_dim)
     if name == "ours":
         import ds_tutel
-        layer = ds_tutel.MoE(point.model_dim, expert, **layer_kwargs(point, ep_size), **ours_options())
+        layer = ds_tutel.MoE(point.model_dim, expert, **layer_kwargs(point, ep_size),
+                             **{**ours_options(), **(ours_extra or {})})
     elif name == "deepspeed":
         from deepspeed.moe.layer import MoE as DeepSpeedMoE
         layer = DeepSpeedMoE(point.model_dim, expert, **layer_kwargs(point, ep_size))
@@ -124,10 +197,10 @@ def share_expert_parameters(source: nn.Module, target: nn.Module) -> None:
 
 
 def build_layers(point: Point, device: torch.device, seed: int = 0, ep_size: int = 1,
-                 share_experts: bool = True) -> Dict[str, nn.Module]:
+                 share_experts: bool = True, ours_extra: Optional[Dict] = None) -> Dict[str, nn.Module]:
     """{"ours": ds_tutel.MoE, "deepspeed": deepspeed.moe.layer.MoE} holding identical weights."""
     reference = build_layer("deepspeed", point, device, seed, ep_size)
-    ours = build_layer("ours", point, device, seed + 1, ep_size)
+    ours = build_layer("ours", point, device, seed + 1, ep_size, ours_extra=ours_extra)
     ours.load_state_dict(reference.state_dict())
     if share_experts:
         share_expert_parameters(reference, ours)
@@ -147,8 +220,8 @@ _PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, List[nn.Parameter]]" = weakre
 
 def zero_grads(module: nn.Module) -> None:
     """Sets every parameter's grad to None, as optimizer.zero_grad() does: over a list made once, as an
-    optimizer holds its parameter groups. Walking the module tree every step (module.parameters()) cost about
-    0.35 ms at E=64, the same for both layers, which only pulled their ratio towards 1."""
+    optimizer holds its parameter groups. Walking the module tree every step (module.parameters()) costs the
+    same for both layers and grows with E, which would only pull their ratio towards 1."""
     params = _PARAMETERS.get(module)
     if params is None:
         params = _PARAMETERS[module] = list(module.parameters())

@@ -7,8 +7,8 @@ first step also checks that both layers gave the same output on every rank.
 
 Ranks are spawned with ds_tutel.ranks (one thread per rank, DS_ACCELERATOR=cpu).
 
-    python benchmarks/layer_multirank.py --quick     the quick grid's expert-parallel points alone (~2 min)
-    python benchmarks/layer_multirank.py --full      the full grid's (~10 min on 2 CPU cores)
+    python benchmarks/layer_multirank.py --quick     the quick grid's expert-parallel points alone (minutes)
+    python benchmarks/layer_multirank.py --full      the full grid's (several times longer)
 
 write benchmarks/results/<tag>.json and <tag>.md (tag: multirank_quick, multirank_full): the same table as
 bench_layer.py's, without its single-rank grid, for changes that touch only the expert-parallel path.
@@ -29,6 +29,7 @@ from benchmarks.layer_impls import IMPLEMENTATIONS, Point  # noqa: E402
 
 CAPACITY = "ours_capacity"  # ours with a2a_send="capacity": whole [E, C, M] buffers on the wire, as DeepSpeed's
 
+
 def _rank_times(rank: int, world_size: int, point_fields: List[dict], warmup: int, reps: int) -> List[dict]:
     """Runs on every rank: per point, {impl: [slowest-rank seconds per step]} and the equality check."""
     import time
@@ -44,10 +45,13 @@ def _rank_times(rank: int, world_size: int, point_fields: List[dict], warmup: in
         point = Point(**fields)
         layers = build_layers(point, device, seed=10, ep_size=world_size)
         # Ours once more with DeepSpeed's fixed-size messages: what sending only the kept rows saves.
-        layers[CAPACITY] = build_layers(point, device, seed=10, ep_size=world_size)["ours"]
-        layers[CAPACITY].deepspeed_moe.a2a_send = "capacity"
+        layers[CAPACITY] = build_layers(point, device, seed=10, ep_size=world_size,
+                                        ours_extra={"a2a_send": "capacity"})["ours"]
         for layer in layers.values():
             layer.set_deepspeed_parallelism()
+        strategies = {name: layers[name].deepspeed_moe.strategy(device) for name in ("ours", CAPACITY)}
+        if strategies[CAPACITY] != "capacity":
+            raise RuntimeError(f"{CAPACITY} runs the {strategies[CAPACITY]!r} strategy, not 'capacity'")
         x_SM, dy_SM = make_inputs(point, device, seed=rank)
         outputs = {name: layer_step(layer, x_SM, dy_SM)[0] for name, layer in layers.items()}
         tol = dict(atol=1e-2, rtol=1e-2) if point.dtype == "bf16" else dict(atol=1e-5, rtol=1e-4)
@@ -72,7 +76,7 @@ def _rank_times(rank: int, world_size: int, point_fields: List[dict], warmup: in
         flags = torch.tensor([0.0 if equal else 1.0])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         rows.append({"point": fields, "times": {n: times[i].tolist() for i, n in enumerate(names)},
-                     "equal": bool(flags.item() == 0.0)})
+                     "equal": bool(flags.item() == 0.0), "strategies": strategies})
     return rows
 
 
@@ -98,8 +102,8 @@ def multirank_times(points: List[Point], world_sizes: List[int], warmup: int = 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from benchmarks import bench_layer
-    from benchmarks.layer_report import multirank_lines
+    from benchmarks.layer_impls import full_grid, quick_grid
+    from benchmarks.layer_report import RESULTS_DIR, environment, multirank_lines
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     grid_choice = parser.add_mutually_exclusive_group()
@@ -107,14 +111,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     grid_choice.add_argument("--full", action="store_true", help="the full grid's points")
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per point (default: the grid's)")
     parser.add_argument("--tag", default="", help="output name under --out-dir (default: multirank_<grid>)")
-    parser.add_argument("--out-dir", default=bench_layer.RESULTS_DIR)
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
     name = "full" if args.full else "quick"
-    grid = bench_layer.full_grid(1 << 62) if args.full else bench_layer.quick_grid()
-    env = bench_layer.environment(torch.device("cpu"), 1)
+    grid = full_grid(1 << 62) if args.full else quick_grid()
+    env = environment(torch.device("cpu"), 1)
     rows = multirank_times(grid.multirank_points, grid.world_sizes, warmup=grid.warmup, reps=args.reps or grid.reps)
     doc = {"environment": env, "multirank": rows}
     tag = args.tag or f"multirank_{name}"
@@ -123,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         json.dump(doc, f, indent=1)
     header = (f"### Expert parallel alone ({name} grid's points)\n\n{env['date']}; {env['processor']} "
               f"({env['cpu_isa']}), {env['cpu_count']} cores; torch {env['torch']}, deepspeed {env['deepspeed']}; "
-              f"ds_tutel at {env['ds_tutel_revision']}; malloc: {env['malloc']}.\n")
+              f"ds_tutel at {env['ds_tutel_revision']}.\n")
     with open(os.path.join(args.out_dir, f"{tag}.md"), "w") as f:
         f.write(header + "\n" + "\n".join(multirank_lines(rows)) + "\n")
     print(f"wrote {tag}.json and {tag}.md under {args.out_dir}")

@@ -1,18 +1,88 @@
-"""The layer benchmark's outputs: the JSON document, a markdown report with the targets, and a PNG of the ratios.
+"""The layer benchmark's outputs: the environment a run records, the JSON document, a markdown report with the
+targets, and a PNG of the ratios.
 
 Ratios are ours / DeepSpeed (below 1 = ours faster), ours / floor and DeepSpeed / floor (1 = at the floor).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
-from typing import Dict, List, Tuple
+import platform
+import subprocess
+from typing import Dict, List, Optional, Tuple
 
+import torch
+
+from benchmarks.layer_impls import other_libraries
 from benchmarks.timing import geomean, median, paired_ratio
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # The issue's targets on the CPU.
 GEOMEAN_SPEEDUP = 1.2   # geometric mean of DeepSpeed / ours over the grid, at least
 FLOOR_MARGIN = 1.10     # ours / expert-FFN floor at capacity factor 1.0, k = 2, at most
+
+
+def environment(device: torch.device, threads: int) -> Dict:
+    """Where and with what a run measured: versions, processor, threads, device, the repository's commit."""
+    import deepspeed
+    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+           "torch": torch.__version__, "deepspeed": deepspeed.__version__, "machine": platform.machine(),
+           "processor": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": threads,
+           "device": str(device), "other_libraries": other_libraries(), "ds_tutel_revision": _revision(),
+           "cpu_kernels": _cpu_kernels(), "cpu_isa": _cpu_isa()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _cpu_isa() -> str:
+    """The vector instructions torch's CPU kernels use, the CPU's family and model, and what runs bf16 matmuls:
+    runs on two generations of one vendor's CPUs are not comparable (bf16 steps without AVX-512 BF16 can take
+    tens of times longer; docs/BENCHMARKS.md)."""
+    from ds_tutel.kernels.cpu.row_buckets import onednn_half_matmuls
+    ids = _cpuinfo("cpu family", "model")
+    family = f", family {ids['cpu family']} model {ids['model']}" if len(ids) == 2 else ""
+    bf16 = "oneDNN" if onednn_half_matmuls(torch.bfloat16) else "ATen loops"
+    return f"{torch.backends.cpu.get_cpu_capability()}{family}, bf16 matmuls: {bf16}"
+
+
+def _cpu_kernels() -> str:
+    """DS_TUTEL_CPU_KERNELS and whether the compiled grouped-dispatch loops loaded (ours' CPU combine)."""
+    from ds_tutel.kernels.cpu import build as cpu_kernels
+    return f"{cpu_kernels.mode()} ({'loaded' if cpu_kernels.load() is not None else 'torch operators'})"
+
+
+def _revision() -> Optional[str]:
+    """The repository's commit, with "+changes" when the layer's package has uncommitted edits."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ds_tutel"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
+def _cpuinfo(*keys: str) -> Dict[str, str]:
+    """The first value of each of these /proc/cpuinfo fields (those it has; none without /proc)."""
+    found: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in keys:
+                    found.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return found
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name").get("model name") or platform.processor()
 
 
 def targets(doc: Dict) -> List[Dict]:
@@ -104,11 +174,12 @@ def markdown(doc: Dict, title: str) -> str:
              f"{env['cpu_count']} cores, "
              f"{env['torch_threads']} torch threads; torch {env['torch']}, deepspeed {env['deepspeed']}, "
              f"Python {env['python']}; ds_tutel at {env.get('ds_tutel_revision')}; "
-             f"malloc: {env.get('malloc', 'not recorded')}; "
-             f"CPU dispatch loops: {env.get('cpu_kernels', 'not recorded')}; copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
+             + (f"malloc: {env['malloc']}; " if env.get("malloc") else "")
+             + f"CPU dispatch loops: {env.get('cpu_kernels', 'not recorded')}; "
+             f"copy bandwidth {doc['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; "
              f"other MoE libraries: {others}."
-             + (f" Ours built with {doc['ours_options']} (the FFN floor runs ours' expert modules)." if doc.get("ours_options")
-                else ""), "",
+             + (f" Ours built with {doc['ours_options']} (the FFN floor runs ours' expert modules)."
+                if doc.get("ours_options") else ""), "",
              TOKENS_NOTE[doc.get("tokens", "fixed")], "",
              "Forward+backward, interleaved runs: times are medians, ratios the median of per-round ratios "
              "(both timed in the same round), IQR their quartiles (a wide one = a noisy point). S tokens, "

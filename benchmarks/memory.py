@@ -2,11 +2,9 @@
 
 Every probe runs in a new interpreter, as a training job does. Round r of the REPEATS rounds runs all of a
 point's probes with PYTHONHASHSEED=r: the hash seed orders sets and dicts while torch, DeepSpeed and ds_tutel
-import, and so decides the heap the steps start on. Measured on the project's CPU machine (k2_cf1_E64_M256
-fp32), ours' layer_MB was 232.6 MB under seeds 1, 2 and 3 and 258.3 MB under seed 0, DeepSpeed's 229-233 MB
-under all four, while repeats under one seed agreed within 0.3 MB. Children forked from one server (the
-earlier method) all inherit that server's heap, so a whole run drew one layout: the same code came out at
-0.99 of DeepSpeed's peak in one run and 1.25 in the next. A child resets its peak-RSS mark at start (Linux
+import, and so decides the heap the steps start on. One seed can move a layer's peak by a tenth while repeats
+under one seed agree closely (docs/BENCHMARKS.md); children forked from one server would all inherit that
+server's heap, so a whole run would draw one layout. A child resets its peak-RSS mark at start (Linux
 /proc/self/clear_refs), builds one layer and the inputs, runs STEPS steps, each on a new batch of tokens as a
 training job would (so routing and per-expert row counts change, and whatever a layer keeps per new shape
 accumulates), and reports its peak resident set; a "baseline" child builds the same inputs without any layer.

@@ -70,9 +70,13 @@ class MOELayer(nn.Module):
         return exchange_counts(routing.kept_per_expert(), routing.capacity, self.ep_group, self.num_local_experts,
                                algorithm=self.exchange.algorithm, auto_threshold=self.exchange.auto_threshold)
 
+    def _backend_and_strategy(self, device: torch.device) -> Tuple[str, str]:
+        backend = resolve_dispatch_backend(self.dispatch_backend, device)
+        return backend, strategies.choose(self.ep_size, backend, self.exchange)
+
     def strategy(self, device: torch.device) -> str:
         """The forward strategy for tokens on `device` (strategies.py)."""
-        return strategies.choose(self.ep_size, resolve_dispatch_backend(self.dispatch_backend, device), self.exchange)
+        return self._backend_and_strategy(device)[1]
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
                 capacity_factor: Optional[float] = None, k: Optional[int] = None) -> torch.Tensor:
@@ -83,8 +87,7 @@ class MOELayer(nn.Module):
         M = hidden_states.shape[-1]
         x_SM = hidden_states.reshape(-1, M)
         used_S = None if used_token is None else used_token.reshape(-1)
-        backend = resolve_dispatch_backend(self.dispatch_backend, x_SM.device)
-        strategy = strategies.choose(self.ep_size, backend, self.exchange)
+        backend, strategy = self._backend_and_strategy(x_SM.device)
         strategies.warn_ineffective(strategy, self.ep_size, backend, self.exchange)
 
         def route(agree):  # the dispatch gathers from the tokens the router passes on (see router_linear.py)

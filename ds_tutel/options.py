@@ -46,7 +46,7 @@ class RouterOptions:
     """How the gate routes and which losses it adds.
 
     capacity_mode: "deepspeed" (DeepSpeed's capacity and drop rules) or "tutel" (capacity_factor > 0 fixed,
-        0 dropless, < 0 bounded no-pad; k-major queues, see tutel_gating).
+        0 dropless, < 0 bounded no-pad; k-major queues, see routing/tutel.py).
     batch_prioritized_routing: (tutel) an overflowing expert keeps the highest-scoring tokens first.
     normalize_gate: (tutel) top-k gate values renormalised to sum to 1 per token.
     gate_noise: std of normal noise (divided by E) on the logits that choose experts, training only.

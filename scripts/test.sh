@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export DS_ACCELERATOR=cpu
-exec python -m pytest -q -p no:cacheprovider --durations=15 "$@" tests
+# Two workers, each test file on one of them (module fixtures run once): spawned ranks and imports leave a core
+# idle often enough that this takes about two thirds of the serial time. TEST_WORKERS=0 runs serially.
+exec python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@" tests

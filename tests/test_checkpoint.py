@@ -47,7 +47,7 @@ def _eval(world_size, ckpt_dir, out_dir):
 
 
 def _reshard_cli(*args):
-    return subprocess.run([sys.executable, "-m", "ds_tutel.train.checkpoint", "reshard", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "ds_tutel.train.checkpoint_cli", "reshard", *args], cwd=REPO,
                           env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300)
 
 
@@ -108,6 +108,16 @@ def test_reshard_refuses_to_overwrite_and_reports_bad_input(source, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_info_prints_the_manifest_of_the_latest_checkpoint_and_refuses_an_empty_directory(source, tmp_path):
+    run = [sys.executable, "-m", "ds_tutel.train.checkpoint_cli", "info"]
+    result = subprocess.run(run + [source["ckpt"]], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["step"] == 4 and manifest["world_size"] == 2
+    empty = subprocess.run(run + [str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "no checkpoint" in empty.stderr
+
+
 def _train_cli(*args, timeout=180):
     return subprocess.run([sys.executable, "-m", "ds_tutel.train", *TINY, *args], cwd=REPO,
                           env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
@@ -147,7 +157,7 @@ def test_corrupt_partial_and_mismatched_checkpoints_are_refused(source, resharde
     assert "different model (d_model: checkpoint 32 vs run 64)" in mismatched
     wrong_size = _error_line(_train_cli("--out", str(tmp_path / "o2"), "--checkpoint-dir", source["ckpt"],
                                         "--resume"))
-    assert "world size 2 and ep_size 2" in wrong_size and "ds_tutel.train.checkpoint reshard" in wrong_size
+    assert "world size 2 and ep_size 2" in wrong_size and "ds_tutel.train.checkpoint_cli reshard" in wrong_size
 
     expert_file = os.path.join(tag_dir, "layer_0_expert_1_mp_rank_00_model_states.pt")
     with open(expert_file, "r+b") as f:

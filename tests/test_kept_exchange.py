@@ -15,7 +15,7 @@ M = 8
 def test_layout_of_two_ranks_with_two_local_experts():
     # I am rank 1. I keep 3, 0 | 2, 1 rows for experts 0, 1 (rank 0's) | 2, 3 (mine).
     # Rank 0 sends my experts 4 and 0 rows; I send them 2 and 1.
-    layout = kept_layout([3, 0, 2, 1], [[4, 0], [2, 1]], me=1, device=torch.device("cpu"), dtype=torch.float32)
+    layout = kept_layout([3, 0, 2, 1], [[4, 0], [2, 1]], me=1)
     assert layout.send_W == [3, 3] and layout.recv_W == [4, 3]
     assert layout.rows_L == [6, 1]
     # Received rows: rank 0's (4 for expert 0, none for expert 1), then mine (2 for expert 0, 1 for expert 1).
@@ -26,14 +26,14 @@ def test_layout_of_two_ranks_with_two_local_experts():
 
 def test_layout_rejects_counts_of_another_expert_count():
     with pytest.raises(ValueError, match="3 experts' row counts, expected 2 ranks x 2"):
-        kept_layout([1, 2, 3], [[1, 1], [1, 1]], me=0, device=torch.device("cpu"), dtype=torch.float32)
+        kept_layout([1, 2, 3], [[1, 1], [1, 1]], me=0)
 
 
 @st.composite
 def _layouts(draw):
     W, L = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     filled_WL = [[draw(st.integers(0, 5)) for _ in range(L)] for _ in range(W)]
-    layout = kept_layout([0] * (W * L), filled_WL, me=0, device=torch.device("cpu"), dtype=torch.float32)
+    layout = kept_layout([0] * (W * L), filled_WL, me=0)
     # Pad rows as row buckets would add them, whatever this machine's matmuls need.
     layout.expert_rows_L = [n + draw(st.integers(0, 3)) for n in layout.rows_L]
     return filled_WL, layout
@@ -81,11 +81,13 @@ def test_pad_rows_get_a_zero_gradient():
 ])
 def test_which_exchanges_send_only_kept_rows(kwargs, backend, kept, monkeypatch):
     import ds_tutel
+    from ds_tutel import strategies
     from helpers import expert_ffn
 
     monkeypatch.delenv("DS_TUTEL_A2A_AUTO_THRESHOLD", raising=False)
     layer = ds_tutel.MoE(M, expert_ffn(M), num_experts=4, ep_size=2, **kwargs)
-    assert layer.deepspeed_moe._sends_kept_rows(backend) is kept
+    chosen = strategies.choose(layer.ep_size, backend, layer.deepspeed_moe.exchange)
+    assert (chosen == strategies.KEPT_EXCHANGE) is kept
 
 
 CASES = [  # (num_experts, k, drop_tokens, capacity_factor, dtype)

@@ -102,10 +102,9 @@ def _check_layouts_dropless(rank, world_size):
 def _collectives_per_forward(rank, world_size):
     import ds_tutel
     import ds_tutel.layer as layer_module
-    from ds_tutel.parallel import alltoall as comm
     from helpers import expert_ffn
     calls = {"agree": 0, "counts": 0}
-    agree_max, exchange_counts = comm.agree_max, layer_module.exchange_counts
+    agree_max, exchange_counts = layer_module.agree_max, layer_module.exchange_counts
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -113,7 +112,7 @@ def _collectives_per_forward(rank, world_size):
             return fn(*args, **kwargs)
         return wrapped
 
-    comm.agree_max = counting("agree", agree_max)
+    layer_module.agree_max = counting("agree", agree_max)
     layer_module.exchange_counts = counting("counts", exchange_counts)
     seen = {}
     for case, drop_tokens, tokens in [("equal", True, 12), ("unequal", True, 5 + 7 * rank),

@@ -4,7 +4,7 @@
 // rule, one pass over topk's picks; and the grouped plan's rows (each kept choice's row, each row's token),
 // one pass over the choices.
 //
-// The torch-operator path (ds_tutel/dispatch.py) makes several passes per direction (products into a buffer,
+// The torch-operator path (ds_tutel/dispatch/grouped.py) makes several passes per direction (products into a buffer,
 // index_add_, a gather, a sum, a scaling) and allocates a buffer for each. These loops go token by token: a
 // token reads its own kept rows and writes its own output row once, so no output needs zeroing first, no two
 // threads write the same row, and the additions happen in a fixed order (a token's choices in row order, that

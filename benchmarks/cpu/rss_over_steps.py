@@ -1,4 +1,5 @@
-"""Resident memory over many training steps, per implementation, each in a new interpreter.
+"""Resident memory over many training steps on the CPU, per implementation, each in a new interpreter: a
+regression check that the CPU machinery (per-shape caches, row buckets, compiled loops) keeps memory flat.
 
 benchmarks/memory.py takes the peak over a few steps. A cost paid per new tensor shape shows only over a long
 run: oneDNN compiles and keeps a primitive for every shape it has not seen (CPU bf16 matmuls, and GELU where
@@ -6,7 +7,7 @@ oneDNN runs it), and ours' experts see new row counts step after step, where Dee
 Here each implementation steps on a new batch every step (forward+backward, gradients set to None first, as
 `zero_grad` does) and reports its resident set after chosen steps, so growth that never stops is visible.
 
-    python benchmarks/rss_over_steps.py --point 2,1.0,16,512,bf16 --steps 200
+    python benchmarks/cpu/rss_over_steps.py --point 2,1.0,16,512,bf16 --steps 200
 
 Shape legend: S tokens, M model dim, E experts.
 """
@@ -15,12 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.fresh_process import FreshProcesses  # noqa: E402
-from benchmarks.layer_impls import IMPLEMENTATIONS, Point  # noqa: E402
+from benchmarks.layer_impls import IMPLEMENTATIONS, Point, parse_point  # noqa: E402
 
 _MB = 1 << 20
 
@@ -53,7 +54,9 @@ def rss_probe(point: Point, impl: str, steps: int) -> Dict[int, float]:
     return resident
 
 
-def rss_over_steps(point: Point, impls: List[str], steps: int, timeout: float = 3600.0) -> Dict[str, Dict[int, float]]:
+def rss_over_steps(point: Point, impls: List[str], steps: int,
+                   timeout: float = 3600.0) -> Dict[str, Dict[int, float]]:
+    """{implementation: {step count: resident MB}}, one new interpreter per implementation."""
     processes = FreshProcesses(spawn=True)
     return {impl: processes.call_on_point(rss_probe, point, 1, impl, steps, timeout=timeout,
                                           what=f"resident memory of {impl} at {point.key}")
@@ -69,9 +72,7 @@ def table(point: Point, results: Dict[str, Dict[int, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: List[str] = None) -> int:
-    from benchmarks.onednn_cache import parse_point
-
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--point", default="2,1.0,16,512,bf16", help="k,cf,E,M,dtype (tokens as bench_layer)")
     parser.add_argument("--tokens", type=int, default=0, help="tokens per step (default: bench_layer's for M)")
