@@ -147,6 +147,10 @@ def check_exchange(a2a_algorithm: Any, overlap_degree: Any, a2a_send: Any = "kep
     if a2a_send not in A2A_SENDS:
         raise ValueError(f"a2a_send must be one of {A2A_SENDS}, got {a2a_send!r}")
     check_algorithm(a2a_algorithm)
+    check_overlap_degree(overlap_degree)
+
+
+def check_overlap_degree(overlap_degree: Any) -> None:
     if isinstance(overlap_degree, bool) or not isinstance(overlap_degree, int) or overlap_degree < 1:
         raise ValueError(f"a2a_ffn_overlap_degree must be an int >= 1, got {overlap_degree!r}")
 

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..options import DEFAULT_AUTO_THRESHOLD_BYTES, check_algorithm
+from ..options import DEFAULT_AUTO_THRESHOLD_BYTES, check_algorithm, check_overlap_degree
 from . import alltoall as comm
 from .topology import Topology
 
@@ -24,8 +24,7 @@ def check_exchange_args(buf_ECM: torch.Tensor, group: comm.Group, num_local_expe
                         overlap_degree: int) -> int:
     """Validates the arguments locally (before any collective); returns W, the group size."""
     check_algorithm(algorithm)
-    if isinstance(overlap_degree, bool) or not isinstance(overlap_degree, int) or overlap_degree < 1:
-        raise ValueError(f"overlap degree must be an int >= 1, got {overlap_degree!r}")
+    check_overlap_degree(overlap_degree)
     if isinstance(num_local_experts, bool) or not isinstance(num_local_experts, int) or num_local_experts < 1:
         raise ValueError(f"num_local_experts must be an int >= 1, got {num_local_experts!r}")
     if not isinstance(buf_ECM, torch.Tensor) or buf_ECM.dim() != 3:
