@@ -44,13 +44,16 @@ def pytest_sessionfinish(session):
 
 
 def pytest_sessionstart(session):
-    """Builds the compiled CPU dispatch loops once, before any test: spawned ranks and launched jobs then load
-    the cached build instead of compiling under their timeouts. DS_TUTEL_CPU_KERNELS=1 (set here unless the
-    caller chose) makes a failed build fail the suite rather than fall back unnoticed."""
+    """Builds the compiled CPU dispatch loops and DeepSpeed's CPU communication op once, before any test (and
+    before the parallel workers start): spawned ranks and launched jobs then load the cached builds instead of
+    compiling, or waiting on another compile's lock, under their timeouts. DS_TUTEL_CPU_KERNELS=1 (set here unless
+    the caller chose) makes a failed build fail the suite rather than fall back unnoticed."""
     os.environ.setdefault("DS_TUTEL_CPU_KERNELS", "1")
     if not _in_a_worker(session.config):
         from ds_tutel.launch.shm import deepspeed_shm_buffers
         session.config._shm_buffers_before = set(deepspeed_shm_buffers())
+        from deepspeed.comm.torch import build_shm_op
+        build_shm_op()
     from ds_tutel import kernels
     if kernels.provider_loaded("cpu"):  # absent where a test runs the suite without the CPU provider
         from ds_tutel.kernels.cpu import build as cpu_kernels
