@@ -197,3 +197,52 @@ def test_slot_maps_are_inverse(poisoned):
     filled_N = choice_N >= 0
     assert int(filled_N.sum()) == int(kept_SK.sum())
     assert torch.equal(slots_SK.reshape(-1)[choice_N[filled_N]], torch.nonzero(filled_N).squeeze(1))
+
+
+def test_slot_maps_drop_choices_outside_the_buffer(poisoned):
+    # Experts outside [0, E) or slots outside [0, C) (a routing from elsewhere, or a kernel's sentinel) never reach
+    # a buffer: they are dropped, as a location of -1 is.
+    dispatch, _ = load_interpreted()
+    E, C = 3, 2
+    indices_SK = torch.tensor([[0, 2], [E, 1], [-1, 0], [1, 2], [2, 0]])
+    locations_SK = torch.tensor([[0, 0], [0, 0], [1, 1], [C, 1], [-1, 0]])
+    slots_SK, choice_N = dispatch.slot_maps(indices_SK, locations_SK, C, E)
+    assert torch.equal(slots_SK, torch.tensor([[0, 4], [-1, 2], [-1, 1], [-1, 5], [-1, 0]]))
+    assert choice_N.shape == (E * C,)
+    # Slot 0 is claimed twice here ((0, 0) and (4, 1)): a broken routing; which claim wins is unspecified.
+    assert choice_N[0].item() in (0, 9) and torch.equal(choice_N[1:], torch.tensor([5, 3, -1, 1, 7]))
+    x_SM = torch.randn(5, 8)
+    buf_ECM = dispatch.encode(x_SM, indices_SK, locations_SK, C, E)
+    assert buf_ECM.shape == (E, C, 8) and torch.equal(buf_ECM[1, 1], torch.zeros(8))
+    y_SM = dispatch.decode(buf_ECM, torch.ones(5, 2), indices_SK, locations_SK)
+    assert torch.equal(y_SM[1], buf_ECM[1, 0]) and torch.equal(y_SM[2], buf_ECM[0, 1])
+
+
+def test_slot_maps_are_built_once_per_forward(poisoned, monkeypatch):
+    import ds_tutel
+    from helpers import expert_ffn
+    dispatch, _ = load_interpreted()
+    calls = []
+    real_slot_maps = dispatch.slot_maps
+
+    def counting_slot_maps(*args, **kwargs):
+        calls.append(args[2:])
+        return real_slot_maps(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "slot_maps", counting_slot_maps)
+    torch.manual_seed(0)
+    for k in (1, 2):
+        calls.clear()
+        layer = ds_tutel.MoE(8, expert_ffn(8), num_experts=4, k=k, dispatch_backend="triton")
+        x_SM = torch.randn(20, 8, requires_grad=True)
+        out_SM, l_aux, _ = layer(x_SM)
+        (out_SM.sum() + l_aux).backward()
+        assert len(calls) == 1, calls  # encode builds them, decode reuses them, the backward saved them
+        assert x_SM.grad is not None and torch.isfinite(x_SM.grad).all()
+        # A routing changed in place after encode gets fresh maps.
+        routing = route_tutel(torch.randn(20, 4), k=k, capacity_factor=1.0)
+        encode, decode = _triton()
+        buf_ECM = encode(x_SM.detach(), routing)
+        routing.locations_SK.fill_(-1)
+        assert torch.equal(decode(buf_ECM, routing), torch.zeros(20, 8))
+        assert len(calls) == 3

@@ -5,8 +5,9 @@ of up to G source rows accumulated in fp32:
     out_RM[r] = sum_g w[r, g] * src_XM[idx_RG[r, g] // idx_div]        (idx < 0 contributes nothing)
 Because each output row is written once by one program (rather than scattered into a zeroed buffer), there
 are no atomics, no separate zero fill, and the results are deterministic. The four passes are four uses of it,
-on two index maps that `_slot_map_kernel` builds from the routing: slots_SK (the buffer row of each choice, -1
-where dropped) and its inverse choice_N (the flat choice j = s * K + k filling each buffer row, -1 where empty):
+on two index maps that `_slot_map_kernel` builds from the routing, once per forward (the caller passes them to
+encode and decode): slots_SK (the buffer row of each choice, -1 where dropped) and its inverse choice_N (the flat
+choice j = s * K + k filling each buffer row, -1 where empty):
     encode forward   rows = buffer rows, G = 1, idx = choice_N, idx_div = K (its token)
     encode backward  rows = tokens,      G = K, idx = slots_SK, no weights (gather + sum over k)
     decode forward   rows = tokens,      G = K, idx = slots_SK, w = gates_SK
@@ -71,12 +72,15 @@ def _gather_rows_kernel(out_ptr, src_ptr, idx_ptr, w_ptr, dot_ptr, partial_ptr,
 
 
 @triton.jit
-def _slot_map_kernel(indices_ptr, locations_ptr, slots_ptr, choice_ptr, J, capacity, BLOCK_J: tl.constexpr):
+def _slot_map_kernel(indices_ptr, locations_ptr, slots_ptr, choice_ptr, J, capacity, E, BLOCK_J: tl.constexpr):
     choices_J = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     in_J = choices_J < J
     locations_J = tl.load(locations_ptr + choices_J, mask=in_J, other=-1)
-    kept_J = locations_J >= 0
-    slots_J = tl.load(indices_ptr + choices_J, mask=in_J, other=0) * capacity + locations_J
+    experts_J = tl.load(indices_ptr + choices_J, mask=in_J, other=0)
+    # A choice outside the buffer (expert not in [0, E), slot not in [0, C)) counts as dropped: no routing, however
+    # made, can make the dispatch read or write past the end of a buffer.
+    kept_J = (locations_J >= 0) & (locations_J < capacity) & (experts_J >= 0) & (experts_J < E)
+    slots_J = experts_J * capacity + locations_J
     tl.store(slots_ptr + choices_J, tl.where(kept_J, slots_J, -1), mask=in_J)
     # Kept choices own distinct slots, so this scatter has unique targets: no atomics, deterministic.
     tl.store(choice_ptr + slots_J, choices_J, mask=kept_J)
@@ -133,10 +137,14 @@ def gather_rows(src_XM: torch.Tensor, idx_RG: torch.Tensor, w: Optional[torch.Te
     return out_RM, dot_I
 
 
-def slot_maps(indices_SK: torch.Tensor, locations_SK: torch.Tensor, capacity: int,
-              num_experts: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(slots_SK, choice_N): the flat buffer row of each choice (-1 where dropped), and its inverse, the flat
-    choice s * K + k that fills each buffer row (-1 where the slot is empty)."""
+# (slots_SK, choice_N), see slot_maps.
+SlotMaps = Tuple[torch.Tensor, torch.Tensor]
+
+
+def slot_maps(indices_SK: torch.Tensor, locations_SK: torch.Tensor, capacity: int, num_experts: int) -> SlotMaps:
+    """(slots_SK, choice_N): the flat buffer row of each choice (-1 where dropped, or where its expert or slot lies
+    outside the [E, C] buffer), and its inverse, the flat choice s * K + k that fills each buffer row (-1 where the
+    slot is empty). One kernel launch; build it once per routing and pass it to encode and decode."""
     S, K = indices_SK.shape
     device = indices_SK.device
     slots_SK = _empty((S, K), torch.int64, device)
@@ -145,7 +153,7 @@ def slot_maps(indices_SK: torch.Tensor, locations_SK: torch.Tensor, capacity: in
     if J > 0:
         BLOCK_J = min(1024, triton.next_power_of_2(J))
         _slot_map_kernel[(triton.cdiv(J, BLOCK_J),)](indices_SK.contiguous(), locations_SK.contiguous(), slots_SK,
-                                                    choice_N, J, capacity, BLOCK_J=BLOCK_J)
+                                                    choice_N, J, capacity, num_experts, BLOCK_J=BLOCK_J)
     return slots_SK, choice_N
 
 
@@ -190,19 +198,25 @@ class _Decode(torch.autograd.Function):
 
 
 def encode(x_SM: torch.Tensor, indices_SK: torch.Tensor, locations_SK: torch.Tensor, capacity: int,
-           num_experts: int) -> torch.Tensor:
-    """Scatter each kept choice of x_SM into its expert slot of a zero-padded [E, C, M] buffer (differentiable)."""
-    slots_SK, choice_N = slot_maps(indices_SK, locations_SK, capacity, num_experts)
+           num_experts: int, maps: Optional[SlotMaps] = None) -> torch.Tensor:
+    """Scatter each kept choice of x_SM into its expert slot of a zero-padded [E, C, M] buffer (differentiable).
+    maps: slot_maps(indices_SK, locations_SK, capacity, num_experts) if already built (else built here)."""
+    if maps is None:
+        maps = slot_maps(indices_SK, locations_SK, capacity, num_experts)
+    slots_SK, choice_N = maps
     buf_NM = _Encode.apply(x_SM, slots_SK, choice_N)
     return buf_NM.view(num_experts, capacity, x_SM.shape[1])
 
 
 def decode(buf_ECM: torch.Tensor, gates_SK: torch.Tensor, indices_SK: torch.Tensor,
-           locations_SK: torch.Tensor) -> torch.Tensor:
-    """Gather each token's kept expert outputs from [E, C, M], summed with its gates -> [S, M] (differentiable)."""
+           locations_SK: torch.Tensor, maps: Optional[SlotMaps] = None) -> torch.Tensor:
+    """Gather each token's kept expert outputs from [E, C, M], summed with its gates -> [S, M] (differentiable).
+    maps: slot_maps(indices_SK, locations_SK, C, E) if already built (else built here)."""
     E, C, M = buf_ECM.shape
-    slots_SK, choice_N = slot_maps(indices_SK, locations_SK, C, E)
+    if maps is None:
+        maps = slot_maps(indices_SK, locations_SK, C, E)
+    slots_SK, choice_N = maps
     return _Decode.apply(buf_ECM.reshape(E * C, M), gates_SK.to(torch.float32), slots_SK, choice_N)
 
 
-__all__ = ["decode", "encode", "gather_rows", "slot_maps"]
+__all__ = ["SlotMaps", "decode", "encode", "gather_rows", "slot_maps"]

@@ -3,10 +3,12 @@
 Forward, three kernels around one host decision (the capacity):
   1. _softmax_topk_kernel      per block of tokens: fp32 softmax of the logits -> probs_SE; K rounds of argmax
                                over the probabilities, or over caller-given selection scores (ties -> the lower
-                               expert) -> indices_SK and their probabilities as gates, normalised to sum 1 when
-                               asked; the first choice's probability per token for batch-prioritized routing.
+                               expert, NaN above every number as in torch.topk) -> indices_SK, always in [0, E),
+                               and their probabilities as gates, normalised to sum 1 when asked; the first
+                               choice's probability per token for batch-prioritized routing.
   2. _expert_histogram_kernel  per (choice k, block of tokens in priority order): how many choices of the block
-                               want each expert -> hist_KBE. Its exclusive prefix sum over (k, block), k-major as
+                               want each expert -> hist_KBE, in steps of _HIST_BLOCK_E experts (a bounded tile).
+                               Its exclusive prefix sum over (k, block), k-major as
                                the queue is, gives each block its first queue place per expert; its total is
                                counts_E. The capacity is computed from counts_E by the caller, on the host,
                                because dropless and bounded modes need the largest count agreed across ranks.
@@ -20,7 +22,7 @@ Priority order is token order, or for batch-prioritized routing a stable sort by
 (torch.sort: a library sort is the right tool for it, and it is O(S) work beside the O(S * E) gate).
 
 Shape legend: S tokens, E experts, K choices per token, B blocks of tokens, T tokens per block,
-EP / KP: E and K padded to powers of two.
+EP / KP: E and K padded to powers of two (in the histogram kernel, E is one step of BLOCK_E experts).
 """
 from __future__ import annotations
 
@@ -58,18 +60,23 @@ def _softmax_topk_kernel(logits_ptr, select_ptr, probs_ptr, indices_ptr, gates_p
 
     # Experts are chosen by the selection scores when given (noise or bias added by the caller), else by the
     # probabilities; the gate is always the probability. Each round takes the best expert still free, the lowest
-    # index among equals (also when scores are -inf, so a taken expert is never taken twice).
+    # index among equals (also when scores are -inf, so a taken expert is never taken twice). NaN ranks above
+    # every number, as in torch.topk: a NaN logit (or +inf, or a row of -inf) makes the whole row of
+    # probabilities NaN, and such a row still picks K distinct experts in [0, E) (the lowest indices first).
     if HAS_SELECT:
         key_TE = tl.load(select_ptr + tokens_T[:, None] * stride_select + experts_E[None, :], mask=ok_TE,
                          other=float("-inf")).to(tl.float32)
     else:
         key_TE = probs_TE
+    nan_TE = key_TE != key_TE
     free_TE = ok_TE
     top_TK = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
     idx_TK = tl.zeros((BLOCK_T, KP), dtype=tl.int64)
     for k in range(K):
-        best_T = tl.max(tl.where(free_TE, key_TE, float("-inf")), axis=1)
-        is_best_TE = free_TE & (key_TE == best_T[:, None])
+        free_nan_TE = free_TE & nan_TE
+        any_nan_T = tl.max(free_nan_TE.to(tl.int32), axis=1) > 0
+        best_T = tl.max(tl.where(free_TE & ~nan_TE, key_TE, float("-inf")), axis=1)
+        is_best_TE = tl.where(any_nan_T[:, None], free_nan_TE, free_TE & ~nan_TE & (key_TE == best_T[:, None]))
         arg_T = tl.min(tl.where(is_best_TE, experts_E[None, :], EP), axis=1)
         chosen_TE = experts_E[None, :] == arg_T[:, None]
         gate_T = tl.sum(tl.where(chosen_TE, probs_TE, 0.0), axis=1)
@@ -107,15 +114,17 @@ def _load_block_choices(indices_ptr, order_ptr, used_ptr, block, k, S, K,
 @triton.jit
 def _expert_histogram_kernel(indices_ptr, order_ptr, used_ptr, hist_ptr, S, E, K, num_blocks,
                              HAS_ORDER: tl.constexpr, HAS_USED: tl.constexpr, BLOCK_T: tl.constexpr,
-                             EP: tl.constexpr):
+                             BLOCK_E: tl.constexpr):
     block = tl.program_id(0)
     k = tl.program_id(1)
     _, experts_T, _ = _load_block_choices(indices_ptr, order_ptr, used_ptr, block, k, S, K, HAS_ORDER, HAS_USED,
                                           BLOCK_T)
-    experts_E = tl.arange(0, EP)
-    counts_E = tl.sum((experts_T[:, None] == experts_E[None, :]).to(tl.int32), axis=0)
     row = (k * num_blocks + block).to(tl.int64)
-    tl.store(hist_ptr + row * E + experts_E, counts_E.to(tl.int64), mask=experts_E < E)
+    # A [T, BLOCK_E] comparison tile per step over the experts, whatever E is (no spill at E >= 512).
+    for first in range(0, E, BLOCK_E):
+        experts_E = first + tl.arange(0, BLOCK_E)
+        counts_E = tl.sum((experts_T[:, None] == experts_E[None, :]).to(tl.int32), axis=0)
+        tl.store(hist_ptr + row * E + experts_E, counts_E.to(tl.int64), mask=experts_E < E)
 
 
 @triton.jit
@@ -189,6 +198,8 @@ def _token_block(E: int) -> int:
 
 # Tokens per block of the slot kernels: their [T, T] comparison tile does not grow with E.
 _SLOT_BLOCK = 64
+# Experts per step of the histogram kernel's loop: its [T, BLOCK_E] tile is bounded whatever E is.
+_HIST_BLOCK_E = 64
 
 
 def softmax_topk(logits_SE: torch.Tensor, k: int, normalize_gate: bool,
@@ -230,7 +241,7 @@ def queue_offsets(indices_SK: torch.Tensor, order_S: Optional[torch.Tensor], use
         _expert_histogram_kernel[(num_blocks, K)](
             indices_SK, order_S if order_S is not None else indices_SK, used_S if used_S is not None else indices_SK,
             hist_KBE, S, E, K, num_blocks, HAS_ORDER=order_S is not None, HAS_USED=used_S is not None,
-            BLOCK_T=_SLOT_BLOCK, EP=triton.next_power_of_2(E))
+            BLOCK_T=_SLOT_BLOCK, BLOCK_E=min(_HIST_BLOCK_E, triton.next_power_of_2(E)))
     flat_JE = hist_KBE.view(K * num_blocks, E)
     offsets_KBE = (torch.cumsum(flat_JE, dim=0) - flat_JE).view(K, num_blocks, E)
     return offsets_KBE, flat_JE.sum(dim=0)

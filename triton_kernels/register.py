@@ -3,7 +3,8 @@
 Imported by the registry on the first lookup of that backend; importing it imports triton, so where triton is not
 installed the import fails and the layer keeps the torch path. The registered functions have exactly the
 signatures of the torch path they replace (ds_tutel.dispatch.capacity.encode / decode,
-ds_tutel.routing.tutel.route_tutel), so the layer swaps them without other changes.
+ds_tutel.routing.tutel.route_tutel), so the layer swaps them without other changes. encode and decode of one
+Routing share one build of its slot maps, kept on the Routing object (slot_maps_of).
 
 Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
 """
@@ -27,14 +28,46 @@ def runs_on(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" or interpreting()
 
 
+# The attribute of a Routing that holds its slot maps once built (see slot_maps_of).
+_MAPS_ATTR = "_triton_slot_maps"
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """t's in-place version counter (None for inference tensors, which keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def slot_maps_of(routing: Routing, capacity: int, num_experts: int) -> dispatch.SlotMaps:
+    """The slot maps of this routing for an [E, C] buffer, built on first use and kept on the Routing object, so
+    that encode and decode of one forward share one build. They are rebuilt where the routing's indices or
+    locations were replaced or changed in place, or the buffer shape differs. Routing.detached() makes a new
+    object without them, so what a layer keeps between steps does not hold them."""
+    indices_SK, locations_SK = routing.indices_SK, routing.locations_SK
+    made_from = (_version(indices_SK), _version(locations_SK), capacity, num_experts)
+    cached = getattr(routing, _MAPS_ATTR, None)
+    if cached is not None:
+        cached_indices_SK, cached_locations_SK, cached_from, maps = cached
+        if cached_indices_SK is indices_SK and cached_locations_SK is locations_SK and cached_from == made_from:
+            return maps
+    maps = dispatch.slot_maps(indices_SK, locations_SK, capacity, num_experts)
+    setattr(routing, _MAPS_ATTR, (indices_SK, locations_SK, made_from, maps))
+    return maps
+
+
 def encode(x_SM: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Kept choices of x_SM -> zero-padded [E, C, M] (ds_tutel.dispatch.capacity.encode's twin)."""
-    return dispatch.encode(x_SM, routing.indices_SK, routing.locations_SK, routing.capacity, routing.num_experts)
+    C, E = routing.capacity, routing.num_experts
+    return dispatch.encode(x_SM, routing.indices_SK, routing.locations_SK, C, E, maps=slot_maps_of(routing, C, E))
 
 
 def decode(buf_ECM: torch.Tensor, routing: Routing) -> torch.Tensor:
     """[E, C, M] -> gate-weighted sum over each token's choices [S, M] (ds_tutel.dispatch.capacity.decode's twin)."""
-    return dispatch.decode(buf_ECM, routing.gates_SK, routing.indices_SK, routing.locations_SK)
+    E, C = buf_ECM.shape[0], buf_ECM.shape[1]
+    return dispatch.decode(buf_ECM, routing.gates_SK, routing.indices_SK, routing.locations_SK,
+                           maps=slot_maps_of(routing, C, E))
 
 
 def route_tutel(logits_SE: torch.Tensor,

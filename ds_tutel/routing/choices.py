@@ -43,4 +43,6 @@ def own_column_picks(top_CE: torch.Tensor, choice_S: torch.Tensor, wanted_S: tor
     pick_J = top_CE.reshape(-1)
     own_J = choice_S.index_select(0, pick_J) == torch.arange(top_CE.shape[1], device=top_CE.device).repeat(
         top_CE.shape[0])
-    return torch.zeros_like(wanted_S).index_fill_(0, pick_J[own_J], True) & wanted_S
+    # Counting a token's own-column picks (not indexing with the boolean own_J) keeps the shapes data-independent.
+    own_picks_S = torch.zeros(wanted_S.shape[0], dtype=torch.int32, device=top_CE.device)
+    return (own_picks_S.index_add_(0, pick_J, own_J.to(torch.int32)) > 0) & wanted_S

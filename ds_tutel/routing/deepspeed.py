@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import choices, losses, noise
-from .slots import rank_by_score_within_groups, rank_within_groups, top2_slots
+from .slots import count_groups, rank_by_score_within_groups, rank_within_groups, top2_slots
 from .softmax import router_softmax
 from .types import CapacityAgreement, Routing
 
@@ -71,7 +71,7 @@ def _top1(logits_SE, probs_SE, capacity_factor, min_capacity, drop_tokens, use_r
         choice_S = choices.top1(probs_SE)
     choice_S1 = choice_S.unsqueeze(1)
     wanted_S = _used_mask(used_S, S, probs_SE.device)
-    counts_E = torch.bincount(_excluded_where_not(wanted_S, choice_S, E), minlength=E + 1)[:E]
+    counts_E = count_groups(_excluded_where_not(wanted_S, choice_S, E), E)
     if drop_tokens:
         capacity = deepspeed_capacity(S, E, capacity_factor, 1, min_capacity)
     else:

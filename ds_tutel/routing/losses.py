@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .slots import count_groups
+
 
 def gshard_loss(probs_SE: torch.Tensor, indices_SK: torch.Tensor) -> torch.Tensor:
     """DeepSpeed's l_aux: E * sum_e mean_prob_e * frac_e, with frac from the first choice for k <= 2 and from all
@@ -13,7 +15,7 @@ def gshard_loss(probs_SE: torch.Tensor, indices_SK: torch.Tensor) -> torch.Tenso
     S, E = probs_SE.shape
     K = indices_SK.shape[1]
     chosen_SK = indices_SK[:, :1] if K <= 2 else indices_SK
-    frac_E = torch.bincount(chosen_SK.reshape(-1), minlength=E).float() / S
+    frac_E = count_groups(chosen_SK, E).float() / S
     scale = E if K <= 2 else E / K
     return torch.sum(probs_SE.mean(dim=0) * frac_E) * scale
 

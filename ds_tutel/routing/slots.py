@@ -16,10 +16,19 @@ import torch
 from .. import kernels
 
 
+def count_groups(group_J: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """int64 [num_groups]: how many elements fall in each group; elements with group num_groups are excluded
+    (group_J must lie in [0, num_groups]). A scatter-add of ones, not bincount, whose output size depends on the
+    data and so makes a GPU host wait."""
+    counts_G = torch.zeros(num_groups + 1, dtype=torch.int64, device=group_J.device)
+    counts_G.scatter_add_(0, group_J.reshape(-1), torch.ones_like(group_J.reshape(-1), dtype=torch.int64))
+    return counts_G[:num_groups]
+
+
 def _ranks_in_order(group_J: torch.Tensor, order_J: torch.Tensor, num_groups: int
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Ranks given order_J, a permutation that sorts group_J (clamped) and, inside a group, the wanted order."""
-    counts_G = torch.bincount(group_J, minlength=num_groups + 1)
+    counts_G = torch.cat([count_groups(group_J, num_groups), group_J.new_zeros(1)])
     start_G = torch.cumsum(counts_G, dim=0) - counts_G
     rank_J = torch.empty_like(group_J)
     rank_J[order_J] = torch.arange(group_J.numel(), device=group_J.device) - start_G[group_J[order_J]]

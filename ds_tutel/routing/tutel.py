@@ -80,6 +80,6 @@ def route_tutel(logits_SE: torch.Tensor,
     capacity = tutel_capacity(counts_E, S, k, capacity_factor, min_capacity, agree)
     kept_SK = (positions_SK < capacity) & used_S.unsqueeze(1)
     locations_SK = torch.where(kept_SK, positions_SK, torch.full_like(positions_SK, -1))
-    gates_SK = gates_SK * kept_SK
+    gates_SK = torch.where(kept_SK, gates_SK, 0.0)  # a dropped choice weighs 0, even where its gate is NaN
     return Routing(indices_SK=indices_SK, locations_SK=locations_SK, gates_SK=gates_SK, capacity=int(capacity),
                    counts_E=counts_E, probs_SE=probs_SE)
