@@ -1,0 +1,194 @@
+"""Conversion of a transformers MoE model to ds_tutel layers, and export back to the HF layout.
+
+convert(model) replaces, in place, every sparse-MoE block of a supported model type by an `HFMoEBlock` whose
+routed experts run in a `ds_tutel.MoE` (an instance of DeepSpeed's MoE: the engine groups its expert parameters)
+with dropless Tutel routing that reproduces the model's own: softmax of fp32 logits over the experts, top-k of the
+probabilities, renormalised where the model renormalises. export_state_dict(model) gives the state dict of the
+unconverted model.
+
+Shape legend: E experts, L local experts, M model dim, I expert intermediate dim.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .block import ROUTER_ATTRIBUTES, HFMoEBlock, SwiGLUExpert, router_logits_class
+from .models import BlockSpec, spec_for
+
+# ds_tutel.MoE arguments that follow from the HF block and cannot be chosen.
+FIXED_ARGUMENTS = ("hidden_size", "expert", "num_experts", "ep_size", "k")
+
+
+def moe_arguments(normalize: bool, options: Dict[str, Any]) -> Dict[str, Any]:
+    """ds_tutel.MoE keyword arguments: dropless Tutel routing as the HF models route (the router's softmax, top-k,
+    optional renormalisation; no capacity, no dropping), no ds_tutel aux loss (the model computes its own from
+    the router logits); `options` override any of these."""
+    fixed = sorted(set(options) & set(FIXED_ARGUMENTS))
+    if fixed:
+        raise TypeError(f"convert() sets {', '.join(fixed)} from the model; they cannot be passed as options")
+    arguments: Dict[str, Any] = dict(capacity_mode="tutel", capacity_factor=0.0, eval_capacity_factor=0.0,
+                                     min_capacity=0, drop_tokens=False, normalize_gate=normalize, aux_loss="none")
+    arguments.update(options)
+    return arguments
+
+
+def _check_block_layout(spec: BlockSpec, block: nn.Module) -> Tuple[int, int, int]:
+    """(E, M, I) of a HF block whose parameters are exactly those this conversion reads, else ValueError."""
+    experts = getattr(block, spec.experts)
+    gate_up_E2IM, down_EMI = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gate_up_E2IM, torch.Tensor) and isinstance(down_EMI, torch.Tensor)
+            and gate_up_E2IM.dim() == 3 and down_EMI.dim() == 3):
+        raise ValueError(f"{type(block).__name__}: expected fused experts gate_up_proj [E, 2I, M] and down_proj "
+                         f"[E, M, I] (transformers >= 5.15); this transformers version stores them otherwise")
+    E, two_I, M = gate_up_E2IM.shape
+    I = two_I // 2
+    if two_I != 2 * I or tuple(down_EMI.shape) != (E, M, I):
+        raise ValueError(f"{type(block).__name__}: gate_up_proj {tuple(gate_up_E2IM.shape)} and down_proj "
+                         f"{tuple(down_EMI.shape)} are not [E, 2I, M] and [E, M, I]")
+    expected = {f"{spec.router}.weight", f"{spec.experts}.gate_up_proj", f"{spec.experts}.down_proj"}
+    for name in spec.dense_modules():
+        expected |= {f"{name}.{key}" for key, _ in getattr(block, name).named_parameters()}
+    found = {name for name, _ in block.named_parameters()}
+    if found != expected:
+        raise ValueError(f"{type(block).__name__} has parameters this conversion does not know: "
+                         f"unexpected {sorted(found - expected)}, missing {sorted(expected - found)}")
+    router_EM = getattr(block, spec.router).weight
+    if tuple(router_EM.shape) != (E, M):
+        raise ValueError(f"{type(block).__name__}: router weight {tuple(router_EM.shape)} is not [E={E}, M={M}]")
+    return E, M, I
+
+
+def _router_logits_index(model: nn.Module, router_class: type) -> int:
+    """Where in the router's output tuple the model's recorder reads the router logits (0 by default)."""
+    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    for spec in recorder if isinstance(recorder, list) else [recorder]:
+        if getattr(spec, "target_class", None) is router_class:
+            return int(spec.index)
+    return 0
+
+
+def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict[str, Any],
+                  router_logits_index: int = 0) -> HFMoEBlock:
+    """The HFMoEBlock that computes what `block` computes, with its weights (copied; `block` is left as it was)."""
+    from ..experts import mark_expert_params
+    from ..layer import MoE
+
+    E, M, I = _check_block_layout(spec, block)
+    router = getattr(block, spec.router)
+    experts = getattr(block, spec.experts)
+    gate_up_E2IM, down_EMI = experts.gate_up_proj, experts.down_proj
+    # The experts are made on the meta device (no initialisation, no fp32 copy of bf16 weights), then given
+    # storage on the HF experts' device and filled from the fused tensors.
+    template = SwiGLUExpert(M, I, experts.act_fn, device=torch.device("meta"), dtype=gate_up_E2IM.dtype)
+    moe = MoE(M, template, num_experts=E, ep_size=ep_size, k=int(router.top_k),
+              **moe_arguments(spec.normalizes(router), options))
+    local = moe.deepspeed_moe.experts
+    local.to_empty(device=gate_up_E2IM.device)
+    mark_expert_params(local, moe.expert_group_name)  # to_empty made new parameters: mark them again
+    ep_rank = 0  # ep_size 1 only in this version (see convert)
+    L = E // ep_size
+    for l, expert in enumerate(local.deepspeed_experts):
+        expert.load_fused(gate_up_E2IM[ep_rank * L + l], down_EMI[ep_rank * L + l])
+    for param in local.parameters():  # frozen HF experts stay frozen
+        param.requires_grad_(gate_up_E2IM.requires_grad or down_EMI.requires_grad)
+    wg = moe.deepspeed_moe.gate.wg
+    wg.to(device=router.weight.device, dtype=router.weight.dtype)
+    with torch.no_grad():
+        wg.weight.copy_(router.weight)
+    wg.weight.requires_grad_(router.weight.requires_grad)
+    moe.to(device=router.weight.device)  # anything else the layer holds (buffers)
+    attributes = {name: getattr(router, name) for name in ROUTER_ATTRIBUTES if hasattr(router, name)}
+    logits = router_logits_class(type(router))(wg, router_logits_index, attributes)
+    # Hooks the model's output recorders already put on the HF router (a recorded forward before conversion)
+    # move to the stand-in; otherwise transformers installs them on first use.
+    for hook in router._forward_hooks.values():
+        logits.register_forward_hook(hook)
+    dense = {name: getattr(block, name) for name in spec.dense_modules()}
+    return HFMoEBlock(spec, moe, logits, shared_expert=dense.get(spec.shared_expert),
+                      shared_expert_gate=dense.get(spec.shared_expert_gate),
+                      jitter_noise=getattr(block, spec.jitter_attr, 0.0) if spec.jitter_attr else 0.0,
+                      hf_block_class=type(block).__name__, hf_names=tuple(block.state_dict()))
+
+
+def convert(model: nn.Module, ep_size: int = 1, **options: Any) -> nn.Module:
+    """Replaces, in place, each sparse-MoE block of a transformers model by a ds_tutel layer; returns the model.
+
+    The model type comes from `model.config.model_type` (ds_tutel.hf.SUPPORTED_MODEL_TYPES). options are
+    ds_tutel.MoE keyword arguments (capacity_mode, capacity_factor, batch_prioritized_routing, dispatch_backend,
+    ...) over the dropless routing that reproduces the model's. Call it before deepspeed.initialize.
+    """
+    config = getattr(model, "config", None)
+    spec = spec_for(getattr(config, "model_type", None))
+    if ep_size != 1:
+        raise NotImplementedError("ds_tutel.hf.convert supports ep_size=1 only for now; expert parallelism over "
+                                  "ranks is not built yet")
+    block_class = spec.load_block_class()
+    found: List[Tuple[str, nn.Module]] = [(name, m) for name, m in model.named_modules()
+                                           if isinstance(m, block_class)]
+    if not found:
+        raise ValueError(f"no {block_class.__name__} in this {spec.model_type} model (already converted?)")
+    training = model.training
+    for name, block in found:
+        owner = _owner_of(model, name)
+        index = _router_logits_index(owner, type(getattr(block, spec.router)))
+        new = convert_block(spec, block, ep_size, options, router_logits_index=index)
+        new.train(block.training)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    model.train(training)
+    return model
+
+
+def _owner_of(model: nn.Module, module_name: str) -> nn.Module:
+    """The innermost transformers PreTrainedModel holding `module_name` (its output recorders apply there)."""
+    from transformers import PreTrainedModel
+
+    owner = model
+    parts = module_name.split(".")
+    for i in range(1, len(parts)):
+        candidate = model.get_submodule(".".join(parts[:i]))
+        if isinstance(candidate, PreTrainedModel):
+            owner = candidate
+    return owner
+
+
+def converted_blocks(model: nn.Module) -> List[Tuple[str, HFMoEBlock]]:
+    """(name, block) of every converted block of `model`."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
+
+
+def _hf_layout(model: nn.Module, own: Dict[str, Optional[torch.Tensor]],
+               pick: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
+    """`own` (the converted model's tensors by name) with each converted block's entries replaced by its HF ones,
+    in the model's order."""
+    blocks = converted_blocks(model)
+    out: Dict[str, Optional[torch.Tensor]] = {}
+    emitted = set()
+    for key, value in own.items():
+        block = next(((name, b) for name, b in blocks if key.startswith(name + ".")), None)
+        if block is None:
+            out[key] = value
+            continue
+        name, b = block
+        if name not in emitted:
+            emitted.add(name)
+            out.update({f"{name}.{k}": v for k, v in b.hf_tensors(pick).items()})
+    return out
+
+
+def export_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The converted model's state dict in the original HF layout: `load_state_dict(strict=True)` into the
+    unconverted transformers model of the same config gives the same model. Tensors are detached copies for the
+    converted blocks and the model's own tensors elsewhere."""
+    return _hf_layout(model, model.state_dict(), lambda p: p.detach().clone())
+
+
+def export_grads(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
+    """Each parameter's gradient under the HF model's parameter names and layout (None where there is none):
+    what the unconverted model's `named_parameters()` gradients would be."""
+    own = {name: (None if p.grad is None else p.grad) for name, p in model.named_parameters()}
+    return _hf_layout(model, own, lambda p: None if p.grad is None else p.grad.detach().clone())

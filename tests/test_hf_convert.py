@@ -1,0 +1,252 @@
+"""ds_tutel.hf.convert on tiny random-weight transformers models (the real config and model classes, nothing
+downloaded): the converted model gives the original's logits, loss, router-logit aux loss and gradients of every
+parameter within fp32 rounding, and its export loads strictly into the unconverted class with the same logits.
+
+Shape legend: B batch, T sequence length, V vocabulary.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import types
+from typing import Dict, Tuple
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import deepspeed.moe.layer as ds_layer  # noqa: E402
+
+import ds_tutel.hf as hf  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATOL = 1e-5
+VOCAB, B, T = 128, 2, 16
+
+# Tiny configs: 2 layers, hidden 64, 8 experts, top-2, model-specific knobs where the routing depends on them.
+CASES: Dict[str, Tuple[str, dict]] = {
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=False)),
+    "qwen3_moe-norm": ("qwen3_moe", dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=True,
+                                         num_experts_per_tok=3)),
+    "mixtral": ("mixtral", dict(num_local_experts=8)),
+    "mixtral-jitter": ("mixtral", dict(num_local_experts=4, router_jitter_noise=0.1)),
+    "olmoe": ("olmoe", dict(num_experts=8, norm_topk_prob=False)),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                    norm_topk_prob=False)),
+    # A dense MLP in layer 0 (mlp_only_layers): only the sparse block is converted.
+    "qwen2_moe-mixed": ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=48, norm_topk_prob=True,
+                                          mlp_only_layers=[0])),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    fields.update(overrides)
+    return transformers.AutoConfig.for_model(model_type, **fields)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_single_threaded():
+    """Tiny matrices: one thread is fastest, and steady where other processes load the cores."""
+    level, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity(level)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request):
+    """(case, original, converted deep copy, input ids [B, T]): the two models start from the same weights."""
+    model_type, overrides = CASES[request.param]
+    original = tiny_model(model_type, **overrides)
+    converted = hf.convert(copy.deepcopy(original))
+    ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    return request.param, original, converted, ids_BT
+
+
+def run(model, ids_BT: torch.Tensor, seed: int = 2):
+    """Forward with labels and router logits, then backward of the loss (aux loss included)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # Mixtral's jitter draws the same numbers in both models
+    out = model(input_ids=ids_BT, labels=ids_BT, output_router_logits=True)
+    out.loss.backward()
+    return out
+
+
+def test_logits_loss_aux_and_grads_match(pair):
+    case, original, converted, ids_BT = pair
+    ref, got = run(original, ids_BT), run(converted, ids_BT)
+    assert max_diff(ref.logits, got.logits) < ATOL, case                        # [B, T, V]
+    assert abs(ref.loss.item() - got.loss.item()) < ATOL, case
+    assert ref.aux_loss is not None and got.aux_loss is not None
+    assert abs(ref.aux_loss.item() - got.aux_loss.item()) < ATOL, case
+    assert len(got.router_logits) == len(ref.router_logits)
+    for ref_SE, got_SE in zip(ref.router_logits, got.router_logits):
+        assert got_SE.shape == ref_SE.shape and max_diff(ref_SE, got_SE) < ATOL
+    grads = hf.export_grads(converted)
+    names = [name for name, _ in original.named_parameters()]
+    assert list(grads) == names
+    for name, param in original.named_parameters():
+        assert param.grad is not None and grads[name] is not None, name
+        assert grads[name].shape == param.grad.shape, name
+        assert max_diff(param.grad, grads[name]) < ATOL, (case, name)
+
+
+def test_eval_mode_and_generate_match(pair):
+    case, original, converted, ids_BT = pair
+    original.eval(), converted.eval()
+    try:
+        with torch.no_grad():
+            assert max_diff(original(input_ids=ids_BT).logits, converted(input_ids=ids_BT).logits) < ATOL
+            kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert torch.equal(original.generate(ids_BT[:, :6], **kw), converted.generate(ids_BT[:, :6], **kw))
+    finally:
+        original.train(), converted.train()
+
+
+def test_export_loads_strictly_with_same_logits(pair):
+    case, original, converted, ids_BT = pair
+    model_type, overrides = CASES[case]
+    fresh = tiny_model(model_type, seed=123, **overrides)
+    state = hf.export_state_dict(converted)
+    assert list(state) == list(original.state_dict())
+    fresh.load_state_dict(state, strict=True)
+    fresh.eval(), converted.eval()
+    try:
+        with torch.no_grad():
+            assert max_diff(fresh(input_ids=ids_BT).logits, converted(input_ids=ids_BT).logits) < ATOL
+    finally:
+        converted.train()
+
+
+def test_converted_blocks_are_deepspeed_moe_layers(pair):
+    case, original, converted, _ = pair
+    blocks = hf.converted_blocks(converted)
+    model_type, overrides = CASES[case]
+    assert len(blocks) == 2 - len(overrides.get("mlp_only_layers", []))
+    for _, block in blocks:
+        assert isinstance(block.moe, ds_layer.MoE)
+        experts = list(block.moe.deepspeed_moe.experts.parameters())
+        assert experts and all(p.allreduce is False and p.group_name == "ep_size_1" for p in experts)
+        assert not hasattr(block.router_weight, "allreduce")  # the router is a dense (data-parallel) parameter
+        assert block.router_logits.weight is block.router_weight
+    names = [name for name, _ in converted.named_parameters()]
+    assert any(name.endswith("mlp.moe.deepspeed_moe.gate.wg.weight") for name in names)
+    assert any(".mlp.moe.deepspeed_moe.experts.deepspeed_experts.0.gate_proj.weight" in name for name in names)
+
+
+def test_hooks_installed_before_conversion_still_record():
+    """A recorded forward before convert installs transformers' hooks on the HF routers: they move over."""
+    original = tiny_model("olmoe", num_experts=4)
+    ids_BT = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = original(input_ids=ids_BT, output_router_logits=True)
+        got = hf.convert(copy.deepcopy(original))(input_ids=ids_BT, output_router_logits=True)
+    assert len(got.router_logits) == 2
+    assert abs(ref.aux_loss.item() - got.aux_loss.item()) < ATOL
+
+
+def test_deepcopy_of_converted_model_keeps_its_own_router():
+    converted = hf.convert(tiny_model("qwen3_moe", num_experts=4, moe_intermediate_size=16))
+    twin = copy.deepcopy(converted)
+    for (_, a), (_, b) in zip(hf.converted_blocks(converted), hf.converted_blocks(twin)):
+        assert b.router_logits.weight is b.router_weight and b.router_weight is not a.router_weight
+
+
+def test_converted_model_pickles():
+    """torch.save of a whole converted model (its router stand-in's class is made at run time) loads back."""
+    converted = hf.convert(tiny_model("qwen2_moe", num_experts=4, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=16))
+    twin = pickle.loads(pickle.dumps(converted))
+    ids_BT = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(converted(input_ids=ids_BT).logits, twin(input_ids=ids_BT).logits)
+        assert len(twin(input_ids=ids_BT, output_router_logits=True).router_logits) == 2
+    for _, block in hf.converted_blocks(twin):
+        assert block.router_logits.weight is block.router_weight
+
+
+def test_options_reach_the_layer_and_fixed_ones_are_refused():
+    model = hf.convert(tiny_model("mixtral", num_local_experts=4), capacity_factor=1.0, dispatch_backend="torch")
+    gate = hf.converted_blocks(model)[0][1].moe.deepspeed_moe.gate
+    assert gate.options.capacity_mode == "tutel" and gate.capacity_factor == 1.0 and gate.options.normalize_gate
+    with pytest.raises(TypeError, match="num_experts"):
+        hf.convert(tiny_model("mixtral", num_local_experts=4), num_experts=8)
+    with pytest.raises(NotImplementedError, match="ep_size"):
+        hf.convert(tiny_model("mixtral", num_local_experts=4), ep_size=2)
+
+
+def test_unsupported_model_type_names_the_supported_ones():
+    model = torch.nn.Linear(2, 2)
+    model.config = types.SimpleNamespace(model_type="deepseek_v3")
+    with pytest.raises(hf.UnsupportedModelError) as err:
+        hf.convert(model)
+    for model_type in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe"):
+        assert model_type in str(err.value)
+    assert "deepseek_v3" in str(err.value)
+    with pytest.raises(hf.UnsupportedModelError):
+        hf.convert(torch.nn.Linear(2, 2))  # no config at all
+
+
+def test_converting_twice_is_refused():
+    model = hf.convert(tiny_model("olmoe", num_experts=4))
+    with pytest.raises(ValueError, match="already converted"):
+        hf.convert(model)
+
+
+def test_import_ds_tutel_does_not_import_transformers():
+    code = ("import sys, ds_tutel, ds_tutel.hf; ds_tutel.MoE; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe-norm", "qwen2_moe"])
+def test_bf16_model_agrees_to_bf16_rounding(case):
+    """In bf16 ds_tutel keeps router logits and gates in fp32 where HF rounds them: the converted model is as
+    close to the fp32 model as the bf16 HF model is."""
+    model_type, overrides = CASES[case]
+    reference = tiny_model(model_type, **overrides)
+    original = copy.deepcopy(reference).to(torch.bfloat16)
+    converted = hf.convert(copy.deepcopy(original))
+    ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fp32_BTV = reference(input_ids=ids_BT).logits
+        hf_error = max_diff(original(input_ids=ids_BT).logits.float(), fp32_BTV)
+        ours_BTV = converted(input_ids=ids_BT).logits
+    assert ours_BTV.dtype == torch.bfloat16
+    assert max_diff(ours_BTV.float(), fp32_BTV) <= 2 * hf_error + 1e-2
+
+
+@pytest.mark.parametrize("case", ["qwen2_moe", "mixtral-jitter"])
+def test_gradient_checkpointing_matches(case):
+    """With transformers' gradient checkpointing the converted block is recomputed in the backward (routing,
+    Mixtral's jitter draw included) and gives the original's gradients."""
+    model_type, overrides = CASES[case]
+    original = tiny_model(model_type, **overrides)
+    original.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    converted = hf.convert(copy.deepcopy(original))
+    ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    ref, got = run(original, ids_BT), run(converted, ids_BT)
+    assert max_diff(ref.logits, got.logits) < ATOL
+    grads = hf.export_grads(converted)
+    for name, param in original.named_parameters():
+        assert max_diff(param.grad, grads[name]) < ATOL, name
