@@ -4,6 +4,7 @@
     python benchmarks/bench_layer.py --full             the issue's whole grid (k 1,2,4; cf 1.0,1.25;
                                                         E 4..64; M 256..2048; fp32 and bf16)
     python benchmarks/bench_layer.py --smoke            two tiny points: the harness runs (seconds)
+    python benchmarks/bench_layer.py --gpu --device cuda  GPU-sized points (S x M up to 2^27; layer_impls.gpu_grid)
     python benchmarks/bench_layer.py --correctness      tiny sizes: every implementation gives the same
                                                         output and gradients on the same weights (exit 1 if not)
     python benchmarks/bench_layer.py --profile          where each layer's time goes on one point (--point)
@@ -43,7 +44,7 @@ import torch  # noqa: E402
 from benchmarks.fresh_process import FreshProcesses  # noqa: E402
 from benchmarks.floors import copy_bandwidth, dispatch_bytes, floor_output, router_products_seconds  # noqa: E402
 from benchmarks.layer_impls import (DTYPES, IMPLEMENTATIONS, OURS_OPTIONS_ENV, Grid, Point,  # noqa: E402, F401
-                                    build_layers, full_grid, layer_step, make_inputs, ours_options,
+                                    build_layers, full_grid, gpu_grid, layer_step, make_inputs, ours_options,
                                     parse_point, quick_grid, smoke_grid, timed_steps, tokens_for)
 from benchmarks.layer_report import RESULTS_DIR, environment  # noqa: E402
 from benchmarks.timing import geomean, interleaved, median, paired_ratio, ratio_quartiles  # noqa: E402
@@ -268,6 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode.add_argument("--full", action="store_true", help="the issue's whole grid")
     mode.add_argument("--smoke", action="store_true", help="two tiny points, no memory or multi-rank parts: checks "
                       "that the harness runs (seconds)")
+    mode.add_argument("--gpu", action="store_true", help="GPU-sized points (S x M up to 2^27), for --device cuda")
     mode.add_argument("--correctness", action="store_true", help="equal outputs on equal weights, tiny sizes")
     mode.add_argument("--profile", action="store_true", help="profile both layers on one point")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -330,6 +332,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         grid = full_grid(int(args.max_layer_gb * (1 << 30)))
     elif args.smoke:
         grid = smoke_grid()
+    elif args.gpu:
+        grid = gpu_grid()
     else:
         grid = quick_grid()
     grid = only_dtypes(grid, [d for d in args.dtypes.split(",") if d])
@@ -341,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         grid.tokens = "fixed"
     doc = run(grid, device, memory=not args.no_memory, multirank=not args.no_multirank,
               same_process=args.same_process)
-    doc["mode"] = "full" if args.full else "smoke" if args.smoke else "quick"
+    doc["mode"] = "full" if args.full else "smoke" if args.smoke else "gpu" if args.gpu else "quick"
     if grid.dtypes:
         doc["dtypes"] = grid.dtypes
     if grid.only:

@@ -134,6 +134,21 @@ def full_grid(max_layer_bytes: int) -> Grid:
     return Grid(points, memory, multirank, warmup=2, reps=7, budget_s=10.0)
 
 
+def gpu_grid() -> Grid:
+    """GPU-sized points (issue 29's device check): S x M from 2^24 to 2^27, bf16 (one fp32 point), capacity factor
+    1.0 at k = 1, 2, 4 and one at 1.25; expert weights of at most about 0.6 G parameters per point, so that building
+    both layers on the host stays within seconds. No memory or multi-rank parts (those are CPU probes)."""
+    points = [Point(2, 1.0, 8, model_dim=2048, tokens=16384, dtype="bf16"),
+              Point(2, 1.0, 32, model_dim=2048, tokens=16384, dtype="bf16"),
+              Point(2, 1.0, 64, model_dim=1024, tokens=32768, dtype="bf16"),
+              Point(2, 1.0, 8, model_dim=4096, tokens=32768, dtype="bf16"),
+              Point(1, 1.0, 32, model_dim=2048, tokens=16384, dtype="bf16"),
+              Point(4, 1.0, 32, model_dim=2048, tokens=16384, dtype="bf16"),
+              Point(2, 1.25, 32, model_dim=2048, tokens=16384, dtype="bf16"),
+              Point(2, 1.0, 16, model_dim=2048, tokens=8192, dtype="fp32")]
+    return Grid(points, [], [], warmup=2, reps=10, budget_s=3.0)
+
+
 def smoke_grid() -> Grid:
     """Two tiny points, timed but not measured for memory or on several ranks."""
     points = [Point(1, 1.0, 4, model_dim=16, tokens=32), Point(2, 1.25, 4, model_dim=16, tokens=32, dtype="bf16")]
