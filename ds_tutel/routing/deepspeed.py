@@ -135,7 +135,7 @@ def _topk(probs_SE, k, capacity_factor, min_capacity, drop_tokens, used_S, agree
     S, E = probs_SE.shape
     top_gate_SK, choice_SK = torch.topk(probs_SE.detach(), k=k, dim=1)
     wanted_SK = _used_mask(used_S, S, probs_SE.device).unsqueeze(1).expand(S, k)
-    counts_E = torch.bincount(choice_SK[wanted_SK], minlength=E)
+    counts_E = count_groups(_excluded_where_not(wanted_SK, choice_SK, E), E)
 
     me_E = probs_SE.mean(dim=0)
     ce_E = counts_E.float() / S
