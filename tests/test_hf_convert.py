@@ -190,8 +190,8 @@ def test_options_reach_the_layer_and_fixed_ones_are_refused():
     assert gate.options.capacity_mode == "tutel" and gate.capacity_factor == 1.0 and gate.options.normalize_gate
     with pytest.raises(TypeError, match="num_experts"):
         hf.convert(tiny_model("mixtral", num_local_experts=4), num_experts=8)
-    with pytest.raises(NotImplementedError, match="ep_size"):
-        hf.convert(tiny_model("mixtral", num_local_experts=4), ep_size=2)
+    with pytest.raises(ValueError, match="ep_size"):
+        hf.convert(tiny_model("mixtral", num_local_experts=4), ep_size=0)
 
 
 def test_unsupported_model_type_names_the_supported_ones():

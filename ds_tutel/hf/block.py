@@ -7,10 +7,12 @@ a parameter-free module registered under the router's name, of a subclass of the
 find it), which passes through the logits that the block computes from the ds_tutel router's weight. The extra
 router matmul runs only while a hook is installed on it.
 
-Shape legend: S tokens, M model dim, E experts, I expert intermediate dim, n rows one expert runs on.
+Shape legend: S tokens, M model dim, E experts, L local experts (E / ep_size), I expert intermediate dim, n rows
+one expert runs on.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -114,6 +116,17 @@ class HFMoEBlock(nn.Module):
         if shared_expert_gate is not None:
             self.add_module(spec.shared_expert_gate, shared_expert_gate)
 
+    def __deepcopy__(self, memo: Dict[int, object]) -> "HFMoEBlock":
+        """A copy sharing the expert-parallel process group (a handle to the ranks, which cannot be copied):
+        a copy of a model converted with ep_size > 1 runs on the same group."""
+        group = self.moe.deepspeed_moe.ep_group
+        if group is not None:
+            memo[id(group)] = group
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return twin
+
     @property
     def router_logits(self) -> RouterLogits:
         return getattr(self, self.spec.router)
@@ -150,7 +163,9 @@ class HFMoEBlock(nn.Module):
         """This block's tensors under the HF block's names and in its layout, relative to the block.
 
         pick maps each of our parameters to what to report (its data, its gradient); where it gives None for
-        any piece of a fused tensor, the fused tensor is None.
+        any piece of a fused tensor, the fused tensor is None. With expert parallelism (ep_size > 1) the fused
+        tensors hold every expert: each rank's local experts are gathered over the expert-parallel group, so
+        every rank of the group must call this, for the same blocks in the same order (a collective).
         """
         spec = self.spec
         experts = self.local_experts()
@@ -158,7 +173,8 @@ class HFMoEBlock(nn.Module):
 
         def stacked(pieces) -> Optional[torch.Tensor]:
             pieces = list(pieces)
-            return None if any(p is None for p in pieces) else torch.stack(pieces)
+            local_L = None if any(p is None for p in pieces) else torch.stack(pieces)
+            return self._gather_experts(local_L, experts[0].down_proj.weight.device)
 
         gate_up = []
         for expert in experts:
@@ -171,3 +187,25 @@ class HFMoEBlock(nn.Module):
                 out[f"{name}.{key}"] = pick(param)
         order = {name: i for i, name in enumerate(self.hf_names)}
         return dict(sorted(out.items(), key=lambda item: order.get(item[0], len(order))))
+
+    def _gather_experts(self, local_L: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+        """local_L [L, ...] of this rank's experts -> [E, ...] of all experts in global order (ep rank w holds
+        experts w * L .. w * L + L - 1), on every rank of the expert-parallel group; None on every rank where
+        any rank has None. At ep_size 1, local_L itself."""
+        ep_size = self.moe.ep_size
+        if ep_size == 1:
+            return local_L
+        group = self.moe.deepspeed_moe.ep_group
+        if group is None:
+            raise RuntimeError(f"MoE layer with ep_size={ep_size} has no expert-parallel group to gather its "
+                               "experts over (set_deepspeed_parallelism() was never called)")
+        import torch.distributed as dist
+
+        present = torch.tensor([int(local_L is not None)], dtype=torch.int64, device=device)
+        dist.all_reduce(present, op=dist.ReduceOp.MIN, group=group)
+        if not bool(present.item()):
+            return None
+        local_L = local_L.contiguous()
+        parts_L = [torch.empty_like(local_L) for _ in range(ep_size)]
+        dist.all_gather(parts_L, local_L, group=group)
+        return torch.cat(parts_L)                                                           # [E, ...]

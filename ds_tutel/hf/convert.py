@@ -6,6 +6,9 @@ with dropless Tutel routing that reproduces the model's own: softmax of fp32 log
 probabilities, renormalised where the model renormalises. export_state_dict(model) gives the state dict of the
 unconverted model.
 
+With ep_size > 1 each rank keeps only the experts its place in DeepSpeed's expert-parallel group owns (router and
+shared experts stay whole on every rank); export gathers the experts back over the group, on every rank.
+
 Shape legend: E experts, L local experts, M model dim, I expert intermediate dim.
 """
 from __future__ import annotations
@@ -70,6 +73,21 @@ def _router_logits_index(model: nn.Module, router_class: type) -> int:
     return 0
 
 
+def expert_parallel_rank(moe: nn.Module) -> int:
+    """This rank's place in the layer's expert-parallel group (0 at ep_size 1): its local expert l is global
+    expert ep_rank * L + l, as the all-to-all lays out [ep ranks, L local experts] and as the checkpoints number
+    them. At ep_size > 1 the layer joins DeepSpeed's group first (set_deepspeed_parallelism: the group
+    deepspeed.initialize would make, or the existing one of that name); with DeepSpeed's default layout
+    (expert parallel before data parallel) the place is global rank % ep_size."""
+    if moe.ep_size == 1:
+        return 0
+    import torch.distributed as dist
+
+    if moe.deepspeed_moe.ep_group is None:
+        moe.set_deepspeed_parallelism()
+    return dist.get_rank(group=moe.deepspeed_moe.ep_group)
+
+
 def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict[str, Any],
                   router_logits_index: int = 0) -> HFMoEBlock:
     """The HFMoEBlock that computes what `block` computes, with its weights (copied; `block` is left as it was)."""
@@ -88,9 +106,9 @@ def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict
     local = moe.deepspeed_moe.experts
     local.to_empty(device=gate_up_E2IM.device)
     mark_expert_params(local, moe.expert_group_name)  # to_empty made new parameters: mark them again
-    ep_rank = 0  # ep_size 1 only in this version (see convert)
+    ep_rank = expert_parallel_rank(moe)
     L = E // ep_size
-    for l, expert in enumerate(local.deepspeed_experts):
+    for l, expert in enumerate(local.deepspeed_experts):  # local expert l is global expert ep_rank * L + l
         expert.load_fused(gate_up_E2IM[ep_rank * L + l], down_EMI[ep_rank * L + l])
     for param in local.parameters():  # frozen HF experts stay frozen
         param.requires_grad_(gate_up_E2IM.requires_grad or down_EMI.requires_grad)
@@ -119,12 +137,18 @@ def convert(model: nn.Module, ep_size: int = 1, **options: Any) -> nn.Module:
     The model type comes from `model.config.model_type` (ds_tutel.hf.SUPPORTED_MODEL_TYPES). options are
     ds_tutel.MoE keyword arguments (capacity_mode, capacity_factor, batch_prioritized_routing, dispatch_backend,
     ...) over the dropless routing that reproduces the model's. Call it before deepspeed.initialize.
+
+    ep_size > 1 shards the experts over DeepSpeed's expert-parallel groups of ep_size ranks: call it on every
+    rank, after deepspeed.init_distributed(), on the same model (same weights); each rank keeps the
+    num_experts // ep_size experts its place in its group owns (local expert l of place w is global expert
+    w * num_experts // ep_size + l) and the router and shared experts whole.
     """
     config = getattr(model, "config", None)
     spec = spec_for(getattr(config, "model_type", None))
-    if ep_size != 1:
-        raise NotImplementedError("ds_tutel.hf.convert supports ep_size=1 only for now; expert parallelism over "
-                                  "ranks is not built yet")
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size must be a positive int, got {ep_size!r}")
+    if ep_size > 1:
+        _check_distributed(ep_size)
     block_class = spec.load_block_class()
     found: List[Tuple[str, nn.Module]] = [(name, m) for name, m in model.named_modules()
                                            if isinstance(m, block_class)]
@@ -141,6 +165,17 @@ def convert(model: nn.Module, ep_size: int = 1, **options: Any) -> nn.Module:
         setattr(parent, child, new)
     model.train(training)
     return model
+
+
+def _check_distributed(ep_size: int) -> None:
+    """Expert parallelism needs the ranks up (deepspeed.init_distributed) and ep_size dividing their number."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"convert(..., ep_size={ep_size}) needs torch.distributed: call "
+                           "deepspeed.init_distributed() first (every rank converts the same model)")
+    if dist.get_world_size() % ep_size:
+        raise ValueError(f"ep_size ({ep_size}) must divide the world size ({dist.get_world_size()})")
 
 
 def _owner_of(model: nn.Module, module_name: str) -> nn.Module:
@@ -183,12 +218,18 @@ def _hf_layout(model: nn.Module, own: Dict[str, Optional[torch.Tensor]],
 def export_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The converted model's state dict in the original HF layout: `load_state_dict(strict=True)` into the
     unconverted transformers model of the same config gives the same model. Tensors are detached copies for the
-    converted blocks and the model's own tensors elsewhere."""
+    converted blocks and the model's own tensors elsewhere.
+
+    With expert parallelism (convert(..., ep_size > 1)) this is a collective: every rank of each expert-parallel
+    group must call it; each gathers the other ranks' experts, and every rank gets the full state dict."""
     return _hf_layout(model, model.state_dict(), lambda p: p.detach().clone())
 
 
 def export_grads(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
     """Each parameter's gradient under the HF model's parameter names and layout (None where there is none):
-    what the unconverted model's `named_parameters()` gradients would be."""
+    what the unconverted model's `named_parameters()` gradients would be. With expert parallelism, a collective
+    as export_state_dict is: every rank gets every expert's gradient from the rank that holds the expert, which
+    is the gradient of the sum of the expert-parallel group's losses (each rank's tokens reach the experts of
+    all ranks); the other parameters' gradients are this rank's own, before any data-parallel reduction."""
     own = {name: (None if p.grad is None else p.grad) for name, p in model.named_parameters()}
     return _hf_layout(model, own, lambda p: None if p.grad is None else p.grad.detach().clone())
