@@ -7,6 +7,7 @@ Shape legend: S tokens, M model dim, E experts, W expert-parallel ranks, L local
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, Optional, Tuple
 
@@ -17,7 +18,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from . import strategies
-from .experts import Experts
+from .experts import Experts, mark_expert_params
 from .kernels import resolve_dispatch_backend
 from .options import (ConfigSource, RouterOptions, auto_threshold, check_backend, check_capacity_factor,
                       check_constructor, check_exchange, check_forward_input, check_k, check_parallel_setup,
@@ -55,6 +56,19 @@ class MOELayer(nn.Module):
         # Read by DeepSpeed's engine when it prints its wall-clock breakdown.
         self.wall_clock_breakdown = False
         self.time_falltoall = self.time_salltoall = self.time_moe = 0.0
+
+    def __deepcopy__(self, memo: dict) -> "MOELayer":
+        """A copy shares the expert-parallel process group (a process group cannot be copied) and keeps the expert
+        parameters' DeepSpeed marks (torch's deepcopy of a Parameter drops its attributes); all else is copied as
+        nn.Module copies it."""
+        if self.ep_group is not None:
+            memo[id(self.ep_group)] = self.ep_group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            copied.__dict__[name] = copy.deepcopy(value, memo)
+        mark_expert_params(copied.experts, copied.ep_group_name)
+        return copied
 
     def _set_ep_group(self, ep_group) -> None:
         if self.ep_group is not None and ep_group is not self.ep_group:
