@@ -36,6 +36,13 @@ def _remove(paths) -> None:
             pass
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Test files that spawn ranks go first: the parallel workers take files in this order, and the long ones
+    started last would leave one worker running alone at the end."""
+    heavy = {item.module.__name__ for item in items if item.get_closest_marker("multirank")}
+    items.sort(key=lambda item: item.module.__name__ not in heavy)  # stable: file order kept within each part
+
+
 def pytest_sessionfinish(session):
     if _in_a_worker(session.config) or not hasattr(session.config, "_shm_buffers_before"):
         return

@@ -14,6 +14,8 @@ import pytest
 from ds_tutel.ranks import run_ranks
 from test_train import CONFIG, REPO, TINY, read_records, train_on_ranks
 
+pytestmark = pytest.mark.multirank  # spawns ranks or launched jobs
+
 
 def _tree_digest(path):
     digest = {}

@@ -9,6 +9,8 @@ import torch
 from ds_tutel import ranks
 from ds_tutel.ranks import RankFailure, run_local_ranks
 
+pytestmark = pytest.mark.multirank  # spawns ranks or launched jobs
+
 
 def _describe(rank, world_size, scale):
     import torch.distributed as dist

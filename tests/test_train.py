@@ -12,6 +12,8 @@ import pytest
 
 from ds_tutel.ranks import run_ranks
 
+pytestmark = pytest.mark.multirank  # spawns ranks or launched jobs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "deepspeed_config.json")
 # A model small enough that a step takes milliseconds; everything else is the repository's config.
