@@ -33,7 +33,6 @@ def _tiny_qwen3_moe():
 
 
 def _losses(rank: int, world_size: int, stage: int, optimizer: str):
-    import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     import ds_tutel.hf as hf
@@ -45,13 +44,7 @@ def _losses(rank: int, world_size: int, stage: int, optimizer: str):
     assert len(expert_group) == 1 and expert_group[0]["name"] == "ep_size_1"
     expert_params = {id(p) for _, b in hf.converted_blocks(converted) for p in b.moe.deepspeed_moe.experts.parameters()}
     assert {id(p) for p in expert_group[0]["params"]} == expert_params
-    params = {"lr": 0.5} if optimizer == "SGD" else {"lr": 1e-3, "torch_adam": True}
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-              "optimizer": {"type": optimizer, "params": params}, "zero_optimization": {"stage": stage},
-              "steps_per_print": 10 ** 6}
-    engine, *_ = deepspeed.initialize(model=converted, model_parameters=groups, config=config)
-    reference = (torch.optim.SGD(original.parameters(), lr=0.5) if optimizer == "SGD"
-                 else torch.optim.AdamW(original.parameters(), lr=1e-3))
+    engine, reference = engine_and_reference(converted, groups, original, optimizer, stage, micro_batch=2)
     ours, theirs = [], []
     for step in range(STEPS):
         ids_BT = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(step))
@@ -79,3 +72,17 @@ def test_engine_steps_follow_the_unconverted_model():
     [results] = run_ranks(_all_losses, 1, timeout=300)
     for (stage, optimizer), (ours, theirs) in zip(CASES, results):
         assert ours == pytest.approx(theirs, abs=1e-5), (stage, optimizer)
+
+
+def engine_and_reference(converted, groups, original, optimizer: str, stage: int, micro_batch: int):
+    """DeepSpeed's engine over the converted model and a plain torch optimizer over the original one, with the
+    same hyperparameters (gradient clipping off: DeepSpeed clips at 1.0 by default)."""
+    import deepspeed
+    params = {"lr": 0.5} if optimizer == "SGD" else {"lr": 1e-3, "torch_adam": True}
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_clipping": 0.0,
+              "zero_allow_untested_optimizer": True, "optimizer": {"type": optimizer, "params": params},
+              "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6}
+    engine, *_ = deepspeed.initialize(model=converted, model_parameters=groups, config=config)
+    reference = (torch.optim.SGD(original.parameters(), lr=0.5) if optimizer == "SGD"
+                 else torch.optim.AdamW(original.parameters(), lr=1e-3))
+    return engine, reference

@@ -142,7 +142,6 @@ def _engine_losses(rank: int, world_size: int, stage: int, optimizer: str) -> Tu
     model trained data-parallel by a plain torch loop (gradients averaged over the ranks), each rank on its own
     tokens. The engine averages the dense gradients over the ranks and divides the expert ones (the gradient of
     the group's summed losses) by the number of ranks: the same update."""
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -152,13 +151,8 @@ def _engine_losses(rank: int, world_size: int, stage: int, optimizer: str) -> Tu
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(converted.parameters()), "name": "parameters"})
     assert [g["name"] for g in groups if g.get("moe")] == [f"ep_size_{world_size}"]
-    params = {"lr": 0.5} if optimizer == "SGD" else {"lr": 1e-3, "torch_adam": True}
-    config = {"train_micro_batch_size_per_gpu": B, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-              "optimizer": {"type": optimizer, "params": params}, "zero_optimization": {"stage": stage},
-              "steps_per_print": 10 ** 6}
-    engine, *_ = deepspeed.initialize(model=converted, model_parameters=groups, config=config)
-    reference = (torch.optim.SGD(original.parameters(), lr=0.5) if optimizer == "SGD"
-                 else torch.optim.AdamW(original.parameters(), lr=1e-3))
+    from test_hf_engine import engine_and_reference
+    engine, reference = engine_and_reference(converted, groups, original, optimizer, stage, micro_batch=B)
     ours, theirs = [], []
     for step in range(ENGINE_STEPS):
         ids_BT = torch.randint(3, VOCAB, (B, 12), generator=torch.Generator().manual_seed(1000 * step + rank))
