@@ -87,11 +87,6 @@ def load() -> Optional[Any]:
     return _state["module"]
 
 
-def load_for(device: torch.device) -> Optional[Any]:
-    """load() where tensors on `device` can use the loops (the CPU), else None without building anything."""
-    return load() if device.type == "cpu" else None
-
-
 def _build() -> Optional[Any]:
     name = _build_name()
     directory = _build_directory(name)
