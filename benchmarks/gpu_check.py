@@ -14,7 +14,10 @@ poisons its context included, still leaves the others' results):
                   against the copy bandwidth measured in the same run
   d  layer        forward+backward of ours, DeepSpeed's layer and the expert-only floor on GPU-sized points
                   (benchmarks/layer_impls.gpu_grid, S x M up to 2^27; bench_layer's measure_point per point)
-  e  grouped GEMM the Triton grouped GEMM against a per-expert cuBLAS loop and torch._grouped_mm: not built yet
+  e  grouped GEMM the Triton grouped GEMM (triton_kernels/grouped_gemm.py) against a per-expert cuBLAS loop and
+                  torch._grouped_mm on stacked weights, bf16, 16k routed rows split unevenly, E = 8..128: y, dx and
+                  dW checked against the loop first, then forward and forward+backward timed interleaved
+                  (GROUPED_GPU_POINTS; a part run alone, --parts e, has the whole budget for it)
 
 Each part ends as ok, failed (with its error's last line), not built, or skipped (why). Writes to --out (default
 $OUT, else a new temporary folder): gpu_check.json (everything), gpu_check.md (the summary table and per-part
@@ -63,9 +66,9 @@ PARTS: Dict[str, str] = {
     "e": "grouped GEMM against a per-expert cuBLAS loop and torch._grouped_mm",
 }
 # Seconds each part may take at most (the run's budget cuts them further when it runs short).
-CAPS = {"gpu": {"a": 75, "b": 45, "c": 130, "d": 150, "e": 10},
-        "dry-run": {"a": 60, "b": 60, "c": 60, "d": 60, "e": 10}}
-DEFAULT_BUDGET_S = {"gpu": 330, "dry-run": 150}
+CAPS = {"gpu": {"a": 75, "b": 45, "c": 130, "d": 150, "e": 120},
+        "dry-run": {"a": 60, "b": 60, "c": 60, "d": 60, "e": 60}}
+DEFAULT_BUDGET_S = {"gpu": 330, "dry-run": 200}
 MIN_PART_S = 8  # a part is skipped rather than started with less time than this
 SYNC_BUDGET = 1  # the issue's budget: host syncs per forward+backward at default options, ep_size 1
 KERNEL_TARGET = 0.70  # the issue's target: dispatch kernels at >= 70% of the copy bandwidth at M >= 2048
@@ -460,8 +463,18 @@ def part_d(ctx: Context, rec: Recorder) -> str:
 # Part e: grouped GEMM
 
 
+# (E experts, M model dim = the GEMM's input features, I expert hidden dim = its output features) at
+# GROUPED_ROWS routed rows, from Mixtral-like (8 x 4096 -> 14336) to fine-grained (64-128 x 2048 -> 1408); the
+# first call of each shape autotunes three kernels, so four points fit the part's cap.
+GROUPED_GPU_POINTS = [(8, 4096, 14336), (32, 4096, 3584), (64, 2048, 1408), (128, 2048, 1408)]
+GROUPED_DRY_POINTS = [(6, 32, 24)]
+GROUPED_ROWS = {"gpu": 16384, "dry-run": 40}
+# (warm-up rounds, timed rounds at most, at least): the interpreter takes a second per call.
+GROUPED_ROUNDS = {"gpu": (2, 10, 3), "dry-run": (1, 2, 2)}
+
+
 def grouped_gemm_state() -> Tuple[str, str]:
-    """(status, detail) of part e: the Triton grouped GEMM is looked for, not faked."""
+    """("not built", why) where the Triton grouped GEMM does not exist, else ("ok", what part e measures)."""
     import torch
     has_grouped_mm = hasattr(torch, "_grouped_mm")
     found = importlib.util.find_spec("triton_kernels.grouped_gemm") is not None
@@ -469,14 +482,165 @@ def grouped_gemm_state() -> Tuple[str, str]:
     if not found:
         return "not built", "the Triton grouped GEMM (triton_kernels/grouped_gemm.py, issue 29) does not exist yet" \
             + suffix
-    return "skipped", "triton_kernels.grouped_gemm exists but this check has no benchmark of it yet" + suffix
+    return "ok", "triton_kernels.grouped_gemm against a per-expert matmul loop" + suffix
+
+
+def grouped_row_counts(E: int, N: int, seed: int) -> List[int]:
+    """An uneven split of N rows over E experts, as a router makes them: skewed shares, the last expert empty."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    probs_E = torch.softmax(torch.randn(E, generator=gen), dim=0)
+    probs_E[-1] = 0.0
+    counts_E = torch.multinomial(probs_E, N, replacement=True, generator=gen).bincount(minlength=E)
+    return counts_E.tolist()
+
+
+def _grouped_candidates(E: int, M: int, I: int, counts: List[int], device: "torch.device",
+                        seed: int) -> Tuple[Dict[str, Callable[[], "torch.Tensor"]], Dict[str, List["torch.Tensor"]],
+                                            "torch.Tensor", "torch.Tensor"]:
+    """The forward of each candidate on the same rows and weights (bf16): ours (per-expert weights through
+    pointer arrays), the per-expert matmul loop (cuBLAS on a GPU) and, where torch has it, torch._grouped_mm on a
+    stacked copy of the weights. Returns (forwards, each candidate's parameters, x_NM, dy_NI)."""
+    import torch
+    from triton_kernels.grouped_gemm import grouped_linear
+    gen = torch.Generator(device=device).manual_seed(seed)
+    N = sum(counts)
+    dtype = torch.bfloat16
+
+    def randn(*shape: int) -> "torch.Tensor":  # made on the device: the largest weights are 2 GB in fp32
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+    x_NM = (randn(N, M) * 0.5).requires_grad_()
+    dy_NI = randn(N, I)
+    w_EIM = randn(E, I, M) * M ** -0.5
+    weights = [w_EIM[e].clone().requires_grad_() for e in range(E)]
+    loop_weights = [w_EIM[e].clone().requires_grad_() for e in range(E)]
+    stacked = w_EIM.clone().requires_grad_()
+    offsets_L1 = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(device)
+    ends_E = offsets_L1[1:].to(torch.int32)
+
+    def ours() -> "torch.Tensor":
+        return grouped_linear(x_NM, offsets_L1, weights)
+
+    def loop() -> "torch.Tensor":
+        return torch.cat([xs @ w.t() for xs, w in zip(x_NM.split(counts), loop_weights)])
+
+    def grouped_mm() -> "torch.Tensor":
+        return torch._grouped_mm(x_NM, stacked.transpose(-2, -1), offs=ends_E)
+
+    forwards = {"ours": ours, "loop": loop}
+    params = {"ours": weights, "loop": loop_weights}
+    if hasattr(torch, "_grouped_mm"):
+        forwards["grouped_mm"] = grouped_mm
+        params["grouped_mm"] = [stacked]
+    return forwards, params, x_NM, dy_NI
+
+
+def _grouped_outputs(forward: Callable[[], "torch.Tensor"], params: List["torch.Tensor"], x_NM: "torch.Tensor",
+                     dy_NI: "torch.Tensor") -> Dict[str, "torch.Tensor"]:
+    """y, dx and the weights' gradients (stacked) of one forward+backward."""
+    import torch
+    x_NM.grad = None
+    for p in params:
+        p.grad = None
+    y = forward()
+    y.backward(dy_NI)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    dw = torch.stack(grads) if len(grads) > 1 else grads[0]
+    return {"y": y.detach(), "dx": x_NM.grad.detach(), "dw": dw.detach()}
 
 
 def part_e(ctx: Context, rec: Recorder) -> str:
+    import torch
+    from benchmarks.timing import geomean, interleaved, median, paired_ratio
     status, detail = grouped_gemm_state()
-    rec.results["torch_has_grouped_mm"] = "present" in detail
-    rec.status = status
-    return detail
+    rec.results["torch_has_grouped_mm"] = hasattr(torch, "_grouped_mm")
+    if status != "ok":
+        rec.status = status
+        return detail
+    import triton_kernels.grouped_gemm as gg
+    device = _device(ctx)
+    if ctx.dry_run:
+        torch.set_num_threads(1)
+    started = time.perf_counter()
+    N = GROUPED_ROWS[ctx.mode]
+    points = GROUPED_DRY_POINTS if ctx.dry_run else GROUPED_GPU_POINTS
+    rec.results.update(rows_per_point=N, dtype="bf16", method=(
+        "interleaved rounds (benchmarks/timing.py); ratios are medians of per-round ratios; one linear layer "
+        "x_NM @ W_IM^T per expert, N routed rows split unevenly (one expert empty)"))
+    for index, (E, M, I) in enumerate(points):
+        if index and time.perf_counter() - started > 0.6 * ctx.cap_s:
+            rec.results["cut_short"] = f"{len(points) - index} points left out to stay within the cap"
+            break
+        key = f"E{E}_M{M}_I{I}"
+        counts = grouped_row_counts(E, N, seed=index)
+        forwards, params, x_NM, dy_NI = _grouped_candidates(E, M, I, counts, device, seed=index)
+        outputs, errors, first_call_s = {}, {}, {}
+        for name, fwd in forwards.items():
+            first = time.perf_counter()
+            try:
+                outputs[name] = _grouped_outputs(fwd, params[name], x_NM, dy_NI)
+            except Exception as err:  # torch._grouped_mm is private: where it refuses, report why and go on
+                if name == "ours":
+                    raise
+                errors[name] = last_line(f"{type(err).__name__}: {err}")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_call_s[name] = time.perf_counter() - first  # ours: autotuning (and compiling) included
+        row: Dict[str, Any] = {"key": key, "E": E, "M": M, "I": I, "rows": N, "min_rows": min(counts),
+                               "max_rows": max(counts), "first_call_s": first_call_s, "errors": errors}
+        ref = outputs["loop"]
+        row["checks"] = {name: {t: _difference(out[t], ref[t], "bf16") for t in ("y", "dx", "dw")}
+                         for name, out in outputs.items() if name != "loop"}
+        forwards = {name: fwd for name, fwd in forwards.items() if name in outputs}
+        flops = 2.0 * N * M * I
+        timings: Dict[str, Dict[str, List[float]]] = {}
+        warmup, reps, min_reps = GROUPED_ROUNDS[ctx.mode]
+        with torch.no_grad():
+            timings["fwd"] = interleaved(dict(forwards), device, warmup=warmup, reps=reps, budget_s=5.0,
+                                         min_reps=min_reps)
+
+        def step(name: str) -> Callable[[], None]:
+            return lambda: forwards[name]().backward(dy_NI)
+
+        def clear(name: str) -> Callable[[], None]:
+            def run() -> None:
+                x_NM.grad = None
+                for p in params[name]:
+                    p.grad = None
+            return run
+
+        timings["fwd_bwd"] = interleaved({n: step(n) for n in forwards}, device, warmup=warmup, reps=reps,
+                                         budget_s=10.0, min_reps=min_reps, prepare={n: clear(n) for n in forwards})
+        for phase, times in timings.items():
+            work = flops * (1 if phase == "fwd" else 3)
+            row[phase] = {f"{n}_ms": 1e3 * median(t) for n, t in times.items()}
+            row[phase]["ours_TFLOPs"] = work / median(times["ours"]) / 1e12
+            for other in times:
+                if other != "ours":
+                    row[phase][f"ours_over_{other}"] = paired_ratio(times["ours"], times[other])
+        rec.add("rows", row)
+        del forwards, params, outputs, x_NM, dy_NI
+        _release_memory(device)
+    rows = rec.results.get("rows", [])
+    rec.results["autotuned"] = {name: {str(k): str(v) for k, v in getattr(kernel, "cache", {}).items()}
+                                for name, kernel in (("grouped_mm", gg._grouped_mm_kernel),
+                                                     ("weight_grad", gg._weight_grad_kernel))}
+    rec.save()
+    wrong = [f"{r['key']} {name} {t}" for r in rows for name, checks in r["checks"].items() for t, d in checks.items()
+             if name == "ours" and not d["within_tol"]]
+    if wrong:
+        raise PartFailed(f"the grouped GEMM differs from the per-expert loop: {', '.join(wrong[:3])}")
+    summary = []
+    for phase in ("fwd", "fwd_bwd"):
+        for other in ("loop", "grouped_mm"):
+            ratios = [r[phase][f"ours_over_{other}"] for r in rows if f"ours_over_{other}" in r[phase]]
+            if ratios:
+                summary.append(f"{phase} ours/{other} {geomean(ratios):.3f}")
+    failed_mm = sorted({e for r in rows for e in r["errors"].values()})
+    return (f"points {len(rows)}, each equal to the loop (y, dx, dW in bf16 tolerance); geomean " + ", ".join(summary)
+            + (f"; torch._grouped_mm failed: {failed_mm[0]}" if failed_mm else "")
+            + ("" if "cut_short" not in rec.results else f"; {rec.results['cut_short']}"))
 
 
 PART_FUNCTIONS: Dict[str, Callable[[Context, Recorder], str]] = {
@@ -678,6 +842,20 @@ def markdown(doc: Dict[str, Any]) -> str:
             lines.append(f"| {r['key']} | {r['ours_ms']:.3g} | {r['deepspeed_ms']:.3g} | {r['floor_ms']:.3g} | "
                          f"{r['ours_over_deepspeed']:.3f} | {r['ours_over_floor']:.3f} | "
                          f"{r['deepspeed_over_floor']:.3f} |")
+    grouped = parts.get("e", {}).get("results", {})
+    if grouped.get("rows"):
+        lines += ["", "## e: grouped GEMM, bf16, ours against the per-expert loop and torch._grouped_mm "
+                  "(medians; ratios are medians of per-round ratios)", "",
+                  "| point | rows per expert | fwd ours ms | fwd ours/loop | fwd ours/grouped_mm | fwd+bwd ours ms | "
+                  "fwd+bwd ours/loop | fwd+bwd ours/grouped_mm | ours TFLOP/s fwd, fwd+bwd |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in grouped["rows"]:
+            f, b = r["fwd"], r["fwd_bwd"]
+            lines.append(f"| {r['key']} | {r['min_rows']}-{r['max_rows']} | {f['ours_ms']:.3g} | "
+                         f"{_fmt(f.get('ours_over_loop'), '.3f')} | {_fmt(f.get('ours_over_grouped_mm'), '.3f')} | "
+                         f"{b['ours_ms']:.3g} | {_fmt(b.get('ours_over_loop'), '.3f')} | "
+                         f"{_fmt(b.get('ours_over_grouped_mm'), '.3f')} | {f['ours_TFLOPs']:.3g}, "
+                         f"{b['ours_TFLOPs']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -701,7 +879,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "new temporary folder)")
     parser.add_argument("--parts", default="".join(PARTS), help="which parts to run, e.g. 'ab' (default all)")
     parser.add_argument("--budget", type=float, default=0, help="seconds for all parts together (default 330 on a "
-                        "GPU, 150 in the dry run)")
+                        "GPU, 200 in the dry run)")
     parser.add_argument("--install-status", default="", help="the shell script's install record")
     parser.add_argument("--run-part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--work", default="", help=argparse.SUPPRESS)
@@ -732,7 +910,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"== part {part}: {PARTS[part]} (cap {cap:.0f} s)", flush=True)
         if part not in args.parts:
             record = {"status": "skipped", "detail": "not asked for (--parts)", "results": {}}
-        elif part == "e":  # nothing to run on the device yet: no process, no share of the budget
+        elif part == "e" and grouped_gemm_state()[0] == "not built":  # nothing to run: no process, no budget
             status, detail = grouped_gemm_state()
             record = {"status": status, "detail": detail, "results": {"torch_has_grouped_mm": "present" in detail}}
         elif cap < MIN_PART_S:

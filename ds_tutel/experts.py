@@ -3,18 +3,133 @@
 Parameter names `deepspeed_experts.{i}.*`, `allreduce=False` and `group_name='ep_size_N'` are what the DeepSpeed
 engine, ZeRO and the per-expert checkpoint files key on.
 
-Shape legend: W ranks in the expert-parallel group, L local experts, C capacity, M model dim.
+On the GPU path the local experts run on one buffer of rows sorted expert after expert (forward_rows): where
+they are a known FFN form (ffn_form) and the backend has a grouped GEMM ("grouped_linear"), all of them run as
+one grouped_linear call per Linear plus the elementwise activation, with row offsets on the device; any other
+expert runs in a loop on exactly its rows.
+
+Shape legend: W ranks in the expert-parallel group, L local experts, C capacity, M model dim, N rows sorted expert
+after expert (offsets_L1: expert l's rows are offsets_L1[l]:offsets_L1[l + 1], rows from offsets_L1[L] on belong
+to no expert), I / O a Linear's in / out features, H an FFN's hidden dim.
 """
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
 from .dispatch.grouped import RowRounding, with_pad_rows
+
+# grouped_linear(x_NI, offsets_L1, weights [O, I] per expert, biases [O] per expert or None) -> y_NO
+GroupedLinear = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor],
+                          Optional[Sequence[Optional[torch.Tensor]]]], torch.Tensor]
+
+# Activations that act on each element alone, so one call on all experts' rows equals one call per expert.
+ELEMENTWISE_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU,
+                           nn.Softplus, nn.Hardswish, nn.Identity)
+# The same, from transformers' ACT2FN, recognised by class name (the core never imports transformers).
+ELEMENTWISE_ACTIVATION_NAMES = frozenset({"SiLUActivation", "GELUActivation", "NewGELUActivation",
+                                          "FastGELUActivation", "QuickGELUActivation", "GELUTanh",
+                                          "PytorchGELUTanh", "ReLUSquaredActivation"})
+
+
+def grouped_linear_reference(x_NI: torch.Tensor, offsets_L1: torch.Tensor, weights: Sequence[torch.Tensor],
+                             biases: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    """The grouped GEMM's contract in plain torch: y_NO[rows of expert l] = F.linear(x, weights[l], biases[l]);
+    rows of no expert (from offsets_L1[L] on) are zero. Reads the offsets on the host (the reference for the
+    kernels, which read them on the device)."""
+    bounds = [int(b) for b in offsets_L1.tolist()]
+    O = weights[0].shape[0]
+    outs_nO = [F.linear(x_NI[bounds[l]:bounds[l + 1]], w_OI, None if biases is None else biases[l])
+               for l, w_OI in enumerate(weights)]
+    tail_O = x_NI.shape[0] - bounds[-1]
+    return torch.cat([x_NI.new_zeros(bounds[0], O)] + outs_nO + [x_NI.new_zeros(tail_O, O)])
+
+
+@runtime_checkable
+class GatedFFN(Protocol):
+    """The gated (SwiGLU) expert: down_proj(act_fn(gate_proj(x)) * up_proj(x)), as Hugging Face's MoE experts
+    and ds_tutel.hf's SwiGLUExpert compute it."""
+
+    gate_proj: nn.Linear
+    up_proj: nn.Linear
+    down_proj: nn.Linear
+    act_fn: nn.Module
+
+
+def _is_elementwise(module: object) -> bool:
+    return isinstance(module, nn.Module) and not any(True for _ in module.parameters()) and (
+        isinstance(module, ELEMENTWISE_ACTIVATIONS) or type(module).__name__ in ELEMENTWISE_ACTIVATION_NAMES)
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hooks that a grouped run would skip."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _same_activation(activations: Sequence[nn.Module]) -> bool:
+    first = activations[0]
+    return all(type(a) is type(first) and a.extra_repr() == first.extra_repr() and _plain(a) for a in activations)
+
+
+def _linears(modules: Sequence[object]) -> bool:
+    return all(type(m) is nn.Linear and _plain(m) for m in modules) and all(
+        m.weight.shape == modules[0].weight.shape and (m.bias is None) == (modules[0].bias is None) for m in modules)
+
+
+def ffn_form(experts: Sequence[nn.Module]) -> Optional[str]:
+    """"sequential" (nn.Sequential(Linear, activation, Linear)), "gated" (GatedFFN) or None: the form all these
+    experts share, with equal shapes, elementwise activations and no hooks."""
+    if not experts or not all(_plain(e) for e in experts):
+        return None
+    if all(type(e).forward is nn.Sequential.forward and isinstance(e, nn.Sequential) and len(e) == 3 for e in experts):
+        if _linears([e[0] for e in experts]) and _linears([e[2] for e in experts]) and all(
+                _is_elementwise(e[1]) for e in experts) and _same_activation([e[1] for e in experts]):
+            return "sequential"
+        return None
+    if all(isinstance(e, GatedFFN) for e in experts):
+        if all(_linears([getattr(e, name) for e in experts]) for name in ("gate_proj", "up_proj", "down_proj")) and all(
+                _is_elementwise(e.act_fn) for e in experts) and _same_activation([e.act_fn for e in experts]):
+            return "gated"
+    return None
+
+
+def _weights(linears: Sequence[nn.Linear]) -> Tuple[List[torch.Tensor], Optional[List[Optional[torch.Tensor]]]]:
+    """(weights, biases) of these Linears for grouped_linear; biases None where none has one."""
+    biases = [m.bias for m in linears]
+    return [m.weight for m in linears], (None if all(b is None for b in biases) else biases)
+
+
+# Finds a grouped GEMM that takes these arguments (x_NI, offsets_L1, weights, biases), or None.
+GroupedLinearLookup = Callable[..., Optional[GroupedLinear]]
+
+
+def _linear_names(form: str) -> Sequence[str]:
+    return ("0", "2") if form == "sequential" else ("gate_proj", "up_proj", "down_proj")
+
+
+def run_ffn(form: str, experts: Sequence[nn.Module], x_NM: torch.Tensor, offsets_L1: torch.Tensor,
+            find: GroupedLinearLookup) -> torch.Tensor:
+    """All experts of one FFN form on their rows of x_NM: one grouped GEMM per Linear, one activation call.
+
+    find(x_NI, offsets_L1, weights, biases) gives the grouped GEMM for each call's tensors; where it declines one
+    (a shape the kernel does not take), that call runs grouped_linear_reference."""
+
+    def linear(x_NI: torch.Tensor, name: str) -> torch.Tensor:
+        weights, biases = _weights([e.get_submodule(name) for e in experts])
+        fn = find(x_NI, offsets_L1, weights, biases) or grouped_linear_reference
+        return fn(x_NI, offsets_L1, weights, biases)
+
+    if form == "sequential":
+        return linear(experts[0][1](linear(x_NM, "0")), "2")
+    if form == "gated":
+        return linear(experts[0].act_fn(linear(x_NM, "gate_proj")) * linear(x_NM, "up_proj"), "down_proj")
+    raise ValueError(f"unknown FFN form {form!r}")
 
 
 def mark_expert_params(module: nn.Module, group_name: str) -> None:
@@ -65,6 +180,39 @@ class Experts(nn.Module):
             out_nM = expert(x_nM)
             outputs.append(out_nM[0] if isinstance(out_nM, tuple) else out_nM)
         return outputs
+
+    def grouped_linear_lookup(self, backend: str, x_NM: torch.Tensor,
+                              offsets_L1: torch.Tensor) -> Optional[GroupedLinearLookup]:
+        """How run_ffn finds the backend's grouped GEMM, where these experts are a known FFN form and the backend
+        has one that takes their first Linear with these rows; else None (the experts then run in a loop)."""
+        form = ffn_form(self.deepspeed_experts)
+        if form is None or backend not in kernels.PROVIDERS:
+            return None
+
+        def find(*args: object) -> Optional[GroupedLinear]:
+            return kernels.lookup(backend, "grouped_linear", *args)
+
+        first = [e.get_submodule(_linear_names(form)[0]) for e in self.deepspeed_experts]
+        return find if find(x_NM, offsets_L1, *_weights(first)) is not None else None
+
+    def forward_rows(self, x_NM: torch.Tensor, offsets_L1: torch.Tensor, backend: str,
+                     rows_L: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """out_NM: local expert l on rows offsets_L1[l]:offsets_L1[l + 1] of x_NM (sorted expert after expert).
+
+        With the backend's grouped GEMM for a known FFN form: one grouped_linear call per Linear, offsets read on
+        the device only. Otherwise a loop over the experts on exactly their rows, whose sizes come from rows_L or,
+        without it, from one read of the offsets (a host sync on a GPU). Rows from offsets_L1[L] on belong to no
+        expert: their outputs are zero or whatever the grouped GEMM leaves there, and are never read.
+        """
+        find = self.grouped_linear_lookup(backend, x_NM, offsets_L1)
+        if find is not None:
+            return run_ffn(ffn_form(self.deepspeed_experts), self.deepspeed_experts, x_NM, offsets_L1, find)
+        if rows_L is None:
+            rows_L = (offsets_L1[1:] - offsets_L1[:-1]).tolist()
+        J = sum(rows_L)
+        outs_nM = self.forward_grouped(torch.split(x_NM[:J], list(rows_L)))
+        tail_M = [outs_nM[0].new_zeros(x_NM.shape[0] - J, outs_nM[0].shape[1])] if x_NM.shape[0] > J else []
+        return torch.cat(list(outs_nM) + tail_M)
 
     def forward_filled(self, buf_WLCM: torch.Tensor, filled_WL: Sequence[Sequence[int]]) -> torch.Tensor:
         """Like forward, but each expert runs only on the filled slots: filled_WL[w][l] rows of buf_WLCM[w, l]

@@ -18,13 +18,14 @@ from deepspeed.utils import groups
 from torch import nn
 
 from . import strategies
+from .dispatch.rows import kept_counts
 from .experts import Experts, mark_expert_params
 from .kernels import resolve_dispatch_backend
 from .options import (ConfigSource, RouterOptions, auto_threshold, check_backend, check_capacity_factor,
                       check_constructor, check_exchange, check_forward_input, check_k, check_parallel_setup,
                       moe_kwargs)
 from .parallel.alltoall import agree_max
-from .parallel.exchange import exchange_counts
+from .parallel.exchange import exchange_counts, exchange_counts_once
 from .routing.gate import Gate
 from .routing.types import Routing
 from .stats import RoutingStats, routing_stats
@@ -80,9 +81,15 @@ class MOELayer(nn.Module):
             return None
         return lambda capacity: agree_max(capacity, self.ep_group, device)
 
-    def _exchange_counts(self, routing: Routing):
-        return exchange_counts(routing.kept_per_expert(), routing.capacity, self.ep_group, self.num_local_experts,
-                               algorithm=self.exchange.algorithm, auto_threshold=self.exchange.auto_threshold)
+    def _exchange_counts(self, routing: Routing, backend: str):
+        """(filled_WL, capacity_W, sent_E): the kept counts every rank sends this rank's experts, every rank's
+        capacity, and (device plan only, else None) this rank's kept counts, read in the same transfer."""
+        options = dict(algorithm=self.exchange.algorithm, auto_threshold=self.exchange.auto_threshold)
+        if backend == "torch":
+            return (*exchange_counts(routing.kept_per_expert(), routing.capacity, self.ep_group,
+                                     self.num_local_experts, **options), None)
+        return exchange_counts_once(kept_counts(routing), routing.capacity, self.ep_group, self.num_local_experts,
+                                    **options)
 
     def _backend_and_strategy(self, device: torch.device) -> Tuple[str, str]:
         backend = resolve_dispatch_backend(self.dispatch_backend, device)
@@ -114,18 +121,19 @@ class MOELayer(nn.Module):
         # (dropless, dynamic capacity) the capacity is agreed by an all-reduce before routing.
         speculative = self.ep_size > 1 and self.gate.capacity_from_token_count(capacity_factor)
         routing, self.l_aux, tokens_SM = route(None if speculative else self._agree_capacity(x_SM.device))
-        filled_WL = None
+        filled_WL = sent_E = None
         if self.ep_size > 1:
-            filled_WL, capacity_W = self._exchange_counts(routing)
+            filled_WL, capacity_W, sent_E = self._exchange_counts(routing, backend)
             if speculative and len(set(capacity_W)) > 1:
                 agreed = max(capacity_W)
                 routing, self.l_aux, tokens_SM = route(lambda capacity: agreed)
-                filled_WL, _ = self._exchange_counts(routing)
+                filled_WL, _, sent_E = self._exchange_counts(routing, backend)
         self.exp_counts = routing.counts_E.detach()
         self.last_routing = routing.detached()
 
         y_SM = strategies.run(strategy, tokens_SM, routing, self.experts, backend=backend, group=self.ep_group,
-                              num_local_experts=self.num_local_experts, exchange=self.exchange, filled_WL=filled_WL)
+                              num_local_experts=self.num_local_experts, exchange=self.exchange, filled_WL=filled_WL,
+                              sent_E=sent_E)
         return y_SM.reshape(hidden_states.shape)
 
 
@@ -137,15 +145,18 @@ class MoE(ds_layer.MoE):
     DeepSpeed's behaviour:
       capacity_mode, batch_prioritized_routing, normalize_gate, gate_noise, input_dropout, input_jitter,
         aux_loss, z_loss_coef, expert_bias, expert_bias_rate: routing features (see ds_tutel.options).
+      routing_rule, n_group, topk_group, routed_scaling_factor, router_bias: (capacity_mode="tutel") how logits
+        become choices and gates, for models that route otherwise than softmax-then-top-k (DeepSeek-V3's
+        group-limited sigmoid rule, GPT-OSS's top-k-then-softmax with a router bias; ds_tutel.routing.rules).
       a2a_algorithm: "flat" | "2dh" | "auto", the all-to-all over the expert-parallel group.
       a2a_ffn_overlap_degree: split the dispatched buffer into this many capacity chunks so that the
         all-to-all of one chunk overlaps the experts of another.
       a2a_auto_threshold: with a2a_algorithm="auto", 2dh for messages up to this many bytes per rank (default:
         $DS_TUTEL_A2A_AUTO_THRESHOLD, else 0 = always flat; measure it with benchmarks/bench_alltoall.py).
-      a2a_send: "kept" (default): with a flat all-to-all in one piece (auto at threshold 0 is flat) and the
-        torch dispatch, send each expert exactly its kept rows (all-to-alls sized by the routing); "capacity":
-        always send whole capacity buffers [E, C, M], as DeepSpeed does (fixed message sizes). Where "kept"
-        cannot apply, the layer warns once and sends capacity buffers.
+      a2a_send: "kept" (default): with a flat all-to-all in one piece (auto at threshold 0 is flat), on every
+        device and dispatch backend, send each expert exactly its kept rows (all-to-alls sized by the routing);
+        "capacity": always send whole capacity buffers [E, C, M], as DeepSpeed does (fixed message sizes). Where
+        "kept" cannot apply, the layer warns once and sends capacity buffers.
       dispatch_backend: "auto" (Triton kernels for tensors on a GPU, torch on the CPU) | "triton" | "torch".
     """
 
@@ -176,6 +187,11 @@ class MoE(ds_layer.MoE):
                  z_loss_coef: float = 0.0,
                  expert_bias: bool = False,
                  expert_bias_rate: float = 1e-3,
+                 routing_rule: str = "softmax_topk",
+                 n_group: int = 1,
+                 topk_group: int = 1,
+                 routed_scaling_factor: float = 1.0,
+                 router_bias: bool = False,
                  a2a_algorithm: str = "flat",
                  a2a_ffn_overlap_degree: int = 1,
                  a2a_auto_threshold: Optional[int] = None,
@@ -184,7 +200,9 @@ class MoE(ds_layer.MoE):
         options = RouterOptions(capacity_mode=capacity_mode, batch_prioritized_routing=batch_prioritized_routing,
                                 normalize_gate=normalize_gate, gate_noise=gate_noise, input_dropout=input_dropout,
                                 input_jitter=input_jitter, aux_loss=aux_loss, z_loss_coef=z_loss_coef,
-                                expert_bias=expert_bias, expert_bias_rate=expert_bias_rate)
+                                expert_bias=expert_bias, expert_bias_rate=expert_bias_rate,
+                                routing_rule=routing_rule, n_group=n_group, topk_group=topk_group,
+                                routed_scaling_factor=routed_scaling_factor, router_bias=router_bias)
         check_constructor(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=k,
                           capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                           min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy, capacity_mode=capacity_mode)

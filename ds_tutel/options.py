@@ -25,6 +25,9 @@ A2A_ALGORITHMS = ("flat", "2dh", "auto")
 A2A_SENDS = ("kept", "capacity")
 DISPATCH_BACKENDS = ("auto", "triton", "torch")
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
+# How fp32 router logits become each token's choices and gate weights (ds_tutel/routing/rules.py).
+DEFAULT_ROUTING_RULE = "softmax_topk"
+ROUTING_RULES = (DEFAULT_ROUTING_RULE, "sigmoid_group_topk", "topk_softmax")
 
 SECTION = "ds_tutel"
 ConfigSource = Union[str, os.PathLike, Mapping[str, Any]]
@@ -56,6 +59,14 @@ class RouterOptions:
     z_loss_coef: weight of the router z-loss (mean squared logsumexp of the logits) added to l_aux.
     expert_bias: (tutel) aux-loss-free balancing: a per-expert bias added to the scores for selection only,
         moved by expert_bias_rate toward balance from the load observed in each training forward.
+    routing_rule: (tutel) how the logits become choices and gates (routing/rules.py): "softmax_topk" (softmax
+        over the experts, top-k; the default), "sigmoid_group_topk" (DeepSeek-V3: sigmoid scores, top-k inside
+        the topk_group best of n_group expert groups, selection bias always present), "topk_softmax" (GPT-OSS:
+        top-k of the logits, softmax over the k chosen).
+    n_group, topk_group: (sigmoid_group_topk) experts form n_group equal groups; each token picks among the
+        experts of its topk_group best groups (a group scores the sum of its two best selection scores).
+    routed_scaling_factor: (tutel) every gate weight multiplied by this after normalisation (DeepSeek-V3).
+    router_bias: the router `wg` gets a bias (GPT-OSS); DeepSpeed's router has none.
     """
 
     capacity_mode: str = "deepspeed"
@@ -68,6 +79,11 @@ class RouterOptions:
     z_loss_coef: float = 0.0
     expert_bias: bool = False
     expert_bias_rate: float = 1e-3
+    routing_rule: str = DEFAULT_ROUTING_RULE
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    router_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.capacity_mode not in CAPACITY_MODES:
@@ -84,6 +100,24 @@ class RouterOptions:
             for name in ("batch_prioritized_routing", "expert_bias"):
                 if getattr(self, name):
                     raise ValueError(f"{name}=True needs capacity_mode='tutel' (DeepSpeed's routing has no such rule)")
+        check_routing_rule(self.routing_rule, self.n_group, self.topk_group, self.routed_scaling_factor)
+        if not isinstance(self.router_bias, bool):
+            raise ValueError(f"router_bias must be a bool, got {self.router_bias!r}")
+        if self.capacity_mode == "deepspeed" and self.uses_rule:
+            raise ValueError(f"routing_rule={self.routing_rule!r} with routed_scaling_factor="
+                             f"{self.routed_scaling_factor!r} needs capacity_mode='tutel' (DeepSpeed's routing is "
+                             "softmax top-k)")
+
+    @property
+    def uses_rule(self) -> bool:
+        """Whether routing goes through a rule of routing/rules.py rather than the built-in softmax top-k."""
+        return self.routing_rule != DEFAULT_ROUTING_RULE or self.routed_scaling_factor != 1.0
+
+    @property
+    def has_selection_bias(self) -> bool:
+        """Whether the gate holds a per-expert selection bias (`expert_bias`): for balancing, or as part of the
+        rule (DeepSeek-V3's score correction bias)."""
+        return self.expert_bias or self.routing_rule == "sigmoid_group_topk"
 
     @classmethod
     def field_names(cls) -> tuple:
@@ -121,6 +155,34 @@ def check_constructor(*, hidden_size: Any, expert: Any, num_experts: Any, ep_siz
         raise ValueError(f"min_capacity must be an int >= 0, got {min_capacity!r}")
     if noisy_gate_policy not in allowed_policies:
         raise ValueError(f"noisy_gate_policy must be one of {list(allowed_policies)}, got {noisy_gate_policy!r}")
+
+
+def check_routing_rule(routing_rule: Any, n_group: Any = 1, topk_group: Any = 1,
+                       routed_scaling_factor: Any = 1.0) -> None:
+    """A known rule name; group sizes that only the group-limited rule reads; a positive scaling factor."""
+    if not isinstance(routing_rule, str) or routing_rule not in ROUTING_RULES:
+        raise ValueError(f"unknown routing_rule {routing_rule!r}: choose one of {ROUTING_RULES}")
+    for name, value in (("n_group", n_group), ("topk_group", topk_group)):
+        _positive_int(name, value)
+    if topk_group > n_group:
+        raise ValueError(f"topk_group ({topk_group}) must be <= n_group ({n_group})")
+    if routing_rule != "sigmoid_group_topk" and (n_group, topk_group) != (1, 1):
+        raise ValueError(f"n_group and topk_group need routing_rule='sigmoid_group_topk', got {routing_rule!r}")
+    if (isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float))
+            or not routed_scaling_factor > 0):
+        raise ValueError(f"routed_scaling_factor must be a number > 0, got {routed_scaling_factor!r}")
+
+
+def check_expert_groups(num_experts: int, k: int, n_group: int, topk_group: int) -> None:
+    """Group-limited routing needs n_group equal groups of at least two experts (a group scores its two best)
+    and k within the experts of the topk_group chosen groups."""
+    if n_group == 1:
+        return
+    if num_experts % n_group or num_experts // n_group < 2:
+        raise ValueError(f"n_group ({n_group}) must divide num_experts ({num_experts}) into groups of >= 2 experts")
+    if k > topk_group * (num_experts // n_group):
+        raise ValueError(f"k ({k}) exceeds the {topk_group * (num_experts // n_group)} experts of topk_group="
+                         f"{topk_group} groups of {num_experts // n_group}")
 
 
 def check_capacity_factor(name: str, value: Any, capacity_mode: str) -> None:

@@ -1,17 +1,19 @@
 """The layer's forward strategies: what runs between routing and the combined output, by name.
 
-    grouped        ep_size 1, torch dispatch: each expert on exactly its kept rows (dispatch/grouped.py); no
-                   capacity buffer, no compute on empty slots.
-    kept_exchange  ep_size > 1, torch dispatch, a flat all-to-all in one piece, a2a_send="kept": only the kept rows
-                   cross the wire, in both directions and in the backward (parallel/kept_exchange.py).
-    capacity       everything else: capacity buffers [E, C, M] filled by encode (torch or Triton), the experts on
-                   them locally (ep_size 1) or through the flat / 2dh / auto exchange with optional overlap chunks
-                   (parallel/exchange.py, which skips empty slots), then decode.
+    grouped        ep_size 1: each expert on exactly its kept rows; no capacity buffer, no compute on empty
+                   slots. Torch dispatch: the host plan of dispatch/grouped.py; Triton (the GPU path): the device
+                   plan of dispatch/rows.py, the experts as grouped GEMMs (Experts.forward_rows).
+    kept_exchange  ep_size > 1, a flat all-to-all in one piece, a2a_send="kept", either dispatch: only the kept
+                   rows cross the wire, in both directions and in the backward (parallel/kept_exchange.py).
+    capacity       everything else (a2a_send="capacity", 2dh, auto with a threshold, overlap chunks): capacity
+                   buffers [E, C, M] filled by encode (torch or Triton), the flat / 2dh / auto exchange with
+                   optional overlap chunks (parallel/exchange.py, which skips empty slots), then decode.
 
 `choose` names the strategy from the layer's options and the resolved dispatch backend; `warn_ineffective` says
 once per process when an option the user set has no effect in it. docs/ARCHITECTURE.md has the same table.
 
-Shape legend: S tokens, M model dim, E experts, C capacity, W expert-parallel ranks, L local experts.
+Shape legend: S tokens, M model dim, E experts, C capacity, W expert-parallel ranks, L local experts, R rows a rank
+receives in the kept exchange.
 """
 from __future__ import annotations
 
@@ -22,13 +24,13 @@ from typing import Callable, List, Optional, Sequence, Set, Tuple
 import torch
 
 from . import kernels
-from .dispatch import capacity
+from .dispatch import capacity, rows
 from .dispatch.grouped import grouped_decode, grouped_encode, grouped_plan
 from .experts import Experts
 from .options import auto_threshold
 from .parallel.alltoall import Group
 from .parallel.exchange import exchange_and_compute
-from .parallel.kept_exchange import exchange_kept_and_compute
+from .parallel.kept_exchange import exchange_kept_and_compute, exchange_kept_rows_and_compute
 from .routing.tutel import route_tutel
 from .routing.types import Routing
 
@@ -59,9 +61,9 @@ class ExchangeOptions:
 
 def choose(ep_size: int, backend: str, exchange: ExchangeOptions) -> str:
     """The strategy for a layer with this expert-parallel size, resolved dispatch backend and exchange options."""
-    if backend == "torch" and ep_size == 1:
+    if ep_size == 1:
         return GROUPED
-    if backend == "torch" and exchange.send == "kept" and exchange.flat_in_one_piece():
+    if exchange.send == "kept" and exchange.flat_in_one_piece():
         return KEPT_EXCHANGE
     return CAPACITY
 
@@ -77,10 +79,8 @@ def ineffective_options(strategy: str, ep_size: int, backend: str, exchange: Exc
             if value != default:
                 notes.append(f"{name}={value!r} has no effect with ep_size=1 (no exchange)")
     elif strategy == CAPACITY and exchange.send == "kept":
-        why = "the Triton dispatch fills capacity buffers" if backend == "triton" else \
-            "only a flat all-to-all in one piece can send kept rows"
-        notes.append(f"a2a_send='kept' has no effect here ({why}): whole capacity buffers [E, C, M] are exchanged; "
-                     "pass a2a_send='capacity' to say so")
+        notes.append("a2a_send='kept' has no effect here (only a flat all-to-all in one piece can send kept rows): "
+                     "whole capacity buffers [E, C, M] are exchanged; pass a2a_send='capacity' to say so")
     if exchange.auto_threshold is not None and exchange.algorithm != "auto":
         notes.append(f"a2a_auto_threshold={exchange.auto_threshold} has no effect with "
                      f"a2a_algorithm={exchange.algorithm!r} (it applies to 'auto')")
@@ -122,10 +122,31 @@ def tutel_router(backend: str) -> Callable[..., Routing]:
     raise ValueError(f"tutel_router takes a resolved backend ('torch' or 'triton'), got {backend!r}")
 
 
+def _run_rows(strategy: str, tokens_SM: torch.Tensor, routing: Routing, experts: Experts, backend: str,
+              group: Group, filled_WL: Optional[Sequence[Sequence[int]]],
+              sent_E: Optional[Sequence[int]]) -> torch.Tensor:
+    """grouped / kept_exchange on the device plan (dispatch/rows.py): the GPU path, no host sync of its own where
+    the experts run as grouped GEMMs."""
+    if strategy == GROUPED:
+        plan = rows.row_plan(routing)
+        return rows.combine(experts.forward_rows(rows.gather(tokens_SM, plan), plan.offsets_E1, backend), plan)
+    if sent_E is None:
+        raise ValueError("the kept exchange on the device plan needs this rank's kept rows per expert (sent_E)")
+
+    def run_experts(x_RM: torch.Tensor, offsets_L1: torch.Tensor, rows_L: List[int]) -> torch.Tensor:
+        return experts.forward_rows(x_RM, offsets_L1, backend, rows_L)
+
+    return exchange_kept_rows_and_compute(tokens_SM, rows.row_plan(routing, rows_E=sent_E), filled_WL, run_experts,
+                                          group)
+
+
 def run(strategy: str, tokens_SM: torch.Tensor, routing: Routing, experts: Experts, *, backend: str,
         group: Group, num_local_experts: int, exchange: ExchangeOptions,
-        filled_WL: Optional[Sequence[Sequence[int]]]) -> torch.Tensor:
-    """y_SM: dispatch, (exchange,) experts, (exchange back,) combine, as the named strategy does them."""
+        filled_WL: Optional[Sequence[Sequence[int]]], sent_E: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """y_SM: dispatch, (exchange,) experts, (exchange back,) combine, as the named strategy does them.
+    sent_E: this rank's kept rows per expert, where the counts' exchange read them (the device plan's sizes)."""
+    if backend != "torch" and strategy in (GROUPED, KEPT_EXCHANGE):
+        return _run_rows(strategy, tokens_SM, routing, experts, backend, group, filled_WL, sent_E)
     round_rows = experts.row_rounding(tokens_SM.device, tokens_SM.dtype)
     if strategy == GROUPED:
         plan = grouped_plan(routing, round_rows)

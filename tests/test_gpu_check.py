@@ -1,6 +1,7 @@
 """The device check (benchmarks/gpu_check.sh, issue 29) cannot rot: its dry run runs here, on the CPU (Triton's
 interpreter, tiny shapes), through the same driver a GPU run uses, and must report every part with a status and
-real comparisons in parts a (ours = DeepSpeed's layer) and b (host syncs of each layer)."""
+real comparisons in parts a (ours = DeepSpeed's layer), b (host syncs of each layer) and e (the grouped GEMM
+against the per-expert loop)."""
 from __future__ import annotations
 
 import importlib.util
@@ -23,7 +24,7 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     result = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), "--dry-run"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=240)
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return out, json.loads((out / "gpu_check.json").read_text()), result.stdout
 
@@ -40,14 +41,14 @@ def test_dry_run_reports_every_part_with_a_status(dry_run):
     for part in "abcd":
         assert doc["parts"][part]["status"] == "ok", (part, doc["parts"][part]["detail"])
     assert doc["parts"]["e"]["status"] == ("not built" if importlib.util.find_spec("triton_kernels.grouped_gemm")
-                                           is None else "skipped")
+                                           is None else "ok"), doc["parts"]["e"]["detail"]
     names = set(os.listdir(out))
     assert {"gpu_check.json", "gpu_check.md", "gpu_check.log", "kernels.json", "layer_dryrun.json"} <= names
     assert len(names) <= 8  # what a device machine sends back
     table = (out / "gpu_check.md").read_text()
     for part in gpu_check.PARTS:
         assert f"| {part} | {gpu_check.PARTS[part]} |" in table
-    assert "== part e: not built" in stdout or "== part e: skipped" in stdout
+    assert "== part e: not built" in stdout or "== part e: ok" in stdout
 
 
 @needs_triton
@@ -73,6 +74,22 @@ def test_dry_run_compares_the_layers_and_counts_their_syncs(dry_run):
     assert len(d["rows"]) == 2 and all(r["ours_ms"] > 0 and r["floor_ms"] > 0 for r in d["rows"])
 
 
+@needs_triton
+@pytest.mark.slow
+def test_dry_run_checks_and_times_the_grouped_gemm(dry_run):
+    _, doc, _ = dry_run
+    if importlib.util.find_spec("triton_kernels.grouped_gemm") is None:
+        pytest.skip("no grouped GEMM to check")
+    e = doc["parts"]["e"]["results"]
+    assert [r["key"] for r in e["rows"]] == [f"E{E}_M{M}_I{I}" for E, M, I in gpu_check.GROUPED_DRY_POINTS]
+    for row in e["rows"]:
+        assert row["min_rows"] == 0 < row["max_rows"]  # an empty expert and uneven ones
+        assert all(d["within_tol"] for d in row["checks"]["ours"].values()), row["checks"]["ours"]
+        for phase in ("fwd", "fwd_bwd"):
+            assert row[phase]["ours_ms"] > 0 and row[phase]["loop_ms"] > 0 and row[phase]["ours_over_loop"] > 0
+    assert "ours/loop" in doc["parts"]["e"]["detail"]
+
+
 def test_a_failing_part_keeps_its_results_and_reports_its_last_line(tmp_path, monkeypatch):
     def failing(ctx, rec):
         rec.add("cases", {"key": "first"})
@@ -94,14 +111,29 @@ def test_a_part_past_its_cap_is_killed_and_reported_failed(tmp_path):
     assert "timed out at its cap" in record["detail"]
 
 
-def test_parts_not_asked_for_are_skipped_and_the_grouped_gemm_is_not_faked(tmp_path):
-    assert gpu_check.main(["--dry-run", "--parts", "e", "--out", str(tmp_path)]) == 0
+def test_parts_not_asked_for_are_skipped(tmp_path):
+    assert gpu_check.main(["--dry-run", "--parts", "", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
-    for part in "abcd":
+    for part in gpu_check.PARTS:
         assert doc["parts"][part]["status"] == "skipped"
         assert "not asked for" in doc["parts"][part]["detail"]
-    assert doc["parts"]["e"]["status"] in ("not built", "skipped")
     assert "skipped" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_the_grouped_gemm_is_looked_for_not_faked(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    built = real_find_spec("triton_kernels.grouped_gemm") is not None
+    assert gpu_check.grouped_gemm_state()[0] == ("ok" if built else "not built")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton_kernels.grouped_gemm" else real_find_spec(name, *a))
+    status, detail = gpu_check.grouped_gemm_state()
+    assert status == "not built" and "does not exist" in detail
+
+
+def test_grouped_gemm_row_splits_are_uneven_with_an_empty_expert():
+    for E in (8, 128):
+        counts = gpu_check.grouped_row_counts(E, 16384, seed=E)
+        assert len(counts) == E and sum(counts) == 16384 and counts[-1] == 0 and max(counts) > 16384 // E
 
 
 def test_kernel_rows_are_read_back_from_the_benchmarks_output():

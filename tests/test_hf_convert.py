@@ -1,6 +1,8 @@
 """ds_tutel.hf.convert on tiny random-weight transformers models (the real config and model classes, nothing
-downloaded): the converted model gives the original's logits, loss, router-logit aux loss and gradients of every
-parameter within fp32 rounding, and its export loads strictly into the unconverted class with the same logits.
+downloaded): the converted model gives the original's logits, loss, router-logit aux loss (where the model has
+one) and gradients of every parameter within fp32 rounding, and its export loads strictly into the unconverted
+class with the same logits. Biases and DeepSeek-V3's correction bias, zero at initialisation, are drawn at random
+so that they count; GPT-OSS's clamp limit is lowered in one layer so that its clamps bind.
 
 Shape legend: B batch, T sequence length, V vocabulary.
 """
@@ -27,6 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
 VOCAB, B, T = 128, 2, 16
 
+# DeepSeek-V3's attention (multi-head latent attention), tiny.
+MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+# GPT-OSS's clamp limit (7.0 in the model) in its last layer: tiny random activations cross this one.
+GPT_OSS_LIMIT = 0.1
+
 # Tiny configs: 2 layers, hidden 64, 8 experts, top-2, model-specific knobs where the routing depends on them.
 CASES: Dict[str, Tuple[str, dict]] = {
     "qwen3_moe": ("qwen3_moe", dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=False)),
@@ -41,6 +48,16 @@ CASES: Dict[str, Tuple[str, dict]] = {
     "qwen2_moe-mixed": ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=32,
                                           shared_expert_intermediate_size=48, norm_topk_prob=True,
                                           mlp_only_layers=[0])),
+    # 4 groups of 2 experts, the best 2 groups, scaled gates; layer 0 dense (first_k_dense_replace).
+    "deepseek_v3": ("deepseek_v3", dict(**MLA, n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+                                        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                        first_k_dense_replace=1)),
+    "deepseek_v3-flat": ("deepseek_v3", dict(**MLA, n_routed_experts=8, moe_intermediate_size=32,
+                                             n_shared_experts=2, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                                             norm_topk_prob=False, first_k_dense_replace=0, num_experts_per_tok=3)),
+    "glm4_moe": ("glm4_moe", dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=2,
+                                  topk_group=1, routed_scaling_factor=1.5, first_k_dense_replace=1)),
+    "gpt_oss": ("gpt_oss", dict(num_local_experts=8, head_dim=16)),
 }
 
 
@@ -54,7 +71,29 @@ def tiny_config(model_type: str, **overrides):
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    return exercised(transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)))
+
+
+@torch.no_grad()
+def exercised(model):
+    """The model with what its initialisation leaves inert made to count: MoE biases (GPT-OSS's router and
+    experts) and DeepSeek-V3's e_score_correction_bias drawn at random (from the global seed), GPT-OSS's clamp
+    limit lowered in the last layer."""
+    for name, param in model.named_parameters():
+        if ".mlp." in name and name.endswith("bias"):
+            param.normal_(0.0, 0.1)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.normal_(0.0, 0.05)
+    gpt_oss_experts = [m for m in model.modules() if type(m).__name__ == "GptOssExperts"]
+    if gpt_oss_experts:
+        gpt_oss_experts[-1].limit = GPT_OSS_LIMIT
+    return model
+
+
+def moe_layer_count(model_type: str, overrides: dict) -> int:
+    """How many of the 2 tiny layers hold a sparse-MoE block."""
+    return 2 - len(overrides.get("mlp_only_layers", [])) - overrides.get("first_k_dense_replace", 0)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -91,16 +130,23 @@ def run(model, ids_BT: torch.Tensor, seed: int = 2):
     return out
 
 
+# DeepSeek-V3 and GLM-4-MoE have no router-logit aux loss (they balance through the correction bias).
+NO_AUX_LOSS = ("deepseek_v3", "glm4_moe")
+
+
 def test_logits_loss_aux_and_grads_match(pair):
     case, original, converted, ids_BT = pair
     ref, got = run(original, ids_BT), run(converted, ids_BT)
     assert max_diff(ref.logits, got.logits) < ATOL, case                        # [B, T, V]
     assert abs(ref.loss.item() - got.loss.item()) < ATOL, case
-    assert ref.aux_loss is not None and got.aux_loss is not None
-    assert abs(ref.aux_loss.item() - got.aux_loss.item()) < ATOL, case
-    assert len(got.router_logits) == len(ref.router_logits)
-    for ref_SE, got_SE in zip(ref.router_logits, got.router_logits):
-        assert got_SE.shape == ref_SE.shape and max_diff(ref_SE, got_SE) < ATOL
+    if CASES[case][0] in NO_AUX_LOSS:
+        assert getattr(got, "aux_loss", None) is None and getattr(ref, "aux_loss", None) is None
+    else:
+        assert ref.aux_loss is not None and got.aux_loss is not None
+        assert abs(ref.aux_loss.item() - got.aux_loss.item()) < ATOL, case
+        assert len(got.router_logits) == len(ref.router_logits) == moe_layer_count(*CASES[case])
+        for ref_SE, got_SE in zip(ref.router_logits, got.router_logits):
+            assert got_SE.shape == ref_SE.shape and max_diff(ref_SE, got_SE) < ATOL
     grads = hf.export_grads(converted)
     names = [name for name, _ in original.named_parameters()]
     assert list(grads) == names
@@ -141,7 +187,7 @@ def test_converted_blocks_are_deepspeed_moe_layers(pair):
     case, original, converted, _ = pair
     blocks = hf.converted_blocks(converted)
     model_type, overrides = CASES[case]
-    assert len(blocks) == 2 - len(overrides.get("mlp_only_layers", []))
+    assert len(blocks) == moe_layer_count(model_type, overrides)
     for _, block in blocks:
         assert isinstance(block.moe, ds_layer.MoE)
         experts = list(block.moe.deepspeed_moe.experts.parameters())
@@ -192,16 +238,97 @@ def test_options_reach_the_layer_and_fixed_ones_are_refused():
         hf.convert(tiny_model("mixtral", num_local_experts=4), num_experts=8)
     with pytest.raises(ValueError, match="ep_size"):
         hf.convert(tiny_model("mixtral", num_local_experts=4), ep_size=0)
+    with pytest.raises(TypeError, match="routing_rule"):
+        hf.convert(tiny_model("mixtral", num_local_experts=4), routing_rule="topk_softmax")
+
+
+def test_routing_rules_and_biases_reach_the_gate():
+    """DeepSeek-V3: the group-limited sigmoid rule with the model's settings, its correction bias a buffer of the
+    gate (exported under the HF name); GPT-OSS: top-k then softmax, the router bias as `wg.bias`; the stand-in
+    routers show the same tensors under the HF names."""
+    model_type, overrides = CASES["deepseek_v3"]
+    original = tiny_model(model_type, **overrides)
+    converted = hf.convert(copy.deepcopy(original))
+    (name, block), = hf.converted_blocks(converted)
+    gate = block.moe.deepspeed_moe.gate
+    opts = gate.options
+    assert (opts.routing_rule, opts.n_group, opts.topk_group, opts.routed_scaling_factor, opts.normalize_gate) == (
+        "sigmoid_group_topk", 4, 2, 2.5, True)
+    hf_bias_E = original.get_submodule(name).gate.e_score_correction_bias
+    assert hf_bias_E.abs().max() > 0 and torch.equal(gate.expert_bias, hf_bias_E)
+    assert f"{name}.moe.deepspeed_moe.gate.expert_bias" in converted.state_dict()
+    assert block.router_logits.e_score_correction_bias is gate.expert_bias
+    assert torch.equal(hf.export_state_dict(converted)[f"{name}.gate.e_score_correction_bias"], hf_bias_E)
+    assert not opts.expert_bias  # balancing updates are off unless asked for
+
+    converted = hf.convert(tiny_model("gpt_oss", **CASES["gpt_oss"][1]))
+    block = hf.converted_blocks(converted)[0][1]
+    gate = block.moe.deepspeed_moe.gate
+    assert gate.options.routing_rule == "topk_softmax" and block.router_logits.bias is gate.wg.bias
+    assert [n for n, _ in gate.named_parameters()] == ["wg.weight", "wg.bias"]
+    assert not hasattr(gate, "expert_bias")
+    expert = block.local_experts()[0]
+    assert [n for n, _ in expert.named_parameters()] == [f"{p}_proj.{w}" for p in ("gate", "up", "down")
+                                                         for w in ("weight", "bias")]
+
+
+def test_gpt_oss_clamp_binds_in_the_tests():
+    """The lowered clamp limit changes the model's output (so the exactness tests check the clamped branch), and
+    a converted expert that ignored it would differ."""
+    model_type, overrides = CASES["gpt_oss"]
+    model = tiny_model(model_type, **overrides)
+    converted = hf.convert(copy.deepcopy(model))
+    ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clamped_BTV = converted(input_ids=ids_BT).logits
+        for expert in hf.converted_blocks(converted)[-1][1].local_experts():
+            assert expert.limit == GPT_OSS_LIMIT
+            expert.limit = 7.0
+        assert max_diff(converted(input_ids=ids_BT).logits, clamped_BTV) > 1e-3
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3", "glm4_moe"])
+def test_aux_loss_free_balancing_moves_the_correction_bias(case):
+    """convert(expert_bias=True): each training forward moves the correction bias by rate * sign(mean load -
+    load); eval forwards leave it; the first forward still routes exactly as the model; the export carries it."""
+    model_type, overrides = CASES[case]
+    original = tiny_model(model_type, **overrides)
+    rate = 0.01
+    converted = hf.convert(copy.deepcopy(original), expert_bias=True, expert_bias_rate=rate)
+    ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    (name, block), = hf.converted_blocks(converted)
+    gate = block.moe.deepspeed_moe.gate
+    before_E = gate.expert_bias.clone()
+    ref, got = run(original, ids_BT), run(converted, ids_BT)
+    assert max_diff(ref.logits, got.logits) < ATOL
+    load_E = block.moe.deepspeed_moe.exp_counts.float()
+    assert load_E.sum() == B * T * overrides.get("num_experts_per_tok", 2)
+    expected_E = before_E + rate * torch.sign(load_E.mean() - load_E)
+    assert torch.equal(gate.expert_bias, expected_E) and not torch.equal(expected_E, before_E)
+    converted.eval()
+    with torch.no_grad():
+        converted(input_ids=ids_BT)
+    assert torch.equal(gate.expert_bias, expected_E)
+    assert torch.equal(hf.export_state_dict(converted)[f"{name}.gate.e_score_correction_bias"], expected_E)
+
+
+def test_balancing_off_by_default_leaves_the_bias():
+    model_type, overrides = CASES["deepseek_v3"]
+    converted = hf.convert(tiny_model(model_type, **overrides))
+    gate = hf.converted_blocks(converted)[0][1].moe.deepspeed_moe.gate
+    before_E = gate.expert_bias.clone()
+    run(converted, torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(gate.expert_bias, before_E)
 
 
 def test_unsupported_model_type_names_the_supported_ones():
     model = torch.nn.Linear(2, 2)
-    model.config = types.SimpleNamespace(model_type="deepseek_v3")
+    model.config = types.SimpleNamespace(model_type="phimoe")
     with pytest.raises(hf.UnsupportedModelError) as err:
         hf.convert(model)
-    for model_type in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe"):
+    for model_type in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "glm4_moe", "gpt_oss"):
         assert model_type in str(err.value)
-    assert "deepseek_v3" in str(err.value)
+    assert "phimoe" in str(err.value)
     with pytest.raises(hf.UnsupportedModelError):
         hf.convert(torch.nn.Linear(2, 2))  # no config at all
 
@@ -210,6 +337,40 @@ def test_converting_twice_is_refused():
     model = hf.convert(tiny_model("olmoe", num_experts=4))
     with pytest.raises(ValueError, match="already converted"):
         hf.convert(model)
+
+
+TRITON_SCRIPT = """
+import copy, sys, torch
+sys.path.insert(0, "tests")
+import ds_tutel.hf as hf
+from ds_tutel import kernels
+from test_hf_convert import B, CASES, VOCAB, tiny_model
+torch.set_num_threads(1)
+worst = 0.0
+for case in ("deepseek_v3", "gpt_oss"):
+    model_type, overrides = CASES[case]
+    original = tiny_model(model_type, **overrides)
+    converted = hf.convert(copy.deepcopy(original), dispatch_backend="triton")
+    assert kernels.provider_loaded("triton")
+    ids_BT = torch.randint(3, VOCAB, (B, 8), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for model in (original, converted):
+        out = model(input_ids=ids_BT, labels=ids_BT)
+        out.loss.backward()
+        logits.append(out.logits)
+    grads = hf.export_grads(converted)
+    worst = max(worst, (logits[0] - logits[1]).abs().max().item(),
+                max((p.grad - grads[n]).abs().max().item() for n, p in original.named_parameters()))
+assert worst < 1e-5, worst
+"""
+
+
+def test_routing_rules_on_the_triton_backend():
+    """dispatch_backend="triton" (Triton's interpreter here): the Triton gate computes only the default rule, so
+    DeepSeek-V3's and GPT-OSS's rules place their choices with the torch slot assignment; the model stays exact."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=REPO, env=env, check=True, timeout=600)
 
 
 def test_import_ds_tutel_does_not_import_transformers():
@@ -236,7 +397,7 @@ def test_bf16_model_agrees_to_bf16_rounding(case):
     assert max_diff(ours_BTV.float(), fp32_BTV) <= 2 * hf_error + 1e-2
 
 
-@pytest.mark.parametrize("case", ["qwen2_moe", "mixtral-jitter"])
+@pytest.mark.parametrize("case", ["qwen2_moe", "mixtral-jitter", "deepseek_v3", "gpt_oss"])
 def test_gradient_checkpointing_matches(case):
     """With transformers' gradient checkpointing the converted block is recomputed in the backward (routing,
     Mixtral's jitter draw included) and gives the original's gradients."""

@@ -10,7 +10,8 @@ rank of its expert-parallel group, so its gradient is that of the sum of the gro
 model's expert gradients summed over the group.
 
 Through the DeepSpeed engine (ZeRO 1 with SGD, ZeRO 2 with AdamW, ep_size 2 on 2 ranks) the losses follow the
-unconverted model trained data-parallel by a plain torch loop.
+unconverted model trained data-parallel by a plain torch loop. DeepSeek-V3's aux-loss-free balancing moves the
+correction bias by the loads summed over all ranks, the same on every rank.
 
 Shape legend: B batch, T sequence length (per rank), V vocabulary, E experts, L local experts, M model dim,
 I expert intermediate dim.
@@ -27,6 +28,8 @@ from ds_tutel.ranks import run_ranks
 
 pytest.importorskip("transformers")
 
+from test_hf_convert import MLA, exercised  # noqa: E402
+
 pytestmark = pytest.mark.multirank
 
 ATOL = 1e-5
@@ -38,12 +41,22 @@ TWO_RANKS: List[Tuple[str, str, dict, int]] = [
     ("mixtral", "mixtral", dict(num_local_experts=4), 2),
     ("qwen2_moe", "qwen2_moe", dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                                     norm_topk_prob=False, mlp_only_layers=[0]), 2),
+    ("deepseek_v3", "deepseek_v3", dict(**MLA, n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+                                        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                        first_k_dense_replace=1), 2),
+    ("gpt_oss", "gpt_oss", dict(num_local_experts=4, head_dim=16), 2),
 ]
 # On 4 ranks: one expert-parallel group of 4, and two groups of 2 ([0, 1] and [2, 3]).
 FOUR_RANKS: List[Tuple[str, str, dict, int]] = [
     ("qwen3_moe-ep4", "qwen3_moe", dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=False), 4),
     ("mixtral-ep2", "mixtral", dict(num_local_experts=4), 2),
+    ("deepseek_v3-ep4", "deepseek_v3", dict(**MLA, n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+                                            n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False,
+                                            first_k_dense_replace=0), 4),
+    ("gpt_oss-ep4", "gpt_oss", dict(num_local_experts=8, head_dim=16), 4),
 ]
+# Models without a router-logit aux loss.
+NO_AUX_LOSS = ("deepseek_v3",)
 
 
 def _tiny_model(model_type: str, seed: int, **overrides):
@@ -53,7 +66,13 @@ def _tiny_model(model_type: str, seed: int, **overrides):
                   bos_token_id=1, eos_token_id=2)
     fields.update(overrides)
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **fields))
+    return exercised(transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(model_type, **fields)))
+
+
+def _is_expert(name: str) -> bool:
+    """Whether an HF parameter name is one of the routed experts' fused tensors (not a shared expert's)."""
+    return ".mlp.experts." in name
 
 
 def _run(model, ids_BT: torch.Tensor):
@@ -82,14 +101,17 @@ def _check_case(rank: int, model_type: str, overrides: dict, ep_size: int) -> Di
     ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(100 + rank))
     ref, got = _run(original, ids_BT), _run(converted, ids_BT)
     diffs = {"logits": _diff(ref.logits, got.logits),                                            # [B, T, V]
-             "loss": abs(ref.loss.item() - got.loss.item()),
-             "aux_loss": abs(ref.aux_loss.item() - got.aux_loss.item())}
+             "loss": abs(ref.loss.item() - got.loss.item())}
+    if model_type in NO_AUX_LOSS:
+        assert getattr(ref, "aux_loss", None) is None and getattr(got, "aux_loss", None) is None
+    else:
+        diffs["aux_loss"] = abs(ref.aux_loss.item() - got.aux_loss.item())
 
     # The unconverted model's gradients, expert ones summed over the expert-parallel group.
     ref_grads: Dict[str, torch.Tensor] = {}
     for name, param in original.named_parameters():
         grad = param.grad.detach().clone()
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        if _is_expert(name):
             dist.all_reduce(grad, group=ep_group)
         ref_grads[name] = grad
     local, dense = 0.0, 0.0
@@ -97,20 +119,17 @@ def _check_case(rank: int, model_type: str, overrides: dict, ep_size: int) -> Di
         experts = block.local_experts()
         L = len(experts)
         assert L * ep_size == block.moe.num_experts
-        gate_up_E2IM = ref_grads[f"{block_name}.experts.gate_up_proj"]
-        down_EMI = ref_grads[f"{block_name}.experts.down_proj"]
         for l, expert in enumerate(experts):
             e = ep_rank * L + l
             assert all(p.group_name == f"ep_size_{ep_size}" and p.allreduce is False for p in expert.parameters())
-            I = expert.gate_proj.weight.shape[0]
-            local = max(local, _diff(expert.gate_proj.weight.grad, gate_up_E2IM[e, :I]),
-                        _diff(expert.up_proj.weight.grad, gate_up_E2IM[e, I:]),
-                        _diff(expert.down_proj.weight.grad, down_EMI[e]))
+            # This expert's gradients in the HF layout: its slice of each fused tensor's gradient.
+            for name, grad in expert.hf_slices(lambda p: p.grad).items():
+                local = max(local, _diff(grad, ref_grads[f"{block_name}.experts.{name}"][e]))
     grads = hf.export_grads(converted)  # a collective: every expert's gradient from its rank
     assert list(grads) == list(ref_grads)
     for name, grad in ref_grads.items():
         assert grads[name] is not None and grads[name].shape == grad.shape, name
-        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        if not _is_expert(name):
             dense = max(dense, _diff(grads[name], grad))
     diffs["grad_local_experts"] = local
     diffs["grad_router_shared_dense"] = dense
@@ -131,6 +150,31 @@ def _check_case(rank: int, model_type: str, overrides: dict, ep_size: int) -> Di
         diffs["export_logits"] = _diff(fresh(input_ids=ids_BT).logits, original(input_ids=ids_BT).logits)
         assert torch.equal(twin(input_ids=ids_BT).logits, converted(input_ids=ids_BT).logits)
     return diffs
+
+
+def _check_balancing(rank: int, world_size: int) -> Dict[str, float]:
+    """DeepSeek-V3 converted at ep_size = world_size with expert_bias=True: after one training forward (each rank
+    on its own number of tokens) every rank holds bias0 + rate * sign(mean load - load), with the loads summed over
+    all ranks."""
+    import torch.distributed as dist
+
+    import ds_tutel.hf as hf
+    name, model_type, overrides, _ = next(case for case in TWO_RANKS if case[1] == "deepseek_v3")
+    rate = 0.01
+    converted = hf.convert(_tiny_model(model_type, 0, **overrides), ep_size=world_size, expert_bias=True,
+                           expert_bias_rate=rate)
+    (_, block), = hf.converted_blocks(converted)
+    before_E = block.moe.deepspeed_moe.gate.expert_bias.clone()
+    T = 8 + 4 * rank
+    _run(converted, torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(200 + rank)))
+    load_E = block.moe.deepspeed_moe.exp_counts.float()  # this rank's tokens
+    dist.all_reduce(load_E)
+    expected_E = before_E + rate * torch.sign(load_E.mean() - load_E)
+    bias_E = block.moe.deepspeed_moe.gate.expert_bias
+    everyone_W = [torch.empty_like(bias_E) for _ in range(world_size)]
+    dist.all_gather(everyone_W, bias_E)
+    return {"bias": _diff(bias_E, expected_E) + float(torch.equal(expected_E, before_E)),
+            "bias_across_ranks": max(_diff(other_E, bias_E) for other_E in everyone_W)}
 
 
 ENGINE_STEPS = 2
@@ -182,6 +226,8 @@ def _check_cases(rank: int, world_size: int, cases: List[Tuple[str, str, dict, i
         hf.convert(_tiny_model("mixtral", 0, num_local_experts=8), ep_size=3)
     results = {name: _check_case(rank, model_type, overrides, ep_size)
                for name, model_type, overrides, ep_size in cases}
+    if engine:
+        results["deepseek_v3-balancing"] = _check_balancing(rank, world_size)
     for stage, optimizer in ENGINE_CASES if engine else []:
         ours, theirs = _engine_losses(rank, world_size, stage, optimizer)
         results[f"engine-zero{stage}-{optimizer}"] = {

@@ -77,7 +77,9 @@ def test_pad_rows_get_a_zero_gradient():
     (dict(a2a_algorithm="2dh"), "torch", False),
     (dict(a2a_ffn_overlap_degree=2), "torch", False),
     (dict(a2a_send="capacity"), "torch", False),
-    (dict(), "triton", False),
+    (dict(), "triton", True),  # the GPU path sends kept rows too
+    (dict(a2a_send="capacity"), "triton", False),
+    (dict(a2a_algorithm="2dh"), "triton", False),
 ])
 def test_which_exchanges_send_only_kept_rows(kwargs, backend, kept, monkeypatch):
     import ds_tutel
@@ -191,3 +193,77 @@ def _a_rank_without_kept_rows(rank, world_size):
 def test_a_rank_that_keeps_no_rows_still_serves_its_experts():
     kept = run_ranks(_a_rank_without_kept_rows, 2, timeout=120)
     assert kept[0] == 0 and kept[1] > 0
+
+
+def _triton_kept_against_torch_capacity(rank, world_size, experts):
+    """The GPU path's kept exchange (Triton backend, device plan, under the interpreter) against the torch path's
+    capacity exchange: outputs, l_aux, exp_counts, input and parameter gradients; unequal token counts per rank and
+    masked tokens. experts: how the GPU path's experts run ("loop"; "reference": the torch grouped GEMM reference
+    registered for the Triton backend; "kernel": the Triton grouped GEMM, None where it is not registered)."""
+    import ds_tutel
+    from ds_tutel import kernels
+    from ds_tutel.experts import grouped_linear_reference
+    from helpers import expert_ffn
+
+    kernels.DEVICE_BACKENDS = {}  # as on a GPU (this process is this test's alone)
+    assert kernels.provider_loaded("triton")
+    gemm_calls = []
+
+    def counting(*args):
+        gemm_calls.append(1)
+        return grouped_linear_reference(*args)
+
+    if experts == "loop":
+        kernels._table.pop(("triton", "grouped_linear"), None)
+    elif experts == "reference":
+        kernels.register("triton", "grouped_linear", counting)
+    else:  # the Triton kernel as triton_kernels/register.py registers it
+        registered = kernels._table.get(("triton", "grouped_linear"))
+        if registered is None:
+            return None
+
+        def counting(*args):
+            gemm_calls.append(1)
+            return registered.fn(*args)
+
+        kernels.register("triton", "grouped_linear", counting, accepts=registered.accepts)
+    # The CASES, then one where rank 0 routes no token (it sends nothing, still serves its experts).
+    for (num_experts, k, drop_tokens, capacity_factor, dtype), silent in [(case, False) for case in CASES[:4]] + [
+            (CASES[1], True)]:
+        results = {}
+        for backend, send in (("triton", "kept"), ("torch", "capacity")):
+            torch.manual_seed(0)
+            layer = ds_tutel.MoE(M, expert_ffn(M), num_experts=num_experts, ep_size=world_size, k=k,
+                                 capacity_factor=capacity_factor, drop_tokens=drop_tokens, min_capacity=2,
+                                 use_rts=False, top2_2nd_expert_sampling=False, a2a_send=send,
+                                 dispatch_backend=backend).to(dtype)
+            layer.set_deepspeed_parallelism()
+            assert layer.deepspeed_moe.strategy(torch.device("cpu")) == (
+                "kept_exchange" if send == "kept" else "capacity")
+            tokens = 6 + 5 * rank
+            x = torch.randn(tokens, M, generator=torch.Generator().manual_seed(10 + rank)).to(dtype)
+            x.requires_grad_(True)
+            used = (torch.arange(tokens) % 5 != 2).to(dtype) * (0 if silent and rank == 0 else 1)
+            out, l_aux, counts = layer(x, used)
+            (out.float().square().sum() + l_aux).backward()
+            results[backend] = (out.detach(), l_aux.detach(), counts, x.grad,
+                                {n: p.grad for n, p in layer.named_parameters()})
+        assert bool(gemm_calls) == (experts != "loop") or silent
+        gemm_calls.clear()
+        got, want = results["triton"], results["torch"]
+        for a, b in zip(got[:4], want[:4]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        for name in want[4]:
+            torch.testing.assert_close(got[4][name], want[4][name], rtol=1e-6, atol=1e-6,
+                                       msg=lambda m: f"{name}: {m}")
+    return True
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("experts", ["loop", "reference", "kernel"])
+def test_the_gpu_paths_kept_exchange_gives_the_torch_paths_results(experts):
+    env = {"TRITON_INTERPRET": "1", "DS_TUTEL_CPU_KERNELS": "0"}
+    results = run_ranks(_triton_kept_against_torch_capacity, 2, experts, timeout=240, env=env)
+    if results == [None, None]:
+        pytest.skip("triton_kernels registers no grouped_linear yet")
+    assert results == [True, True]

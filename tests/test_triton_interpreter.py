@@ -29,7 +29,8 @@ def _is_interpreted(kernel: object) -> bool:
 
 
 def load_interpreted() -> Tuple[ModuleType, ModuleType]:
-    """(triton_kernels.dispatch, triton_kernels.gate) with every kernel running in the interpreter."""
+    """(triton_kernels.dispatch, triton_kernels.gate) with every kernel running in the interpreter (those of
+    triton_kernels.grouped_gemm too)."""
     if "triton" in sys.modules and not _is_interpreted(sys.modules["triton"].language.standard.zeros):
         raise RuntimeError("triton was imported before the kernel tests could switch its interpreter on; run "
                            "pytest with TRITON_INTERPRET=1 in the environment, or the tests/test_triton_* files alone")
@@ -41,6 +42,9 @@ def load_interpreted() -> Tuple[ModuleType, ModuleType]:
         if not _is_interpreted(dispatch._gather_rows_kernel):
             dispatch = importlib.reload(dispatch)
             gate = importlib.reload(gate)
+        grouped_gemm = importlib.import_module("triton_kernels.grouped_gemm")
+        if not _is_interpreted(grouped_gemm._grouped_mm_kernel):
+            importlib.reload(grouped_gemm)  # in place: the registry's grouped_linear then runs interpreted too
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]

@@ -14,14 +14,15 @@ choice j = s * K + k filling each buffer row, -1 where empty):
     decode backward  rows = buffer rows, G = 1, idx = choice_N, idx_div = K, w = gates of the choice; the gate
                      gradient dot(buf[slot], grad_y[token]) rides along on the rows already loaded, written per
                      (choice, block of M) and summed over the blocks afterwards.
-Each program owns BLOCK_R rows x BLOCK_M columns, so row copies are coalesced and any M works (masked tail).
+Each program owns BLOCK_R rows x BLOCK_M columns, so row copies are coalesced and any M works (masked tail);
+BLOCK_M is up to 2 KiB of a row, BLOCK_R and the warps are autotuned on a GPU (one config under the interpreter).
 
 Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity, N = E * C buffer rows,
 J = S * K choices, R output rows, G source rows summed into each output row, X source rows, B blocks of M.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import triton
@@ -86,12 +87,32 @@ def _slot_map_kernel(indices_ptr, locations_ptr, slots_ptr, choice_ptr, J, capac
     tl.store(choice_ptr + slots_J, choices_J, mask=kept_J)
 
 
-def _blocks(num_rows: int, M: int, element_size: int) -> Tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_M, num_warps). On a GPU: a few rows of up to 2 KiB each per program, enough programs to fill
-    the machine. Under the interpreter every program costs Python overhead, so take big blocks instead."""
+# (BLOCK_R rows per program, warps) tried by the autotuner on a GPU, per (M, G, which pass, dtype): from 2 rows per
+# program (many programs, for few rows) to 16 (more bytes in flight per program). Four, so that the first step's
+# compiles and trials stay short.
+_GATHER_TILES = [(2, 4), (4, 4), (8, 8), (16, 8)]
+
+
+def _gather_configs() -> List[triton.Config]:
+    """The autotuner's choices; under the interpreter one, with many rows per program (each program costs Python
+    overhead there, and one config means no benchmarking)."""
     if interpreting():
-        return min(32, triton.next_power_of_2(max(num_rows, 1))), min(128, triton.next_power_of_2(M)), 1
-    return 4, min(triton.next_power_of_2(M), 2048 // element_size), 4
+        return [triton.Config({"BLOCK_R": 32}, num_warps=1)]
+    return [triton.Config({"BLOCK_R": rows}, num_warps=warps) for rows, warps in _GATHER_TILES]
+
+
+# The kernel with its rows per program and warps autotuned (BLOCK_M stays the wrapper's: the fused dot's partial
+# sums are laid out by it). A separate name, so that _gather_rows_kernel stays the plain kernel.
+_gather_rows_tuned = triton.autotune(configs=_gather_configs(),
+                                     key=["M", "G", "HAS_W", "W_BY_IDX", "WITH_DOT"])(_gather_rows_kernel)
+
+
+def _block_m(M: int, element_size: int) -> int:
+    """Columns per program: on a GPU up to 2 KiB of a row, so a few rows make a coalesced program; under the
+    interpreter at most 128 (tests cover several blocks of M with small M)."""
+    if interpreting():
+        return min(128, triton.next_power_of_2(M))
+    return min(triton.next_power_of_2(M), 2048 // element_size)
 
 
 def gather_rows(src_XM: torch.Tensor, idx_RG: torch.Tensor, w: Optional[torch.Tensor] = None, *,
@@ -121,17 +142,16 @@ def gather_rows(src_XM: torch.Tensor, idx_RG: torch.Tensor, w: Optional[torch.Te
     if R == 0 or M == 0:
         out_RM.zero_()
         return out_RM, (None if dot_RM is None else torch.zeros(num_idx, dtype=torch.float32, device=device))
-    BLOCK_R, BLOCK_M, num_warps = _blocks(R, M, src_XM.element_size())
+    BLOCK_M = _block_m(M, src_XM.element_size())
     num_m_blocks = triton.cdiv(M, BLOCK_M)
     partial_IB = None
     if dot_RM is not None:
         partial_IB = torch.zeros((num_idx, num_m_blocks), dtype=torch.float32, device=device)
-    _gather_rows_kernel[(triton.cdiv(R, BLOCK_R), num_m_blocks)](
+    _gather_rows_tuned[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), num_m_blocks)](
         out_RM, src_XM, idx_RG, w if w is not None else idx_RG,
         dot_RM if dot_RM is not None else src_XM, partial_IB if partial_IB is not None else out_RM,
         R, M, G, idx_div, out_RM.stride(0), src_XM.stride(0), dot_RM.stride(0) if dot_RM is not None else 0,
-        num_m_blocks, HAS_W=w is not None, W_BY_IDX=w_by_idx, WITH_DOT=dot_RM is not None, BLOCK_R=BLOCK_R,
-        BLOCK_M=BLOCK_M, num_warps=num_warps)
+        num_m_blocks, HAS_W=w is not None, W_BY_IDX=w_by_idx, WITH_DOT=dot_RM is not None, BLOCK_M=BLOCK_M)
     if partial_IB is not None:
         dot_I = partial_IB[:, 0] if num_m_blocks == 1 else partial_IB.sum(dim=1)
     return out_RM, dot_I

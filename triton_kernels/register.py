@@ -3,23 +3,25 @@
 Imported by the registry on the first lookup of that backend; importing it imports triton, so where triton is not
 installed the import fails and the layer keeps the torch path. The registered functions have exactly the
 signatures of the torch path they replace (ds_tutel.dispatch.capacity.encode / decode,
-ds_tutel.routing.tutel.route_tutel), so the layer swaps them without other changes. encode and decode of one
-Routing share one build of its slot maps, kept on the Routing object (slot_maps_of).
+ds_tutel.routing.tutel.route_tutel), so the layer swaps them without other changes; grouped_linear
+(triton_kernels.grouped_gemm) runs the experts' linear layers on their sorted rows in one grouped GEMM. encode
+and decode of one Routing share one build of its slot maps, kept on the Routing object (slot_maps_of).
 
 Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton  # noqa: F401  (the provider is absent where triton is not installed)
 
 from ds_tutel.kernels import register
-from ds_tutel.routing.tutel import tutel_capacity
+from ds_tutel.routing.tutel import Choices, tutel_capacity
+from ds_tutel.routing.tutel import route_tutel as torch_route_tutel
 from ds_tutel.routing.types import CapacityAgreement, Routing
 
-from . import dispatch, interpreting
+from . import dispatch, grouped_gemm, interpreting
 from .gate import tutel_gate
 
 
@@ -78,8 +80,15 @@ def route_tutel(logits_SE: torch.Tensor,
                 normalize_gate: bool = True,
                 used_token_S: Optional[torch.Tensor] = None,
                 agree_capacity: Optional[CapacityAgreement] = None,
-                selection_scores_SE: Optional[torch.Tensor] = None) -> Routing:
-    """ds_tutel.routing.tutel.route_tutel on the fused gate kernels: the same Routing."""
+                selection_scores_SE: Optional[torch.Tensor] = None,
+                choices: Optional[Choices] = None) -> Routing:
+    """ds_tutel.routing.tutel.route_tutel on the fused gate kernels: the same Routing. A routing rule's
+    precomputed choices get their slots from the torch path (the fused gate computes softmax top-k only)."""
+    if choices is not None:
+        return torch_route_tutel(logits_SE, k=k, capacity_factor=capacity_factor, min_capacity=min_capacity,
+                                 batch_prioritized_routing=batch_prioritized_routing, normalize_gate=normalize_gate,
+                                 used_token_S=used_token_S, agree_capacity=agree_capacity,
+                                 selection_scores_SE=selection_scores_SE, choices=choices)
     agree = agree_capacity or (lambda c: c)
     S = logits_SE.shape[0]
 
@@ -96,3 +105,13 @@ register("triton", "runs_on", runs_on)
 register("triton", "encode", encode)
 register("triton", "decode", decode)
 register("triton", "route_tutel", route_tutel)
+
+
+def grouped_linear_accepts(x_NI: torch.Tensor, offsets_L1: torch.Tensor, weights: Sequence[torch.Tensor],
+                           biases: Optional[Sequence[Optional[torch.Tensor]]] = None) -> bool:
+    """The grouped GEMM takes tensors where the Triton kernels run, fp32/bf16/fp16, 2-D x with unit feature
+    stride, contiguous [O, I] weights and [O] biases of x's dtype and device, L + 1 int32/int64 offsets there."""
+    return runs_on(x_NI.device) and grouped_gemm.accepts(x_NI, offsets_L1, weights, biases)
+
+
+register("triton", "grouped_linear", grouped_gemm.grouped_linear, accepts=grouped_linear_accepts)

@@ -1,5 +1,6 @@
-"""The module that takes a transformers sparse-MoE block's place: its routed experts run in a `ds_tutel.MoE`, its
-dense parts (a shared expert) stay HF modules, and the router logits still reach the model's own auxiliary loss.
+"""The module that takes a transformers sparse-MoE block's place: its routed experts run in a `ds_tutel.MoE` (one
+expert module per HF expert, of the form its fused layout names: EXPERT_FORMS), its dense parts (a shared expert)
+stay HF modules, and the router logits still reach the model's own auxiliary loss.
 
 transformers 5 collects router logits for `output_router_logits=True` with forward hooks that it installs, on
 first use, on every module of the router's class (`_can_record_outputs`). `RouterLogits` is that capture point:
@@ -7,13 +8,13 @@ a parameter-free module registered under the router's name, of a subclass of the
 find it), which passes through the logits that the block computes from the ds_tutel router's weight. The extra
 router matmul runs only while a hook is installed on it.
 
-Shape legend: S tokens, M model dim, E experts, L local experts (E / ep_size), I expert intermediate dim, n rows
-one expert runs on.
+Shape legend: S tokens, M model dim, E experts, K choices per token, L local experts (E / ep_size), I expert
+intermediate dim, n rows one expert runs on.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,19 @@ from torch import nn
 from .models import BlockSpec
 
 
+def _stacked_rows(first_IM: torch.Tensor, second_IM: torch.Tensor) -> torch.Tensor:
+    """[2I, M] with first_IM's rows at even and second_IM's at odd positions (GPT-OSS's interleaved columns,
+    before the transpose)."""
+    return torch.stack([first_IM, second_IM], dim=1).reshape(-1, *first_IM.shape[1:])
+
+
 class SwiGLUExpert(nn.Module):
-    """One expert: down_proj(act(gate_proj(x)) * up_proj(x)), no biases (the HF experts' form)."""
+    """One expert: down_proj(act(gate_proj(x)) * up_proj(x)), no biases (the HF experts' form).
+
+    HF layout ("swiglu"): gate_up_proj [E, 2I, M] (gate rows first, then up rows), down_proj [E, M, I].
+    """
+
+    HF_TENSORS: Tuple[str, ...] = ("gate_up_proj", "down_proj")
 
     def __init__(self, hidden_size: int, intermediate_size: int, act_fn: nn.Module,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
@@ -37,31 +49,137 @@ class SwiGLUExpert(nn.Module):
     def forward(self, x_nM: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x_nM)) * self.up_proj(x_nM))
 
+    @staticmethod
+    def hf_dims(experts: nn.Module) -> Tuple[int, int, int]:
+        """(E, M, I) of HF fused experts in this layout, else ValueError."""
+        gate_up_E2IM, down_EMI = experts.gate_up_proj, experts.down_proj
+        E, two_I, M = gate_up_E2IM.shape
+        I = two_I // 2
+        if two_I != 2 * I or tuple(down_EMI.shape) != (E, M, I):
+            raise ValueError(f"gate_up_proj {tuple(gate_up_E2IM.shape)} and down_proj {tuple(down_EMI.shape)} are "
+                             "not [E, 2I, M] and [E, M, I]")
+        return E, M, I
+
+    @classmethod
+    def template(cls, experts: nn.Module, M: int, I: int, device: torch.device, dtype: torch.dtype) -> "SwiGLUExpert":
+        return cls(M, I, experts.act_fn, device=device, dtype=dtype)
+
     @torch.no_grad()
-    def load_fused(self, gate_up_2IM: torch.Tensor, down_MI: torch.Tensor) -> None:
-        """Copies one expert's slices of the HF fused tensors (gate rows first in gate_up)."""
+    def load_hf(self, fused: Dict[str, torch.Tensor], e: int) -> None:
+        """Copies expert e's slices of the HF fused tensors (by HF_TENSORS name)."""
+        gate_up_2IM = fused["gate_up_proj"][e]
         intermediate = self.gate_proj.weight.shape[0]
         self.gate_proj.weight.copy_(gate_up_2IM[:intermediate])
         self.up_proj.weight.copy_(gate_up_2IM[intermediate:])
-        self.down_proj.weight.copy_(down_MI)
+        self.down_proj.weight.copy_(fused["down_proj"][e])
+
+    def hf_slices(self, pick: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
+        """This expert's slice of each HF fused tensor, from pick of each parameter (None where any piece is)."""
+        gate_IM, up_IM = pick(self.gate_proj.weight), pick(self.up_proj.weight)
+        return {"gate_up_proj": None if gate_IM is None or up_IM is None else torch.cat([gate_IM, up_IM]),
+                "down_proj": pick(self.down_proj.weight)}
+
+
+class ClampedGLUExpert(nn.Module):
+    """GPT-OSS's expert with biases: down_proj((clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)) with
+    g = clamp(gate, max=limit); gate = gate_proj(x), up = up_proj(x), each an nn.Linear with a bias.
+
+    HF layout ("clamped_glu"): gate_up_proj [E, M, 2I] applied as x @ W with gate and up columns interleaved
+    (gate at even, up at odd columns), gate_up_proj_bias [E, 2I] likewise, down_proj [E, I, M], down_proj_bias
+    [E, M].
+    """
+
+    HF_TENSORS: Tuple[str, ...] = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+    def __init__(self, hidden_size: int, intermediate_size: int, alpha: float, limit: float,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        kw = dict(bias=True, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+        self.alpha = float(alpha)
+        self.limit = float(limit)
+
+    def forward(self, x_nM: torch.Tensor) -> torch.Tensor:
+        gate_nI = self.gate_proj(x_nM).clamp(max=self.limit)
+        up_nI = self.up_proj(x_nM).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj((up_nI + 1) * (gate_nI * torch.sigmoid(gate_nI * self.alpha)))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
+
+    @staticmethod
+    def hf_dims(experts: nn.Module) -> Tuple[int, int, int]:
+        gate_up_EM2I, down_EIM = experts.gate_up_proj, experts.down_proj
+        E, M, two_I = gate_up_EM2I.shape
+        I = two_I // 2
+        shapes = {"gate_up_proj": (E, M, 2 * I), "gate_up_proj_bias": (E, 2 * I), "down_proj": (E, I, M),
+                  "down_proj_bias": (E, M)}
+        if two_I != 2 * I or any(tuple(getattr(experts, n).shape) != shape for n, shape in shapes.items()):
+            raise ValueError("expected gate_up_proj [E, M, 2I], gate_up_proj_bias [E, 2I], down_proj [E, I, M], "
+                             "down_proj_bias [E, M], got " +
+                             ", ".join(f"{n} {tuple(getattr(experts, n).shape)}" for n in shapes))
+        return E, M, I
+
+    @classmethod
+    def template(cls, experts: nn.Module, M: int, I: int, device: torch.device,
+                 dtype: torch.dtype) -> "ClampedGLUExpert":
+        return cls(M, I, experts.alpha, experts.limit, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def load_hf(self, fused: Dict[str, torch.Tensor], e: int) -> None:
+        gate_up_M2I, gate_up_bias_2I = fused["gate_up_proj"][e], fused["gate_up_proj_bias"][e]
+        self.gate_proj.weight.copy_(gate_up_M2I[:, 0::2].t())
+        self.up_proj.weight.copy_(gate_up_M2I[:, 1::2].t())
+        self.gate_proj.bias.copy_(gate_up_bias_2I[0::2])
+        self.up_proj.bias.copy_(gate_up_bias_2I[1::2])
+        self.down_proj.weight.copy_(fused["down_proj"][e].t())
+        self.down_proj.bias.copy_(fused["down_proj_bias"][e])
+
+    def hf_slices(self, pick: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
+        gate_IM, up_IM = pick(self.gate_proj.weight), pick(self.up_proj.weight)
+        gate_I, up_I = pick(self.gate_proj.bias), pick(self.up_proj.bias)
+        down_MI = pick(self.down_proj.weight)
+        return {"gate_up_proj": None if gate_IM is None or up_IM is None else _stacked_rows(gate_IM, up_IM).t(),
+                "gate_up_proj_bias": None if gate_I is None or up_I is None else _stacked_rows(gate_I, up_I),
+                "down_proj": None if down_MI is None else down_MI.t(),
+                "down_proj_bias": pick(self.down_proj.bias)}
+
+
+# The HF fused-expert layouts a BlockSpec's expert_form names.
+EXPERT_FORMS: Dict[str, type] = {"swiglu": SwiGLUExpert, "clamped_glu": ClampedGLUExpert}
 
 
 class RouterLogits(nn.Module):
     """Parameter-free stand-in for the HF router: forward(logits_SE) returns a tuple holding the logits at the
-    index the model's output recorder reads. `weight` is the ds_tutel router's weight (the same parameter, not a
-    copy), so code that inspects the HF router still finds it. The router Linear is held as a plain attribute,
-    not a submodule: the parameter keeps its one name, and deepcopy maps the reference to the copy's router."""
+    index the model's output recorder reads. `weight` (and `bias`, `e_score_correction_bias` where the model's
+    router has them) are the ds_tutel gate's tensors (the same ones, not copies), so code that inspects the HF
+    router still finds them. The gate is held as a plain attribute, not a submodule: its tensors keep their one
+    name, and deepcopy maps the reference to the copy's gate."""
 
-    def __init__(self, weight_owner: nn.Linear, output_index: int, attributes: Dict[str, object]) -> None:
+    def __init__(self, gate: nn.Module, output_index: int, attributes: Dict[str, object]) -> None:
         nn.Module.__init__(self)  # not the HF router's __init__: this module owns no parameters
-        object.__setattr__(self, "_weight_owner", weight_owner)
+        object.__setattr__(self, "_gate", gate)
         self.output_index = output_index
         for name, value in attributes.items():
             setattr(self, name, value)
 
     @property
     def weight(self) -> nn.Parameter:  # type: ignore[override]
-        return self._weight_owner.weight
+        return self._gate.wg.weight
+
+    @property
+    def bias(self) -> nn.Parameter:  # type: ignore[override]
+        if self._gate.wg.bias is None:
+            raise AttributeError("this router has no bias")
+        return self._gate.wg.bias
+
+    @property
+    def e_score_correction_bias(self) -> torch.Tensor:
+        if not hasattr(self._gate, "expert_bias"):
+            raise AttributeError("this router has no selection bias")
+        return self._gate.expert_bias
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time (router_logits_class): pickle the HF router class it derives from.
@@ -91,14 +209,16 @@ def _new_router_logits(hf_router_class: type) -> RouterLogits:
 
 
 # Plain attributes of the HF routers worth keeping on the stand-in (read by code that inspects routers).
-ROUTER_ATTRIBUTES = ("top_k", "num_experts", "norm_topk_prob", "hidden_dim")
+ROUTER_ATTRIBUTES = ("top_k", "num_experts", "norm_topk_prob", "hidden_dim", "num_group", "topk_group",
+                     "routed_scaling_factor")
 
 
 class HFMoEBlock(nn.Module):
     """A converted sparse-MoE block: routed experts in `moe` (a ds_tutel.MoE), the router's logits through the
     stand-in registered under the HF router's name, shared experts under their HF names.
 
-    forward(hidden_states [..., M]) -> [..., M], as the HF block returns it.
+    forward(hidden_states [..., M]) -> [..., M] as the HF block returns it (GPT-OSS's: a tuple with the routing's
+    gates [S, K], detached, in place of its router scores, which its decoder layer discards).
     """
 
     def __init__(self, spec: BlockSpec, moe: nn.Module, router_logits: RouterLogits,
@@ -132,14 +252,19 @@ class HFMoEBlock(nn.Module):
         return getattr(self, self.spec.router)
 
     @property
+    def moe_gate(self) -> nn.Module:
+        """The ds_tutel gate (DeepSpeed's `deepspeed_moe.gate`): router weight, bias, selection bias."""
+        return self.moe.deepspeed_moe.gate
+
+    @property
     def router_weight(self) -> nn.Parameter:
         """The router weight [E, M]: DeepSpeed's `deepspeed_moe.gate.wg.weight`."""
-        return self.moe.deepspeed_moe.gate.wg.weight
+        return self.moe_gate.wg.weight
 
     def extra_repr(self) -> str:
         return f"converted from {self.hf_block_class}"
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         M = hidden_states.shape[-1]
         if self.training and self.jitter_noise > 0:  # Mixtral's jitter: the same draw as the HF block makes
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
@@ -147,41 +272,44 @@ class HFMoEBlock(nn.Module):
         x_SM = hidden_states.reshape(-1, M)
         if self.router_logits._forward_hooks:
             # Something records router logits (the model's aux loss): the HF router's logits, in its dtype.
-            self.router_logits(F.linear(x_SM, self.router_weight))
+            self.router_logits(F.linear(x_SM, self.router_weight, self.moe_gate.wg.bias))
         y_SM, _, _ = self.moe(x_SM)
         if self.spec.shared_expert is not None:
             shared_SM = getattr(self, self.spec.shared_expert)(x_SM)
             if self.spec.shared_expert_gate is not None:
                 shared_SM = torch.sigmoid(getattr(self, self.spec.shared_expert_gate)(x_SM)) * shared_SM
             y_SM = y_SM + shared_SM
-        return y_SM.reshape(hidden_states.shape)
+        y = y_SM.reshape(hidden_states.shape)
+        if self.spec.returns_router_scores:  # the HF block's (hidden_states, router_scores [S, K])
+            return y, self.moe.deepspeed_moe.last_routing.gates_SK
+        return y
 
     def local_experts(self) -> nn.ModuleList:
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
-    def hf_tensors(self, pick: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
+    def hf_tensors(self, pick: Callable[[torch.Tensor], Optional[torch.Tensor]],
+                   buffers: bool = True) -> Dict[str, Optional[torch.Tensor]]:
         """This block's tensors under the HF block's names and in its layout, relative to the block.
 
         pick maps each of our parameters to what to report (its data, its gradient); where it gives None for
-        any piece of a fused tensor, the fused tensor is None. With expert parallelism (ep_size > 1) the fused
-        tensors hold every expert: each rank's local experts are gathered over the expert-parallel group, so
-        every rank of the group must call this, for the same blocks in the same order (a collective).
+        any piece of a fused tensor, the fused tensor is None. buffers: include the HF block's buffers (the
+        selection bias) as copies. With expert parallelism (ep_size > 1) the fused tensors hold every expert:
+        each rank's local experts are gathered over the expert-parallel group, so every rank of the group must
+        call this, for the same blocks in the same order (a collective).
         """
-        spec = self.spec
+        spec, gate = self.spec, self.moe_gate
         experts = self.local_experts()
-        out: Dict[str, Optional[torch.Tensor]] = {f"{spec.router}.weight": pick(self.router_weight)}
-
-        def stacked(pieces) -> Optional[torch.Tensor]:
-            pieces = list(pieces)
+        out: Dict[str, Optional[torch.Tensor]] = {f"{spec.router}.weight": pick(gate.wg.weight)}
+        if spec.router_bias:
+            out[f"{spec.router}.bias"] = pick(gate.wg.bias)
+        if spec.selection_bias is not None and buffers:
+            out[f"{spec.router}.{spec.selection_bias}"] = gate.expert_bias.detach().clone()
+        slices = [expert.hf_slices(pick) for expert in experts]
+        device = next(iter(experts[0].parameters())).device
+        for name in type(experts[0]).HF_TENSORS:
+            pieces = [piece[name] for piece in slices]
             local_L = None if any(p is None for p in pieces) else torch.stack(pieces)
-            return self._gather_experts(local_L, experts[0].down_proj.weight.device)
-
-        gate_up = []
-        for expert in experts:
-            gate_IM, up_IM = pick(expert.gate_proj.weight), pick(expert.up_proj.weight)
-            gate_up.append(None if gate_IM is None or up_IM is None else torch.cat([gate_IM, up_IM]))
-        out[f"{spec.experts}.gate_up_proj"] = stacked(gate_up)                                  # [E, 2I, M]
-        out[f"{spec.experts}.down_proj"] = stacked(pick(e.down_proj.weight) for e in experts)  # [E, M, I]
+            out[f"{spec.experts}.{name}"] = self._gather_experts(local_L, device)                 # [E, ...]
         for name in spec.dense_modules():
             for key, param in getattr(self, name).named_parameters():
                 out[f"{name}.{key}"] = pick(param)

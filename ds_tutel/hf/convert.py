@@ -2,9 +2,10 @@
 
 convert(model) replaces, in place, every sparse-MoE block of a supported model type by an `HFMoEBlock` whose
 routed experts run in a `ds_tutel.MoE` (an instance of DeepSpeed's MoE: the engine groups its expert parameters)
-with dropless Tutel routing that reproduces the model's own: softmax of fp32 logits over the experts, top-k of the
-probabilities, renormalised where the model renormalises. export_state_dict(model) gives the state dict of the
-unconverted model.
+with dropless Tutel routing that reproduces the model's own: its routing rule (ds_tutel.routing.rules: softmax
+top-k, renormalised where the model renormalises; DeepSeek-V3's sigmoid group-limited top-k with its correction
+bias and scaling; GPT-OSS's top-k then softmax) on fp32 logits. export_state_dict(model) gives the state dict of
+the unconverted model.
 
 With ep_size > 1 each rank keeps only the experts its place in DeepSpeed's expert-parallel group owns (router and
 shared experts stay whole on every rank); export gathers the experts back over the group, on every rank.
@@ -18,17 +19,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .block import ROUTER_ATTRIBUTES, HFMoEBlock, SwiGLUExpert, router_logits_class
+from .block import EXPERT_FORMS, ROUTER_ATTRIBUTES, HFMoEBlock, router_logits_class
 from .models import BlockSpec, spec_for
 
-# ds_tutel.MoE arguments that follow from the HF block and cannot be chosen.
-FIXED_ARGUMENTS = ("hidden_size", "expert", "num_experts", "ep_size", "k")
+# ds_tutel.MoE / routing arguments that follow from the HF block and cannot be chosen.
+FIXED_ARGUMENTS = ("hidden_size", "expert", "num_experts", "ep_size", "k", "routing_rule", "n_group", "topk_group",
+                   "routed_scaling_factor", "router_bias")
 
 
 def moe_arguments(normalize: bool, options: Dict[str, Any]) -> Dict[str, Any]:
-    """ds_tutel.MoE keyword arguments: dropless Tutel routing as the HF models route (the router's softmax, top-k,
-    optional renormalisation; no capacity, no dropping), no ds_tutel aux loss (the model computes its own from
-    the router logits); `options` override any of these."""
+    """ds_tutel.MoE keyword arguments: dropless Tutel routing (no capacity, no dropping), gates renormalised as
+    the model renormalises, no ds_tutel aux loss (the model computes its own from the router logits); `options`
+    override any of these. The routing rule itself is set on the gate (BlockSpec.rule_options)."""
     fixed = sorted(set(options) & set(FIXED_ARGUMENTS))
     if fixed:
         raise TypeError(f"convert() sets {', '.join(fixed)} from the model; they cannot be passed as options")
@@ -39,28 +41,34 @@ def moe_arguments(normalize: bool, options: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _check_block_layout(spec: BlockSpec, block: nn.Module) -> Tuple[int, int, int]:
-    """(E, M, I) of a HF block whose parameters are exactly those this conversion reads, else ValueError."""
+    """(E, M, I) of a HF block whose parameters (and selection-bias buffer) are exactly those this conversion
+    reads, else ValueError."""
+    form = EXPERT_FORMS[spec.expert_form]
     experts = getattr(block, spec.experts)
-    gate_up_E2IM, down_EMI = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    if not (isinstance(gate_up_E2IM, torch.Tensor) and isinstance(down_EMI, torch.Tensor)
-            and gate_up_E2IM.dim() == 3 and down_EMI.dim() == 3):
-        raise ValueError(f"{type(block).__name__}: expected fused experts gate_up_proj [E, 2I, M] and down_proj "
-                         f"[E, M, I] (transformers >= 5.15); this transformers version stores them otherwise")
-    E, two_I, M = gate_up_E2IM.shape
-    I = two_I // 2
-    if two_I != 2 * I or tuple(down_EMI.shape) != (E, M, I):
-        raise ValueError(f"{type(block).__name__}: gate_up_proj {tuple(gate_up_E2IM.shape)} and down_proj "
-                         f"{tuple(down_EMI.shape)} are not [E, 2I, M] and [E, M, I]")
-    expected = {f"{spec.router}.weight", f"{spec.experts}.gate_up_proj", f"{spec.experts}.down_proj"}
+    fused = [getattr(experts, name, None) for name in form.HF_TENSORS]
+    if not all(isinstance(t, torch.Tensor) for t in fused):
+        raise ValueError(f"{type(block).__name__}: expected fused experts {', '.join(form.HF_TENSORS)} "
+                         f"(transformers >= 5.15); this transformers version stores them otherwise")
+    try:
+        E, M, I = form.hf_dims(experts)
+    except ValueError as err:
+        raise ValueError(f"{type(block).__name__}: {err}") from None
+    router = getattr(block, spec.router)
+    expected = {f"{spec.router}.weight"} | {f"{spec.experts}.{name}" for name in form.HF_TENSORS}
+    if spec.router_bias:
+        expected.add(f"{spec.router}.bias")
     for name in spec.dense_modules():
         expected |= {f"{name}.{key}" for key, _ in getattr(block, name).named_parameters()}
     found = {name for name, _ in block.named_parameters()}
     if found != expected:
         raise ValueError(f"{type(block).__name__} has parameters this conversion does not know: "
                          f"unexpected {sorted(found - expected)}, missing {sorted(expected - found)}")
-    router_EM = getattr(block, spec.router).weight
-    if tuple(router_EM.shape) != (E, M):
-        raise ValueError(f"{type(block).__name__}: router weight {tuple(router_EM.shape)} is not [E={E}, M={M}]")
+    if tuple(router.weight.shape) != (E, M):
+        raise ValueError(f"{type(block).__name__}: router weight {tuple(router.weight.shape)} is not [E={E}, M={M}]")
+    if spec.selection_bias is not None:
+        bias = getattr(router, spec.selection_bias, None)
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (E,):
+            raise ValueError(f"{type(block).__name__}: expected the router buffer {spec.selection_bias} [E={E}]")
     return E, M, I
 
 
@@ -95,31 +103,41 @@ def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict
     from ..layer import MoE
 
     E, M, I = _check_block_layout(spec, block)
+    form = EXPERT_FORMS[spec.expert_form]
     router = getattr(block, spec.router)
     experts = getattr(block, spec.experts)
-    gate_up_E2IM, down_EMI = experts.gate_up_proj, experts.down_proj
+    fused = {name: getattr(experts, name) for name in form.HF_TENSORS}
+    first = fused[form.HF_TENSORS[0]]
     # The experts are made on the meta device (no initialisation, no fp32 copy of bf16 weights), then given
     # storage on the HF experts' device and filled from the fused tensors.
-    template = SwiGLUExpert(M, I, experts.act_fn, device=torch.device("meta"), dtype=gate_up_E2IM.dtype)
+    template = form.template(experts, M, I, device=torch.device("meta"), dtype=first.dtype)
     moe = MoE(M, template, num_experts=E, ep_size=ep_size, k=int(router.top_k),
-              **moe_arguments(spec.normalizes(router), options))
+              **moe_arguments(spec.normalizes(router), options), **spec.rule_options(router))
+    gate = moe.deepspeed_moe.gate
     local = moe.deepspeed_moe.experts
-    local.to_empty(device=gate_up_E2IM.device)
+    local.to_empty(device=first.device)
     mark_expert_params(local, moe.expert_group_name)  # to_empty made new parameters: mark them again
     ep_rank = expert_parallel_rank(moe)
     L = E // ep_size
     for l, expert in enumerate(local.deepspeed_experts):  # local expert l is global expert ep_rank * L + l
-        expert.load_fused(gate_up_E2IM[ep_rank * L + l], down_EMI[ep_rank * L + l])
+        expert.load_hf(fused, ep_rank * L + l)
+    trainable = any(t.requires_grad for t in fused.values())
     for param in local.parameters():  # frozen HF experts stay frozen
-        param.requires_grad_(gate_up_E2IM.requires_grad or down_EMI.requires_grad)
-    wg = moe.deepspeed_moe.gate.wg
+        param.requires_grad_(trainable)
+    wg = gate.wg
     wg.to(device=router.weight.device, dtype=router.weight.dtype)
     with torch.no_grad():
         wg.weight.copy_(router.weight)
-    wg.weight.requires_grad_(router.weight.requires_grad)
+        if spec.router_bias:
+            wg.bias.copy_(router.bias)
+    for param in wg.parameters():
+        param.requires_grad_(router.weight.requires_grad)
     moe.to(device=router.weight.device)  # anything else the layer holds (buffers)
+    if spec.selection_bias is not None:
+        with torch.no_grad():
+            gate.expert_bias.copy_(getattr(router, spec.selection_bias))
     attributes = {name: getattr(router, name) for name in ROUTER_ATTRIBUTES if hasattr(router, name)}
-    logits = router_logits_class(type(router))(wg, router_logits_index, attributes)
+    logits = router_logits_class(type(router))(gate, router_logits_index, attributes)
     # Hooks the model's output recorders already put on the HF router (a recorded forward before conversion)
     # move to the stand-in; otherwise transformers installs them on first use.
     for hook in router._forward_hooks.values():
@@ -136,7 +154,10 @@ def convert(model: nn.Module, ep_size: int = 1, **options: Any) -> nn.Module:
 
     The model type comes from `model.config.model_type` (ds_tutel.hf.SUPPORTED_MODEL_TYPES). options are
     ds_tutel.MoE keyword arguments (capacity_mode, capacity_factor, batch_prioritized_routing, dispatch_backend,
-    ...) over the dropless routing that reproduces the model's. Call it before deepspeed.initialize.
+    ...) over the dropless routing that reproduces the model's; for example expert_bias=True (with
+    expert_bias_rate) turns on aux-loss-free balancing, which for DeepSeek-V3 / GLM-4-MoE moves the model's own
+    e_score_correction_bias in training: bias += rate * sign(mean load - load), loads summed over all ranks.
+    Call it before deepspeed.initialize.
 
     ep_size > 1 shards the experts over DeepSpeed's expert-parallel groups of ep_size ranks: call it on every
     rank, after deepspeed.init_distributed(), on the same model (same weights); each rank keeps the
@@ -197,9 +218,10 @@ def converted_blocks(model: nn.Module) -> List[Tuple[str, HFMoEBlock]]:
 
 
 def _hf_layout(model: nn.Module, own: Dict[str, Optional[torch.Tensor]],
-               pick: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
-    """`own` (the converted model's tensors by name) with each converted block's entries replaced by its HF ones,
-    in the model's order."""
+               pick: Callable[[torch.Tensor], Optional[torch.Tensor]],
+               buffers: bool = True) -> Dict[str, Optional[torch.Tensor]]:
+    """`own` (the converted model's tensors by name) with each converted block's entries replaced by its HF ones
+    (buffers included or not), in the model's order."""
     blocks = converted_blocks(model)
     out: Dict[str, Optional[torch.Tensor]] = {}
     emitted = set()
@@ -211,7 +233,7 @@ def _hf_layout(model: nn.Module, own: Dict[str, Optional[torch.Tensor]],
         name, b = block
         if name not in emitted:
             emitted.add(name)
-            out.update({f"{name}.{k}": v for k, v in b.hf_tensors(pick).items()})
+            out.update({f"{name}.{k}": v for k, v in b.hf_tensors(pick, buffers=buffers).items()})
     return out
 
 
@@ -232,4 +254,4 @@ def export_grads(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
     is the gradient of the sum of the expert-parallel group's losses (each rank's tokens reach the experts of
     all ranks); the other parameters' gradients are this rank's own, before any data-parallel reduction."""
     own = {name: (None if p.grad is None else p.grad) for name, p in model.named_parameters()}
-    return _hf_layout(model, own, lambda p: None if p.grad is None else p.grad.detach().clone())
+    return _hf_layout(model, own, lambda p: None if p.grad is None else p.grad.detach().clone(), buffers=False)

@@ -3,8 +3,8 @@
 The reference path is plain torch (ds_tutel.routing, ds_tutel.dispatch, ds_tutel.experts). Faster
 implementations register themselves here under an operation name and a backend:
   "cpu"     ds_tutel.kernels.cpu: compiled loops and CPU-only layouts, for tensors on the CPU;
-  "triton"  triton_kernels.register: the Triton gate and capacity-buffer kernels, for GPU tensors (or any tensor
-            under Triton's interpreter, TRITON_INTERPRET=1, for tests).
+  "triton"  triton_kernels.register: the Triton gate, capacity-buffer and grouped GEMM kernels, for GPU tensors
+            (or any tensor under Triton's interpreter, TRITON_INTERPRET=1, for tests).
 The core imports no provider: the registry imports a backend's provider by name on its first lookup, and a
 provider that does not import (deleted, or its dependencies missing) leaves the torch path, which gives the same
 results. An implementation may come with an `accepts` predicate over the call's arguments (dtype, shape, whether

@@ -430,24 +430,34 @@ class _ExchangeFn(torch.autograd.Function):
 class Schedule:
     """All-to-alls in flight in one exchange, in issue order.
 
-    Waiting for one advances the next one issued after it (its second hop), so that hop runs while the caller
-    computes. Which op is advanced depends only on the order of issue and wait calls, never on timing, so every
-    rank issues the same collectives in the same order (a mismatch would deadlock or mix up data).
+    Waiting for one marks the next one issued after it for advancing (its second hop), and the schedule's next
+    call (an issue or a wait), which the caller makes after computing on what it waited for, advances it first.
+    So the work on chunk i waits for chunk i's exchange alone, not for chunk i + 1's inter-node hop, and that hop
+    runs while chunk i computes. Which op is advanced depends only on the order of issue and wait calls, never on
+    timing, so every rank issues the same collectives in the same order (a mismatch would deadlock or mix up data).
     """
 
     def __init__(self) -> None:
         self._inflight: List[Pending] = []
+        self._to_advance: Optional[Pending] = None
+
+    def _advance_marked(self) -> None:
+        pending, self._to_advance = self._to_advance, None
+        if pending is not None and any(p is pending for p in self._inflight):
+            pending.advance()
 
     def issue(self, pending: Pending) -> Pending:
         self._inflight.append(pending)
+        self._advance_marked()
         return pending
 
     def wait(self, pending: Pending) -> torch.Tensor:
+        self._advance_marked()
         out = pending.wait()
         i = next(i for i, p in enumerate(self._inflight) if p is pending)
         del self._inflight[i]
         if i < len(self._inflight):
-            self._inflight[i].advance()
+            self._to_advance = self._inflight[i]
         return out
 
 

@@ -53,6 +53,25 @@ def exchange_counts(kept_E: torch.Tensor, capacity: int, group: comm.Group, num_
     return recv_WL2[:, :, 0].tolist(), recv_WL2[:, 0, 1].tolist()
 
 
+def exchange_counts_once(kept_E: torch.Tensor, capacity: int, group: comm.Group, num_local_experts: int,
+                         algorithm: str = "flat", *, topology: Optional[Topology] = None,
+                         auto_threshold: Optional[int] = None) -> Tuple[List[List[int]], List[int], List[int]]:
+    """(filled_WL, capacity_W, sent_E): exchange_counts' two lists plus this rank's own kept counts kept_E, all read
+    to the host in one transfer after the exchange: the one host sync the GPU path's kept exchange makes."""
+    E = kept_E.shape[0]
+    W = comm.group_size(group)
+    L = num_local_experts
+    if E != W * L:
+        raise ValueError(f"{E} kept counts, expected group size {W} x {L} local experts")
+    exchange = comm.plan_exchange(group, algorithm, kept_E.device, topology=topology, threshold_bytes=auto_threshold)
+    sent_E2 = torch.stack([kept_E.to(torch.int64), torch.full_like(kept_E, capacity, dtype=torch.int64)], dim=1)
+    recv_E2 = exchange(sent_E2)
+    table = torch.cat([recv_E2, sent_E2]).tolist()  # received (w, l) pairs, then this rank's
+    filled_WL = [[table[w * L + l][0] for l in range(L)] for w in range(W)]
+    capacity_W = [table[w * L][1] for w in range(W)]
+    return filled_WL, capacity_W, [n for n, _ in table[E:]]
+
+
 def exchange_and_compute(buf_ECM: torch.Tensor, experts: ExpertFn, group: comm.Group, num_local_experts: int,
                          algorithm: str = "flat", overlap_degree: int = 1, *, topology: Optional[Topology] = None,
                          auto_threshold: Optional[int] = None,

@@ -9,9 +9,14 @@ On the wire: the kept rows instead of E x C, in both directions and in the backw
 The row counts are the ones exchange_counts already shares before the layer dispatches (filled_WL: what every
 source rank sends each local expert), so the split sizes agree on every rank without another collective.
 
+Two forms: exchange_kept_and_compute on the torch path's grouped plan (dispatch/grouped.py; the experts get one
+tensor each), and exchange_kept_rows_and_compute on the device plan (dispatch/rows.py, the GPU path: the received
+rows sorted by local expert with one gather, the experts on one buffer with device offsets, no host sync here).
+
 Shape legend: S tokens, M model dim, W ranks in the expert-parallel group, L local experts, J rows this rank sends
 (its kept choices, expert after expert), R rows it receives (source rank after source rank, and within one source
-its local experts in order), n_l rows local expert l receives from all ranks, p_l rows it runs on (n_l or more).
+its local experts in order), n_l rows local expert l receives from all ranks, p_l rows it runs on (n_l or more),
+B blocks of (local expert, source rank) rows.
 """
 from __future__ import annotations
 
@@ -22,10 +27,13 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ..dispatch import rows
 from ..dispatch.grouped import GroupedPlan, RowRounding, grouped_decode, grouped_encode, with_pad_rows
 from . import alltoall as comm
 
 ExpertsFn = Callable[[Sequence[torch.Tensor]], List[torch.Tensor]]  # per local expert [p_l, M] -> [p_l, M]
+# x_RM sorted by local expert, offsets_L1 on its device, rows_L on the host -> out_RM in the same order
+RowExpertsFn = Callable[[torch.Tensor, torch.Tensor, List[int]], torch.Tensor]
 
 
 @dataclass
@@ -151,3 +159,52 @@ def exchange_kept_and_compute(tokens_SM: torch.Tensor, plan: GroupedPlan, filled
     outs_pM = experts(_ByExpert.apply(recv_RM, layout))
     back_JM = _AllToAllRows.apply(_BySource.apply(layout, *outs_pM), layout, group, True)
     return grouped_decode([back_JM], block)
+
+
+def expert_major_order(layout: KeptLayout) -> torch.Tensor:
+    """perm_R (CPU, int64): position r of the rows sorted by local expert (source rank after source rank inside
+    an expert) holds received row perm_R[r]. Built from the blocks' host sizes with vector operators."""
+    blocks = [rows for rows_W in layout.received_LW for rows in rows_W]
+    R = sum(layout.recv_W)
+    length_B = torch.tensor([b.stop - b.start for b in blocks], dtype=torch.int64)
+    received_start_B = torch.tensor([b.start for b in blocks], dtype=torch.int64)
+    sorted_start_B = torch.cumsum(length_B, 0) - length_B
+    shift_R = torch.repeat_interleave(received_start_B - sorted_start_B, length_B, output_size=R)
+    return torch.arange(R, dtype=torch.int64) + shift_R
+
+
+class _Permute(torch.autograd.Function):
+    """x_RM -> x_RM[perm_R]; backward: the gradient gathered back with the inverse permutation (no scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_RM: torch.Tensor, perm_R: torch.Tensor, inverse_R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse_R)
+        return x_RM.index_select(0, perm_R)
+
+    @staticmethod
+    def backward(ctx: Any, grad_RM: torch.Tensor):
+        (inverse_R,) = ctx.saved_tensors
+        return grad_RM.index_select(0, inverse_R), None, None
+
+
+def exchange_kept_rows_and_compute(tokens_SM: torch.Tensor, plan: rows.RowPlan, filled_WL: Sequence[Sequence[int]],
+                                   experts: RowExpertsFn, group: comm.Group) -> torch.Tensor:
+    """exchange_kept_and_compute on the device plan (the GPU path): the rows received from all ranks are sorted by
+    local expert with one gather, the local experts run on that one buffer with device offsets
+    (Experts.forward_rows: grouped GEMMs where it can), and the outputs go back sorted by source rank. All sizes
+    come from the counts' exchange (plan.rows_E, filled_WL): no host sync here."""
+    if plan.rows_E is None:
+        raise ValueError("the kept exchange needs a plan with exact rows (row_plan(routing, rows_E=...))")
+    layout = kept_layout(plan.rows_E, filled_WL, dist.get_rank(group))
+    device = tokens_SM.device
+    perm_R = expert_major_order(layout)
+    inverse_R = torch.empty_like(perm_R)
+    inverse_R[perm_R] = torch.arange(perm_R.shape[0], dtype=torch.int64)
+    perm_R, inverse_R = perm_R.to(device, non_blocking=True), inverse_R.to(device, non_blocking=True)
+    offsets_L1 = torch.tensor([0, *accumulate(layout.rows_L)], dtype=torch.int64).to(device, non_blocking=True)
+
+    send_JM = rows.gather(tokens_SM, plan)
+    recv_RM = _AllToAllRows.apply(send_JM, layout, group, False)
+    out_RM = experts(_Permute.apply(recv_RM, perm_R, inverse_R), offsets_L1, layout.rows_L)
+    back_JM = _AllToAllRows.apply(_Permute.apply(out_RM, inverse_R, perm_R), layout, group, True)
+    return rows.combine(back_JM, plan)

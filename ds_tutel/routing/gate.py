@@ -1,5 +1,7 @@
 """The router module and the routing entry point: `Gate` owns the router weight `wg` (DeepSpeed's name), computes
-fp32 logits and hands them to DeepSpeed's semantics (deepspeed.py, the default) or Tutel's (tutel.py).
+fp32 logits and hands them to DeepSpeed's semantics (deepspeed.py, the default) or Tutel's (tutel.py). With a
+routing rule other than the default (options.routing_rule, rules.py) the rule makes the choices and gates and
+Tutel's torch slot assignment places them, on every backend (a Triton gate computes only the default rule).
 
 Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
 """
@@ -12,13 +14,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..options import RouterOptions
-from . import losses, noise
+from ..options import RouterOptions, check_expert_groups
+from . import losses, noise, rules
 from .deepspeed import route_deepspeed
 from .router_linear import router_linear, router_linear_passing
 from .softmax import router_softmax
 from .tutel import route_tutel
 from .types import CapacityAgreement, Routing
+
+_DEFAULT_RULE = dict(routing_rule="softmax_topk", n_group=1, topk_group=1, routed_scaling_factor=1.0)
 
 
 def route(logits_SE: torch.Tensor,
@@ -32,14 +36,36 @@ def route(logits_SE: torch.Tensor,
           use_rts: bool = False,
           used_token_S: Optional[torch.Tensor] = None,
           selection_scores_SE: Optional[torch.Tensor] = None,
-          agree_capacity: Optional[CapacityAgreement] = None) -> Routing:
+          agree_capacity: Optional[CapacityAgreement] = None,
+          routing_rule: str = "softmax_topk",
+          n_group: int = 1,
+          topk_group: int = 1,
+          routed_scaling_factor: float = 1.0,
+          selection_bias_E: Optional[torch.Tensor] = None) -> Routing:
     """The routing of one batch from gate logits [S, E]; the layer uses this same function.
 
     capacity_mode="deepspeed" follows DeepSpeed's gates (use_rts draws random numbers; drop_tokens=False is
     dropless); "tutel" follows Tutel's (capacity_factor > 0 fixed, 0 dropless, < 0 bounded; optional
-    batch-prioritized routing and gate normalisation; selection_scores_SE may steer the choice).
+    batch-prioritized routing and gate normalisation; selection_scores_SE may steer the choice). A routing rule
+    other than the default (rules.py; with n_group, topk_group, routed_scaling_factor and a per-expert
+    selection_bias_E) makes the choices and gates, which Tutel's slot assignment places (capacity_mode="tutel").
     """
     logits_SE = logits_SE.float()
+    rule = dict(routing_rule=routing_rule, n_group=n_group, topk_group=topk_group,
+                routed_scaling_factor=routed_scaling_factor)
+    if rule != _DEFAULT_RULE or selection_bias_E is not None:
+        RouterOptions(capacity_mode=capacity_mode, **rule)  # the layer's checks of these values
+        if capacity_mode != "tutel":
+            raise ValueError("a selection bias (selection_bias_E) needs capacity_mode='tutel'")
+        if selection_scores_SE is not None:
+            raise ValueError("selection_scores_SE steers the default rule only; pass selection_bias_E to a rule")
+        check_expert_groups(logits_SE.shape[1], k, n_group, topk_group)
+        params = rules.RuleParams(normalize=normalize_gate, n_group=n_group, topk_group=topk_group,
+                                  scaling=routed_scaling_factor)
+        return route_tutel(logits_SE, capacity_factor=capacity_factor, min_capacity=min_capacity,
+                           batch_prioritized_routing=batch_prioritized_routing, used_token_S=used_token_S,
+                           agree_capacity=agree_capacity,
+                           choices=rules.choose(routing_rule, logits_SE, k, params, selection_bias_E))
     if capacity_mode == "deepspeed":
         if batch_prioritized_routing or selection_scores_SE is not None:
             raise ValueError("batch_prioritized_routing and selection scores need capacity_mode='tutel'")
@@ -76,9 +102,27 @@ class Gate(nn.Module):
         self.drop_tokens = drop_tokens
         self.use_rts = use_rts
         self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
-        self.options = options or RouterOptions()
-        if self.options.expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.options = RouterOptions()
+        self.configure(options or self.options)
+
+    def configure(self, options: RouterOptions) -> None:
+        """Takes `options` as this gate's routing options, adding what they need: a bias of `wg` (router_bias, zero
+        where new), the selection bias buffer `expert_bias` (zero where new). Neither is ever removed. Call it
+        before the gate is handed to an optimizer or engine (a new bias is a new parameter)."""
+        if options.routing_rule == "sigmoid_group_topk":
+            check_expert_groups(self.num_experts, self.k, options.n_group, options.topk_group)
+        weight = self.wg.weight
+        if options.router_bias and self.wg.bias is None:
+            self.wg.bias = nn.Parameter(torch.zeros(self.num_experts, device=weight.device, dtype=weight.dtype))
+        if options.has_selection_bias and not hasattr(self, "expert_bias"):
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts, device=weight.device))
+        self.options = options
+
+    def rule_params(self) -> rules.RuleParams:
+        """The routing rule's parameters from the options."""
+        opts = self.options
+        return rules.RuleParams(normalize=opts.normalize_gate, n_group=opts.n_group, topk_group=opts.topk_group,
+                                scaling=opts.routed_scaling_factor)
 
     def logits(self, x_SM: torch.Tensor) -> torch.Tensor:
         """fp32 router logits [S, E], whatever the model dtype or an enclosing autocast."""
@@ -100,6 +144,8 @@ class Gate(nn.Module):
                 if self.noisy_gate_policy == "Jitter":
                     router_in_SM = noise.multiplicative_jitter(router_in_SM.float())
             w_EM = self.wg.weight.float()
+            if self.wg.bias is not None:  # the model's biased linear map, as its router computes it
+                return F.linear(router_in_SM.float(), w_EM, self.wg.bias.float()), x_SM
             if pass_tokens and router_in_SM is x_SM:
                 return router_linear_passing(x_SM, w_EM)
             return router_linear(router_in_SM, w_EM), x_SM
@@ -122,7 +168,8 @@ class Gate(nn.Module):
                 ) -> Tuple[Routing, torch.Tensor]:
         """Routes tokens [S, M]; capacity_factor and k override the configured ones for this call only.
 
-        tutel_router computes capacity_mode="tutel" routings (route_tutel, or its Triton twin on GPUs).
+        tutel_router computes capacity_mode="tutel" routings (route_tutel, or its Triton twin on GPUs) of the
+        default rule; another routing rule always places its choices with route_tutel (torch).
         """
         routing, l_aux, _ = self.route_tokens(x_SM, used_token_S, agree_capacity, capacity_factor, k, tutel_router,
                                               pass_tokens=False)
@@ -152,6 +199,17 @@ class Gate(nn.Module):
                     rsample=self.noisy_gate_policy == "RSample" and self.training,
                     second_expert_sampling=self.top2_2nd_expert_sampling, used_token_S=used_token_S,
                     agree_capacity=agree_capacity)
+            elif opts.uses_rule:
+                if opts.routing_rule == "sigmoid_group_topk" and k != self.k:
+                    check_expert_groups(self.num_experts, k, opts.n_group, opts.topk_group)
+                choices = rules.choose(opts.routing_rule, logits_SE, k, self.rule_params(),
+                                       getattr(self, "expert_bias", None),
+                                       None if noisy_SE is logits_SE else noisy_SE)
+                routing = route_tutel(logits_SE, k=k, capacity_factor=capacity_factor,
+                                      min_capacity=self.min_capacity,
+                                      batch_prioritized_routing=opts.batch_prioritized_routing,
+                                      used_token_S=used_token_S, agree_capacity=agree_capacity, choices=choices)
+                l_aux = losses.gshard_loss(routing.probs_SE, routing.indices_SK)
             else:
                 scores_SE = None
                 if noisy_SE is not logits_SE or opts.expert_bias:
@@ -170,7 +228,7 @@ class Gate(nn.Module):
                 l_aux = torch.zeros((), device=logits_SE.device)
             if opts.z_loss_coef > 0:
                 l_aux = l_aux + opts.z_loss_coef * losses.z_loss(logits_SE)
-            if opts.expert_bias and self.training:
+            if opts.expert_bias and self.training and not _recomputing():
                 self._update_expert_bias(routing.counts_E)
         return routing, l_aux, tokens_SM
 
@@ -184,3 +242,9 @@ class Gate(nn.Module):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load_E)
         self.expert_bias += self.options.expert_bias_rate * torch.sign(load_E.mean() - load_E)
+
+
+def _recomputing() -> bool:
+    """True while autograd runs a backward, where a checkpointed forward is recomputed: the recomputation must
+    route as the forward did, so it moves no balancing bias."""
+    return torch._C._current_graph_task_id() != -1

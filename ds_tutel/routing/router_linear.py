@@ -3,8 +3,9 @@
 `F.linear(x.float(), w)` saves its fp32 input for the weight gradient: with bf16/fp16 tokens that is an [S, M]
 fp32 copy living from the forward to the end of the backward, twice the size of the tokens themselves. Here the
 copy is transient: the forward converts, multiplies and drops it; the backward converts again for the weight
-gradient and writes the input gradient straight in the tokens' dtype, a block of rows at a time, so no [S, M]
-fp32 buffer is ever allocated for it. Logits are bitwise those of `F.linear(x.float(), w)`.
+gradient and writes the input gradient straight in the tokens' dtype, a block of rows at a time (on a GPU too:
+blocks of at most GPU_BLOCK_BYTES of fp32 rows), so the backward allocates no [S, M] fp32 buffer for it.
+Logits are bitwise those of `F.linear(x.float(), w)`.
 
 `router_linear_passing` also returns the tokens themselves (a view) for the dispatch to gather from. Their
 gradient from the dispatch then arrives in the router's own backward call, which adds the router's share to it
@@ -22,7 +23,17 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-ROWS_PER_BLOCK = 512
+ROWS_PER_BLOCK = 512  # on the CPU: fp32 temporaries small and in cache
+# On a GPU: the fp32 temporaries of one block of rows stay under this many bytes; blocks this large keep the
+# kernel launches few (a handful per step at training sizes), and the caching allocator reuses the buffer.
+GPU_BLOCK_BYTES = 64 << 20
+
+
+def _rows_per_block(device_type: str, M: int) -> int:
+    """Rows of one block of the backward for tokens on this device type with M features."""
+    if device_type == "cpu":
+        return ROWS_PER_BLOCK
+    return max(1, GPU_BLOCK_BYTES // (4 * max(1, M)))
 
 
 def _fp32_logits(x_SM: torch.Tensor, w_EM: torch.Tensor) -> torch.Tensor:
@@ -52,9 +63,7 @@ def _backward(x_SM: torch.Tensor, w_EM: torch.Tensor, grad_SE: torch.Tensor, gra
             x_SM, memory_format=torch.contiguous_format)
     if needs_input_grad[1]:
         grad_w_EM = torch.zeros_like(w_EM)
-    # Blocks keep the CPU's fp32 temporaries small and in cache; a GPU does the whole table at once (one
-    # kernel launch per product, the caching allocator reuses the temporary).
-    block = ROWS_PER_BLOCK if x_SM.device.type == "cpu" else max(1, x_SM.shape[0])
+    block = _rows_per_block(x_SM.device.type, x_SM.shape[1])
     for start in range(0, x_SM.shape[0], block):
         rows = slice(start, start + block)
         if grad_x_SM is not None:

@@ -6,6 +6,8 @@ routing (ties keep position order). A choice whose place in its expert's queue i
 (location -1, gate 0). Gates are the top-k softmax values, optionally renormalised to sum to 1 per token
 before dropping, as Tutel does.
 
+A routing rule (rules.py) may make the choices and gates instead (`choices`): the slot assignment is the same.
+
 Shape legend: S tokens, E experts, K choices per token, J = K * S choices in priority order.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .rules import Choices
 from .types import CapacityAgreement, Routing
 from .slots import rank_within_groups
 from .softmax import router_softmax
@@ -46,28 +49,37 @@ def route_tutel(logits_SE: torch.Tensor,
                 normalize_gate: bool = True,
                 used_token_S: Optional[torch.Tensor] = None,
                 agree_capacity: Optional[CapacityAgreement] = None,
-                selection_scores_SE: Optional[torch.Tensor] = None) -> Routing:
+                selection_scores_SE: Optional[torch.Tensor] = None,
+                choices: Optional[Choices] = None) -> Routing:
     """Tutel-style routing of fp32 logits [S, E] (see the module docstring for the exact rules).
 
     selection_scores_SE, when given, chooses the top-k experts (noise or balancing bias added by the caller);
-    the gate values always come from softmax(logits).
+    the gate values always come from softmax(logits). choices, when given, are a routing rule's decision
+    (rules.choose): its experts and gates are used as they are (k, normalize_gate and selection_scores_SE are
+    then not read), and only the slots and the capacity are computed here.
     """
     agree = agree_capacity or (lambda c: c)
     logits_SE = logits_SE.float()
     S, E = logits_SE.shape
-    probs_SE = router_softmax(logits_SE)
-    if selection_scores_SE is None:
-        top_SK, indices_SK = torch.topk(probs_SE, k=k, dim=1)
+    if choices is not None:
+        indices_SK, gates_SK, probs_SE = choices.indices_SK, choices.gates_SK, choices.scores_SE
+        k = indices_SK.shape[1]
+        priority_S = choices.priority_S
     else:
-        indices_SK = torch.topk(selection_scores_SE, k=k, dim=1).indices
-        top_SK = probs_SE.gather(1, indices_SK)
-    gates_SK = top_SK
-    if normalize_gate:
-        gates_SK = gates_SK / torch.clamp(gates_SK.sum(dim=1, keepdim=True), min=torch.finfo(gates_SK.dtype).eps)
+        probs_SE = router_softmax(logits_SE)
+        if selection_scores_SE is None:
+            top_SK, indices_SK = torch.topk(probs_SE, k=k, dim=1)
+        else:
+            indices_SK = torch.topk(selection_scores_SE, k=k, dim=1).indices
+            top_SK = probs_SE.gather(1, indices_SK)
+        gates_SK = top_SK
+        if normalize_gate:
+            gates_SK = gates_SK / torch.clamp(gates_SK.sum(dim=1, keepdim=True), min=torch.finfo(gates_SK.dtype).eps)
+        priority_S = top_SK[:, 0].detach()
 
     used_S = torch.ones(S, dtype=torch.bool, device=logits_SE.device) if used_token_S is None else used_token_S != 0
     if batch_prioritized_routing:
-        token_order_S = torch.sort(-top_SK[:, 0].detach(), stable=True).indices
+        token_order_S = torch.sort(-priority_S, stable=True).indices
     else:
         token_order_S = torch.arange(S, device=logits_SE.device)
     # Priority order: k-major, tokens in token_order_S; unused tokens queue at a sentinel expert E.
