@@ -251,6 +251,9 @@ def check_forward_input(hidden_states: Any, hidden_size: int, used_token: Option
 # ----------------------------------------------------------------------------------------------------------------
 # The JSON config section
 
+HF_SUBSECTION = "hf"
+
+
 def load_section(config: ConfigSource) -> Dict[str, Any]:
     """The "ds_tutel" section of a DeepSpeed config given as a dict or a JSON file path ({} if absent)."""
     if isinstance(config, (str, os.PathLike)):
@@ -267,9 +270,10 @@ def load_section(config: ConfigSource) -> Dict[str, Any]:
 def moe_kwargs(config: ConfigSource, accepted: inspect.Signature, **overrides: Any) -> Dict[str, Any]:
     """Keyword arguments for ds_tutel.MoE from the config section, overridden by explicit ones.
 
-    Unknown keys are an error (a typo must not silently leave a feature off).
+    Unknown keys are an error (a typo must not silently leave a feature off). The nested "hf" object is the
+    Hugging Face conversion's (ds_tutel.hf.convert_from_config), not the layer's.
     """
-    section = load_section(config)
+    section = {key: value for key, value in load_section(config).items() if key != HF_SUBSECTION}
     valid = set(accepted.parameters) - {"self", "hidden_size", "expert"}
     unknown = sorted(set(section) - valid)
     if unknown:

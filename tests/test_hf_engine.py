@@ -1,6 +1,7 @@
 """A converted transformers model through the real DeepSpeed engine (1 gloo rank, ZeRO 1 with SGD and ZeRO 2 with
 AdamW): the engine groups the expert parameters, and its losses follow the unconverted model trained by a plain
-torch loop step for step (gradient clipping off on both sides: DeepSpeed 0.19 clips at 1.0 by default).
+torch loop step for step (gradient clipping off on both sides: DeepSpeed 0.19 clips at 1.0 by default). Under ZeRO
+stage 3 DeepSpeed refuses the converted model (it refuses every deepspeed.moe.layer.MoE there).
 
 Shape legend: B batch, T sequence length.
 """
@@ -63,15 +64,34 @@ def _losses(rank: int, world_size: int, stage: int, optimizer: str):
 CASES = [(1, "SGD"), (2, "AdamW")]
 
 
+def _zero3_refusal(rank: int, world_size: int) -> str:
+    """What deepspeed.initialize says to a converted model under ZeRO stage 3 (docs/HF.md, "ZeRO-3")."""
+    import deepspeed
+
+    import ds_tutel.hf as hf
+    converted = hf.convert(_tiny_qwen3_moe())
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    try:
+        deepspeed.initialize(model=converted, model_parameters=converted.parameters(), config=config)
+    except AssertionError as e:
+        return str(e)
+    return "accepted"
+
+
 def _all_losses(rank: int, world_size: int):
     """Every case in one spawned rank: its start-up (DeepSpeed, transformers) is most of the time."""
-    return [_losses(rank, world_size, stage, optimizer) for stage, optimizer in CASES]
+    losses = [_losses(rank, world_size, stage, optimizer) for stage, optimizer in CASES]
+    return losses, _zero3_refusal(rank, world_size)
 
 
 def test_engine_steps_follow_the_unconverted_model():
-    [results] = run_ranks(_all_losses, 1, timeout=300)
+    [(results, zero3)] = run_ranks(_all_losses, 1, timeout=300)
     for (stage, optimizer), (ours, theirs) in zip(CASES, results):
         assert ours == pytest.approx(theirs, abs=1e-5), (stage, optimizer)
+    # DeepSpeed 0.19 refuses every deepspeed.moe.layer.MoE (ds_tutel.MoE is one) under ZeRO-3; when a release
+    # accepts it, this fails, and docs/HF.md's ZeRO-3 section needs revisiting.
+    assert "Native DeepSpeed MoE is not supported with ZeRO Stage 3" in zero3, zero3
 
 
 def engine_and_reference(converted, groups, original, optimizer: str, stage: int, micro_batch: int):

@@ -331,3 +331,14 @@ def test_the_layer_and_its_json_section_take_the_rule_options():
     assert torch.allclose(routing.gates_SK, expected.gates_SK.detach(), atol=ATOL)
     with pytest.raises(ValueError, match="routing_rule"):
         ds_tutel.MoE(M, torch.nn.Linear(M, M), num_experts=8, k=2, capacity_mode="tutel", routing_rule="nope")
+
+
+def test_layer_config_skips_the_hf_object():
+    """One JSON file configures both converted models ("hf") and ds_tutel.MoE.from_config layers."""
+    import ds_tutel
+
+    config = {"ds_tutel": {"capacity_mode": "tutel", "hf": {"ep_size": 1, "capacity_factor": 1.25}}}
+    layer = ds_tutel.MoE.from_config(config, M, torch.nn.Linear(M, M), num_experts=4)
+    assert layer.deepspeed_moe.gate.options.capacity_mode == "tutel"
+    with pytest.raises(ValueError, match="unknown keys"):
+        ds_tutel.MoE.from_config({"ds_tutel": {"capacity_mod": "tutel"}}, M, torch.nn.Linear(M, M), num_experts=4)

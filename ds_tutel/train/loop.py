@@ -1,13 +1,17 @@
 """The main job: ZeRO training of a GPT-style MoE language model on byte-level text, through DeepSpeed.
 
     deepspeed --num_gpus 2 -m ds_tutel.train --out runs/default          (DS_ACCELERATOR=cpu on a CPU machine)
+    deepspeed --num_gpus 2 -m ds_tutel.train --hf qwen3_moe               (a tiny transformers MoE model instead)
     python -m ds_tutel.train --out runs/one-rank                          (a world of one)
     python -m ds_tutel.train --preset gpt-moe-1.1t --dry-run              (meta-device build + memory plan)
 
 Everything DeepSpeed reads (ZeRO stage, precision, clipping, optimizer, LR schedule, batch) comes from the
 DeepSpeed JSON config (--config, default deepspeed_config.json); its "ds_tutel_train" section holds the job's
-own settings (TrainSettings below), each overridable on the command line. Outputs under --out: log.jsonl,
-training.png, sample.txt, summary.json, checkpoints/. Exit status 2 with one "error:" line for bad input.
+own settings (TrainSettings below), each overridable on the command line. With --hf MODEL_TYPE the model is a
+tiny transformers MoE model of that type converted to ds_tutel layers (train/hf_model.py; ep_size and conversion
+options from the JSON's "ds_tutel": {"hf": {...}} section); data, loop, logs, plots and checkpoints are the same.
+Outputs under --out: log.jsonl, training.png, sample.txt, summary.json, checkpoints/. Exit status 2 with one
+"error:" line for bad input.
 
 Shape legend: B micro-batch, T sequence, V vocab, L MoE layers, E experts.
 """
@@ -34,6 +38,7 @@ class TrainSettings:
 
     preset: str = "tiny"
     model: Dict[str, Any] = field(default_factory=dict)  # ModelConfig fields overriding the preset
+    hf: Optional[str] = None  # a transformers MoE model type (train/hf_model.py) instead of the GPT-MoE preset
     steps: int = 300
     eval_every: int = 50
     eval_windows: int = 64
@@ -78,6 +83,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="build on the meta device, print parameters and memory")
     p.add_argument("--world-size", type=int, default=None, help="world size for --dry-run")
     p.add_argument("--preset", default=None)
+    p.add_argument("--hf", default=None, metavar="MODEL_TYPE",
+                   help="train a tiny transformers MoE model of this type (e.g. qwen3_moe), converted to ds_tutel; "
+                        "--model then sets its HF config fields and seq_len")
     p.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: the world size)")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help="override one ModelConfig field, e.g. --model d_model=256 (repeatable)")
@@ -107,7 +115,7 @@ def _model_overrides(pairs: List[str]) -> Dict[str, Any]:
 
 def settings_from(args: argparse.Namespace, config: Dict[str, Any]) -> TrainSettings:
     settings = TrainSettings.from_section(config.get(SECTION, {}))
-    for name in ("preset", "steps", "eval_every", "save_every", "seed", "max_bytes", "sample_tokens",
+    for name in ("preset", "hf", "steps", "eval_every", "save_every", "seed", "max_bytes", "sample_tokens",
                  "eval_windows", "eval_batch", "precision", "data"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
@@ -145,7 +153,7 @@ def train_step(engine: Any, corpus: Any, settings: TrainSettings, step: int, ran
         metrics = _step_metrics(model, float(ce.detach()), float(l_aux.detach()))
         sums = metrics if sums is None else sums + metrics
     dist.all_reduce(sums)
-    n, L, E = float(sums[2]), cfg.num_moe_layers, cfg.num_experts
+    n, L, E = float(sums[2]), len(model.moe_layers()), cfg.num_experts
     counts_LE = sums[3 + L:].view(L, E)
     load_LE = counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp(min=1)
     return {"loss": float(sums[0]) / n, "aux": float(sums[1]) / n,
@@ -166,6 +174,8 @@ def publish_to_monitor(engine: Any, collector: Any, record: Dict[str, Any]) -> N
 
 
 def dry_run(settings: TrainSettings, world_size: Optional[int]) -> Dict[str, Any]:
+    if settings.hf:
+        raise ConfigError("--dry-run plans the GPT-MoE presets only, not --hf models")
     from .plan import format_plan, memory_plan
     from .presets import PRESET_WORLD_SIZE, get_preset
     cfg = get_preset(settings.preset, settings.model)
@@ -198,7 +208,11 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from .report import RunLog, plot_run, read_log
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = get_preset(settings.preset, settings.model).resolved(world)
+    if settings.hf:
+        from .hf_model import HFLanguageModel, job_config
+        cfg = job_config(settings.hf, settings.model, config).resolved(world)
+    else:
+        cfg = get_preset(settings.preset, settings.model).resolved(world)
     precision = resolve_precision(settings.precision)
     ds_config = deepspeed_dict(config, precision, settings.steps)
     corpus = load_corpus(settings.data or None, settings.max_bytes)
@@ -221,7 +235,9 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     init_distributed(settings.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(settings.seed)
-    engine = build_engine(GPTMoE(cfg, ep_rank=rank % cfg.ep_size, seed=settings.seed), ds_config)
+    model = (HFLanguageModel(cfg, seed=settings.seed) if settings.hf
+             else GPTMoE(cfg, ep_rank=rank % cfg.ep_size, seed=settings.seed))
+    engine = build_engine(model, ds_config)
 
     start_step = 0
     if manifest is not None:

@@ -9,8 +9,10 @@ What changes with the layout, and how each part is converted:
     which partitions them its own way (deepspeed.utils.safe_set_full_*), and saved by DeepSpeed;
   - LR scheduler state, step counters and the learning rate of the optimizer groups are copied.
 The new ranks run as local CPU processes (gloo), so the whole model must fit in this machine's memory. The
-source is only read; the destination must not exist. Supported: ZeRO stage 1 and 2 checkpoints from
-ds_tutel.train.checkpoint.save (the manifest gives the source layout).
+source is only read; the destination must not exist. Supported: ZeRO stage 1 and 2 checkpoints of the training
+job (GPT-MoE or --hf) from ds_tutel.train.checkpoint.save (the manifest gives the source layout). Checkpoints of
+ds_tutel.hf.save_checkpoint are refused: their parameter groups are the caller's, which the new engines could not
+rebuild (ds_tutel.hf.load_checkpoint(..., module_only=True) loads their weights at another layout).
 
 Shape legend: P parameter elements (flattened).
 """
@@ -27,6 +29,7 @@ import torch
 
 from . import checkpoint
 from .checkpoint import CheckpointError
+from .hf_model import is_hf_job
 from .model import ModelConfig, check_parallel_layout
 
 EXPERT_NAME = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
@@ -102,10 +105,16 @@ def _rebuild_rank(rank: int, world_size: int, job: Dict[str, Any]) -> List[str]:
     from .engine import build_engine, quiet_deepspeed
     from .model import GPTMoE
     quiet_deepspeed()
-    cfg = ModelConfig.from_dict(job["model"])
+    if is_hf_job(job["model"]):
+        from .hf_model import HFJobConfig, HFLanguageModel
+        cfg = HFJobConfig.from_dict(job["model"])
+        model = HFLanguageModel(cfg, seed=0)
+    else:
+        cfg = ModelConfig.from_dict(job["model"])
+        model = GPTMoE(cfg, ep_rank=rank % cfg.ep_size)
     ep_rank = rank % cfg.ep_size
     num_local = cfg.num_experts // cfg.ep_size
-    engine = build_engine(GPTMoE(cfg, ep_rank=ep_rank), job["ds_config"])
+    engine = build_engine(model, job["ds_config"])
     states = torch.load(job["states_path"], map_location="cpu", weights_only=True, mmap=True)
     # torch's Adam creates its state at the first step and DeepSpeed links each parameter's view of it then;
     # create the state now (values are overwritten below) and link it the same way.
@@ -153,6 +162,11 @@ def reshard(src_dir: str, dst_dir: str, world_size: int, ep_size: Optional[int] 
     if tag is None:
         raise CheckpointError(f"no checkpoint in {src_dir} (no `latest` file); pass --tag")
     manifest = checkpoint.verify(src_dir, tag)
+    if "hf_config" in manifest.get("model", {}):
+        raise CheckpointError(f"{src_dir} holds a converted HF model saved by ds_tutel.hf.save_checkpoint: resharding "
+                              f"its optimizer state is not built (its parameter groups are the caller's); "
+                              f"ds_tutel.hf.load_checkpoint(engine, dir, module_only=True) loads its weights at "
+                              f"another layout")
     ep_size = world_size if ep_size is None else ep_size
     if world_size < 1 or ep_size < 1:
         raise ValueError("world size and ep_size must be positive")

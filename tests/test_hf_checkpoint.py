@@ -1,0 +1,219 @@
+"""Converted HF models through the DeepSpeed engine on 2 gloo ranks, configured from the JSON's "ds_tutel": {"hf"}
+section: save_checkpoint / load_checkpoint resume with the losses of an uninterrupted run (ZeRO 1 and 2, ep_size 2
+and 1); an interrupted save leaves the previous checkpoint loadable; a checkpoint saved at ep_size 2 loads at
+ep_size 1 and the reverse (weights only) with the same logits; save_pretrained writes what from_pretrained of the
+unconverted class loads, with the same logits. The config section's checks and the model check of a checkpoint
+run without ranks.
+
+Shape legend: B batch, T sequence length, V vocabulary.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+from ds_tutel.ranks import run_ranks
+
+pytest.importorskip("transformers")
+
+VOCAB, B, T = 64, 2, 12
+STEPS, SAVE_AT = 4, 2
+CASES = [(1, 2), (2, 2), (1, 1), (2, 1)]  # (ZeRO stage, ep_size)
+
+
+def _tiny(seed: int):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.for_model(
+        "qwen3_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=True, max_position_embeddings=32, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _ds_config(stage: int, ep_size: int) -> Dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": B, "gradient_clipping": 1.0, "steps_per_print": 10 ** 6,
+            "zero_optimization": {"stage": stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
+                                                         "warmup_num_steps": 3}},
+            "ds_tutel": {"hf": {"ep_size": ep_size, "dispatch_backend": "torch"}}}
+
+
+def _engine(seed: int, stage: int, ep_size: int):
+    """A tiny Qwen3-MoE converted from the config section, in DeepSpeed's engine (which reads the same JSON)."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    import ds_tutel.hf as hf
+    config = _ds_config(stage, ep_size)
+    model = hf.convert_from_config(_tiny(seed), config)
+    assert hf.converted_blocks(model)[0][1].moe.ep_size == ep_size
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "params"})
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    return engine
+
+
+def _batch(step: int, rank: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def _step(engine, step: int, rank: int) -> float:
+    ids_BT = _batch(step, rank)
+    loss = engine(input_ids=ids_BT, labels=ids_BT, output_router_logits=True).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def _logits(engine) -> torch.Tensor:
+    """[B, T, V] logits in eval mode on one fixed batch (the same on every rank)."""
+    engine.module.eval()
+    logits_BTV = engine.module(input_ids=_batch(999, 0)).logits.clone()
+    engine.module.train()
+    return logits_BTV
+
+
+def _interrupted_save(engine, ckpt: str) -> None:
+    """A save that dies after writing part of its files: `latest` must keep naming the previous tag."""
+    import ds_tutel.hf as hf
+    real = engine.save_checkpoint
+
+    def dies_half_way(save_dir, tag, **kwargs):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        raise KeyboardInterrupt("killed while saving")
+
+    engine.save_checkpoint = dies_half_way
+    try:
+        hf.save_checkpoint(engine, ckpt)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.save_checkpoint = real
+
+
+def _all_cases(rank: int, world_size: int, tmp: str) -> Dict[str, Any]:
+    import torch.distributed as dist
+
+    import ds_tutel.hf as hf
+    from ds_tutel.train.checkpoint import CheckpointError, read_latest
+    out: Dict[str, Any] = {"resume": {}, "ep_change": {}}
+    saved_logits = {}
+    for stage, ep_size in CASES:
+        ckpt = os.path.join(tmp, f"zero{stage}-ep{ep_size}")
+        first = _engine(0, stage, ep_size)
+        losses: List[float] = []
+        for step in range(1, STEPS + 1):
+            losses.append(_step(first, step, rank))
+            if step == SAVE_AT:
+                hf.save_checkpoint(first, ckpt, client_state={"note": "mid-run"})
+                saved_logits[(stage, ep_size)] = _logits(first)
+        _interrupted_save(first, ckpt)
+        assert read_latest(ckpt) == f"global_step{SAVE_AT}"
+
+        second = _engine(1, stage, ep_size)  # other weights: everything must come from the checkpoint
+        manifest = hf.load_checkpoint(second, ckpt)
+        assert manifest["client"] == {"note": "mid-run"} and second.global_steps == SAVE_AT
+        resumed = [_step(second, step, rank) for step in range(SAVE_AT + 1, STEPS + 1)]
+        out["resume"][(stage, ep_size)] = (losses[SAVE_AT:], resumed, second.get_lr()[0] == first.get_lr()[0])
+
+    # Expert-parallel size changed between save and load (weights only): the same function.
+    for saved_ep, load_ep in ((2, 1), (1, 2)):
+        engine = _engine(1, 2, load_ep)
+        ckpt = os.path.join(tmp, f"zero2-ep{saved_ep}")
+        with pytest.raises(CheckpointError, match="module_only=True"):
+            hf.load_checkpoint(engine, ckpt)
+        hf.load_checkpoint(engine, ckpt, module_only=True)
+        out["ep_change"][(saved_ep, load_ep)] = (_logits(engine) - saved_logits[(2, saved_ep)]).abs().max().item()
+        if load_ep == 2:  # trains on at the new layout
+            out["ep_change_trains"] = all(torch.isfinite(torch.tensor(_step(engine, s, rank))) for s in (3, 4))
+
+    # save_pretrained at ep_size 2 after training: from_pretrained of the unconverted class, same logits.
+    engine = _engine(0, 2, 2)
+    for step in (1, 2):
+        _step(engine, step, rank)
+    pretrained = os.path.join(tmp, "pretrained")
+    hf.save_pretrained(engine.module, pretrained)
+    if rank == 0:
+        import transformers
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(pretrained).eval()
+        assert type(loaded).__name__ == "Qwen3MoeForCausalLM"
+        with torch.no_grad():
+            out["pretrained"] = (loaded(input_ids=_batch(999, 0)).logits - _logits(engine)).abs().max().item()
+        out["pretrained_files"] = sorted(os.listdir(pretrained))
+    else:
+        _logits(engine)
+    dist.barrier()
+    return out
+
+
+pytestmark = pytest.mark.multirank
+
+
+def test_checkpoints_resume_reshard_and_save_pretrained_through_the_engine(tmp_path):
+    results = run_ranks(_all_cases, 2, str(tmp_path), timeout=240)
+    for rank, result in enumerate(results):
+        for case, (uninterrupted, resumed, same_lr) in result["resume"].items():
+            assert resumed == pytest.approx(uninterrupted, abs=1e-6), (rank, case)
+            assert uninterrupted[0] != uninterrupted[1] and same_lr, (rank, case)
+        for case, diff in result["ep_change"].items():
+            assert diff < 1e-5, (rank, case, diff)
+        assert result["ep_change_trains"]
+    assert results[0]["pretrained"] < 1e-5
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= set(results[0]["pretrained_files"])
+    files = os.listdir(tmp_path / "zero2-ep2" / "global_step2")
+    assert {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(4)} <= set(files)
+    assert ".partial-global_step4" in os.listdir(tmp_path / "zero2-ep2")  # the interrupted save, never published
+
+    from ds_tutel.train.checkpoint import CheckpointError
+    from ds_tutel.train.reshard import reshard
+    with pytest.raises(CheckpointError, match="module_only=True"):  # the optimizer groups are the caller's
+        reshard(str(tmp_path / "zero2-ep2"), str(tmp_path / "one"), world_size=1)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"hf": {"capcity_factor": 1.0}}, r"unknown keys \['capcity_factor'\]"),
+    ({"hf": {"k": 2}}, r"\['k'\] follow from the model"),
+    ({"hf": {"ep_size": 0}}, "ep_size must be a positive int"),
+    ({"hf": {"aux_loss": "nope"}}, "aux_loss must be one of"),
+    ({"hf": {"capacity_mode": "deepspeed", "capacity_factor": -1}}, "capacity_factor must be >= 0"),
+    ({"hf": ["ep_size", 2]}, "must be a JSON object"),
+    ({"hff": {}}, r"unknown keys in the \"ds_tutel\" config section: \['hff'\]"),
+])
+def test_config_section_errors_are_clear_and_come_before_any_collective(section, message):
+    import ds_tutel.hf as hf
+    with pytest.raises(ValueError, match=message):
+        hf.convert_from_config(torch.nn.Linear(2, 2), {"ds_tutel": section})  # fails before reading the model
+
+
+def test_config_section_from_a_json_file(tmp_path):
+    import json
+
+    import ds_tutel.hf as hf
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(_ds_config(2, 1) | {"ds_tutel": {"hf": {"capacity_factor": 1.25}}}))
+    assert hf.hf_options(str(path)) == (None, {"capacity_factor": 1.25})
+    assert hf.hf_options({}) == (None, {})
+    model = hf.convert_from_config(_tiny(0), str(path), eval_capacity_factor=2.0)
+    gate = hf.converted_blocks(model)[0][1].moe.deepspeed_moe.gate
+    assert (gate.capacity_factor, gate.eval_capacity_factor, hf.converted_blocks(model)[0][1].moe.ep_size) == \
+        (1.25, 2.0, 1)
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_what_differs():
+    import ds_tutel.hf as hf
+    from ds_tutel.hf.checkpoint import check_same_model, model_meta
+    from ds_tutel.train.checkpoint import CheckpointError
+    ours = model_meta(hf.convert(_tiny(0)))
+    saved = {**ours, "hf_config": {**ours["hf_config"], "hidden_size": 48, "dtype": "bfloat16"}}
+    with pytest.raises(CheckpointError, match="different model .*hidden_size: checkpoint 48 vs model 32"):
+        check_same_model(saved, ours, "ckpt/global_step2")
+    check_same_model({**ours, "hf_config": {**ours["hf_config"], "dtype": "bfloat16"}}, ours, "ckpt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of a converted HF model"):
+        check_same_model({"d_model": 32}, ours, "ckpt")
