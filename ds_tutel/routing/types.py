@@ -22,7 +22,8 @@ class Routing:
     gates_SK:     float32, the weight of each choice in the combine, 0 where dropped; carries autograd.
     capacity:     slots per expert in the dispatch buffer (agreed across the expert-parallel group).
     counts_E:     int64, choices that wanted each expert before any dropping (DeepSpeed's exp_counts).
-    probs_SE:     float32 softmax of the logits the choices were made from (losses and statistics).
+    probs_SE:     float32 scores the choices were made from: the softmax of the logits, or a routing rule's
+                  scores (sigmoid for DeepSeek-V3's rule); losses and statistics read them.
     """
 
     indices_SK: torch.Tensor
