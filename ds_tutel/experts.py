@@ -61,6 +61,17 @@ class GatedFFN(Protocol):
     act_fn: nn.Module
 
 
+@runtime_checkable
+class FusedGatedFFN(Protocol):
+    """The gated expert with gate and up in one Linear of 2H outputs, gate rows first:
+    gate_nH, up_nH = gate_up_proj(x).chunk(2, dim=-1); down_proj(act_fn(gate_nH) * up_nH), as Hugging Face's
+    fused MoE experts and ds_tutel.hf's SwiGLUExpert compute it (one matmul and one weight fewer than GatedFFN)."""
+
+    gate_up_proj: nn.Linear
+    down_proj: nn.Linear
+    act_fn: nn.Module
+
+
 def _is_elementwise(module: object) -> bool:
     return isinstance(module, nn.Module) and not any(True for _ in module.parameters()) and (
         isinstance(module, ELEMENTWISE_ACTIVATIONS) or type(module).__name__ in ELEMENTWISE_ACTIVATION_NAMES)
@@ -83,8 +94,9 @@ def _linears(modules: Sequence[object]) -> bool:
 
 
 def ffn_form(experts: Sequence[nn.Module]) -> Optional[str]:
-    """"sequential" (nn.Sequential(Linear, activation, Linear)), "gated" (GatedFFN) or None: the form all these
-    experts share, with equal shapes, elementwise activations and no hooks."""
+    """"sequential" (nn.Sequential(Linear, activation, Linear)), "gated" (GatedFFN), "fused_gated"
+    (FusedGatedFFN) or None: the form all these experts share, with equal shapes, elementwise activations and no
+    hooks."""
     if not experts or not all(_plain(e) for e in experts):
         return None
     if all(type(e).forward is nn.Sequential.forward and isinstance(e, nn.Sequential) and len(e) == 3 for e in experts):
@@ -96,6 +108,12 @@ def ffn_form(experts: Sequence[nn.Module]) -> Optional[str]:
         if all(_linears([getattr(e, name) for e in experts]) for name in ("gate_proj", "up_proj", "down_proj")) and all(
                 _is_elementwise(e.act_fn) for e in experts) and _same_activation([e.act_fn for e in experts]):
             return "gated"
+        return None
+    if all(isinstance(e, FusedGatedFFN) for e in experts):
+        if all(_linears([getattr(e, name) for e in experts]) for name in ("gate_up_proj", "down_proj")) and (
+                experts[0].gate_up_proj.weight.shape[0] % 2 == 0) and all(
+                _is_elementwise(e.act_fn) for e in experts) and _same_activation([e.act_fn for e in experts]):
+            return "fused_gated"
     return None
 
 
@@ -109,8 +127,12 @@ def _weights(linears: Sequence[nn.Linear]) -> Tuple[List[torch.Tensor], Optional
 GroupedLinearLookup = Callable[..., Optional[GroupedLinear]]
 
 
+_LINEAR_NAMES = {"sequential": ("0", "2"), "gated": ("gate_proj", "up_proj", "down_proj"),
+                 "fused_gated": ("gate_up_proj", "down_proj")}
+
+
 def _linear_names(form: str) -> Sequence[str]:
-    return ("0", "2") if form == "sequential" else ("gate_proj", "up_proj", "down_proj")
+    return _LINEAR_NAMES[form]
 
 
 def run_ffn(form: str, experts: Sequence[nn.Module], x_NM: torch.Tensor, offsets_L1: torch.Tensor,
@@ -129,6 +151,9 @@ def run_ffn(form: str, experts: Sequence[nn.Module], x_NM: torch.Tensor, offsets
         return linear(experts[0][1](linear(x_NM, "0")), "2")
     if form == "gated":
         return linear(experts[0].act_fn(linear(x_NM, "gate_proj")) * linear(x_NM, "up_proj"), "down_proj")
+    if form == "fused_gated":
+        gate_NH, up_NH = linear(x_NM, "gate_up_proj").chunk(2, dim=-1)
+        return linear(experts[0].act_fn(gate_NH) * up_NH, "down_proj")
     raise ValueError(f"unknown FFN form {form!r}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import deepspeed.moe.layer as ds_layer
 import torch
@@ -100,7 +100,8 @@ class MOELayer(nn.Module):
         return self._backend_and_strategy(device)[1]
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
-                capacity_factor: Optional[float] = None, k: Optional[int] = None) -> torch.Tensor:
+                capacity_factor: Optional[float] = None, k: Optional[int] = None,
+                on_logits: Optional[Callable[[torch.Tensor], object]] = None) -> torch.Tensor:
         # Drop the previous step's loss and routing before this step allocates anything: the loss holds that
         # step's autograd graph, and with it a leaf input and its gradient, which can sit at the top of the heap
         # and keep glibc from returning the memory zero_grad has freed below them.
@@ -111,16 +112,18 @@ class MOELayer(nn.Module):
         backend, strategy = self._backend_and_strategy(x_SM.device)
         strategies.warn_ineffective(strategy, self.ep_size, backend, self.exchange)
 
-        def route(agree):  # the dispatch gathers from the tokens the router passes on (see router_linear.py)
+        def route(agree, on_logits=None):  # the dispatch gathers from the tokens the router passes on
             return self.gate.route_tokens(x_SM, used_S, agree, capacity_factor=capacity_factor, k=k,
-                                          tutel_router=strategies.tutel_router(backend))
+                                          tutel_router=strategies.tutel_router(backend), on_logits=on_logits)
 
         # With expert parallelism every rank must route with one capacity. Where it follows from the token count
         # alone, each rank routes with its own and the capacities ride along with the kept counts' exchange:
         # only when they differ (unequal token counts) does every rank route again with the largest. Otherwise
         # (dropless, dynamic capacity) the capacity is agreed by an all-reduce before routing.
         speculative = self.ep_size > 1 and self.gate.capacity_from_token_count(capacity_factor)
-        routing, self.l_aux, tokens_SM = route(None if speculative else self._agree_capacity(x_SM.device))
+        # on_logits sees the first routing's logits only (routing again computes the same ones).
+        routing, self.l_aux, tokens_SM = route(None if speculative else self._agree_capacity(x_SM.device),
+                                               on_logits)
         filled_WL = sent_E = None
         if self.ep_size > 1:
             filled_WL, capacity_W, sent_E = self._exchange_counts(routing, backend)
@@ -254,10 +257,14 @@ class MoE(ds_layer.MoE):
                 used_token: Optional[torch.Tensor] = None,
                 *,
                 capacity_factor: Optional[float] = None,
-                k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                k: Optional[int] = None,
+                on_logits: Optional[Callable[[torch.Tensor], object]] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output shaped like hidden_states, l_aux, exp_counts) as DeepSpeed's layer does.
 
         capacity_factor and k switch capacity and top-k for this call only, without rebuilding anything.
+        on_logits, where given, is called once with this call's fp32 router logits [S, E] (with autograd), e.g. to
+        record them for a model's own auxiliary loss without computing them again.
         """
         check_forward_input(hidden_states, self.hidden_size, used_token)
         if k is not None:
@@ -269,7 +276,8 @@ class MoE(ds_layer.MoE):
                 f"MoE layer with ep_size={self.ep_size} has no expert-parallel group: pass the model to "
                 "deepspeed.initialize(...) or call layer.set_deepspeed_parallelism() after "
                 "deepspeed.init_distributed()")
-        output = self.deepspeed_moe(hidden_states, used_token, capacity_factor=capacity_factor, k=k)
+        output = self.deepspeed_moe(hidden_states, used_token, capacity_factor=capacity_factor, k=k,
+                                    on_logits=on_logits)
         if self.use_residual:
             output_mlp = self.mlp(hidden_states)
             if isinstance(output_mlp, tuple):

@@ -64,6 +64,20 @@ class Swiglu(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x_nM)) * self.up_proj(x_nM))
 
 
+class FusedSwiglu(nn.Module):
+    """The FusedGatedFFN protocol's form (gate and up in one Linear, gate outputs first), defined here."""
+
+    def __init__(self, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(M, 2 * H, bias=bias)
+        self.down_proj = nn.Linear(H, M, bias=bias)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x_nM: torch.Tensor) -> torch.Tensor:
+        gate_nH, up_nH = self.gate_up_proj(x_nM).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate_nH) * up_nH)
+
+
 def _sequential(bias: bool = True, act: nn.Module = None) -> nn.Module:
     return nn.Sequential(nn.Linear(M, H, bias=bias), act or nn.GELU(), nn.Linear(H, M, bias=bias))
 
@@ -82,6 +96,12 @@ def test_ffn_forms_are_recognised_and_others_are_not():
     assert ffn_form(_experts(lambda: _sequential(bias=False, act=nn.ReLU()), 2)) == "sequential"
     assert ffn_form(_experts(Swiglu, 2)) == "gated"
     assert ffn_form(_experts(lambda: Swiglu(bias=True), 2)) == "gated"
+    assert ffn_form(_experts(FusedSwiglu, 2)) == "fused_gated"
+    assert ffn_form(_experts(lambda: FusedSwiglu(bias=True), 2)) == "fused_gated"
+    odd = FusedSwiglu()
+    odd.gate_up_proj = nn.Linear(M, 2 * H + 1, bias=False)  # cannot be split in gate and up halves
+    assert ffn_form([odd]) is None
+    assert ffn_form([FusedSwiglu(), FusedSwiglu(bias=True)]) is None
     # Not an elementwise activation, a different activation per expert, other shapes, a custom forward, hooks.
     assert ffn_form(_experts(lambda: _sequential(act=nn.Dropout(0.1)), 2)) is None
     assert ffn_form([_sequential(act=nn.GELU()), _sequential(act=nn.GELU(approximate="tanh"))]) is None
@@ -114,7 +134,8 @@ def test_grouped_linear_reference_is_each_experts_linear_on_its_rows():
 
 
 @pytest.mark.parametrize("make", [_sequential, lambda: _sequential(bias=False, act=nn.ReLU()), Swiglu,
-                                  lambda: Swiglu(bias=True)], ids=["seq_bias", "seq_nobias", "swiglu", "swiglu_bias"])
+                                  lambda: Swiglu(bias=True), FusedSwiglu, lambda: FusedSwiglu(bias=True)],
+                         ids=["seq_bias", "seq_nobias", "swiglu", "swiglu_bias", "fused", "fused_bias"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 4, 0], [0, 0, 0, 0]])
 def test_grouped_run_equals_the_experts_one_by_one(make, counts):
     grouped, plain = _experts(make, 4), _experts(make, 4)
@@ -203,8 +224,8 @@ def test_exact_plans_have_exactly_the_kept_rows():
     assert torch.equal(plan.token_N, grouped_plan(routing, use_kernels=False).token_J)
 
 
-@pytest.mark.parametrize("make", [_sequential, Swiglu, lambda: nn.Sequential(nn.Linear(M, M), nn.Tanh())],
-                         ids=["sequential", "swiglu", "other"])
+@pytest.mark.parametrize("make", [_sequential, Swiglu, FusedSwiglu, lambda: nn.Sequential(nn.Linear(M, M), nn.Tanh())],
+                         ids=["sequential", "swiglu", "fused", "other"])
 def test_forward_rows_uses_the_backends_grouped_gemm_for_known_forms_and_loops_otherwise(make, monkeypatch):
     torch.manual_seed(0)
     experts = Experts(make(), 3, "ep_size_1")
@@ -225,19 +246,22 @@ def test_forward_rows_uses_the_backends_grouped_gemm_for_known_forms_and_loops_o
     plain = copy.deepcopy(experts)
     want_JM = torch.cat(plain.forward_grouped(torch.split(x_NM.detach()[:5], counts)))
     torch.testing.assert_close(out_NM[:5], want_JM)
-    assert len(calls) == {"sequential": 2, "swiglu": 3, "other": 0}[_id(make)]
+    assert len(calls) == {"sequential": 2, "swiglu": 3, "fused": 2, "other": 0}[_id(make)]
     # Rows given on the host: the loop needs no read of the offsets.
     calls.clear()
     torch.testing.assert_close(experts.forward_rows(x_NM, _offsets(counts), "torch", counts)[:5], want_JM)
     assert calls == []
 
 
+FIRST_LINEAR = {"sequential": "0", "swiglu": "gate_proj", "fused": "gate_up_proj"}
+
+
 def _id(make) -> str:
-    return {_sequential: "sequential", Swiglu: "swiglu"}.get(make, "other")
+    return {_sequential: "sequential", Swiglu: "swiglu", FusedSwiglu: "fused"}.get(make, "other")
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="triton_kernels/grouped_gemm.py is not there yet")
-@pytest.mark.parametrize("make", [_sequential, Swiglu], ids=["sequential", "swiglu"])
+@pytest.mark.parametrize("make", [_sequential, Swiglu, FusedSwiglu], ids=["sequential", "swiglu", "fused"])
 def test_grouped_run_through_the_triton_kernel_equals_the_experts_one_by_one(make, monkeypatch):
     """run_ffn on the registered Triton grouped GEMM, under the interpreter, with rows of no expert at the end
     (the layer's device plan sizes its buffers by a bound). The kernel's outputs are allocated poisoned (NaN): what
@@ -253,8 +277,7 @@ def test_grouped_run_through_the_triton_kernel_equals_the_experts_one_by_one(mak
         grouped, plain = _experts(make, 4), _experts(make, 4)
         x_NM = torch.randn(sum(counts) + 5, M)
         found = kernels.lookup("triton", "grouped_linear", x_NM, _offsets(counts),
-                               [e.get_submodule("0" if make is _sequential else "gate_proj").weight
-                                for e in grouped], None)
+                               [e.get_submodule(FIRST_LINEAR[_id(make)]).weight for e in grouped], None)
         assert found is not None, "the Triton provider registers no grouped_linear that takes these tensors"
         xg_NM, xp_NM = x_NM.clone().requires_grad_(True), x_NM.clone().requires_grad_(True)
         out_NM = run_ffn(ffn_form(grouped), grouped, xg_NM, _offsets(counts),

@@ -9,6 +9,7 @@ Shape legend: B batch, T sequence length, V vocabulary.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -24,6 +25,8 @@ transformers = pytest.importorskip("transformers")
 import deepspeed.moe.layer as ds_layer  # noqa: E402
 
 import ds_tutel.hf as hf  # noqa: E402
+import ds_tutel.hf.block as block_module  # noqa: E402
+from ds_tutel.experts import ffn_form  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
@@ -196,7 +199,39 @@ def test_converted_blocks_are_deepspeed_moe_layers(pair):
         assert block.router_logits.weight is block.router_weight
     names = [name for name, _ in converted.named_parameters()]
     assert any(name.endswith("mlp.moe.deepspeed_moe.gate.wg.weight") for name in names)
-    assert any(".mlp.moe.deepspeed_moe.experts.deepspeed_experts.0.gate_proj.weight" in name for name in names)
+    # Gate and up fused in one Linear per expert: 2 weight tensors (4 with GPT-OSS's biases), not 3 (6).
+    expert_names = {name.split(".deepspeed_experts.0.", 1)[1] for name in names if ".deepspeed_experts.0." in name}
+    fused = {"gate_up_proj.weight", "down_proj.weight"}
+    assert expert_names == (fused | {"gate_up_proj.bias", "down_proj.bias"} if model_type == "gpt_oss" else fused)
+    # The SwiGLU experts are a form the GPU path's grouped GEMM runs (GPT-OSS's clamped GLU is not).
+    assert ffn_form(blocks[0][1].local_experts()) == (None if model_type == "gpt_oss" else "fused_gated")
+
+
+def test_recorded_router_logits_are_the_gates_without_a_second_matmul(monkeypatch):
+    """While the model records router logits (its aux loss), the block hands the recorder the logits the gate
+    routed with: no linear map of the router weight runs in the block (fp32), and the aux loss and router
+    gradient are still the original's. With gate input noise in training the block computes them itself."""
+    original = tiny_model("qwen3_moe", num_experts=4, moe_intermediate_size=16)
+    converted = hf.convert(copy.deepcopy(original))
+    router_maps = []
+
+    def counting(x, weight, bias=None):
+        router_maps.append(x.shape)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    monkeypatch.setattr(block_module, "F", types.SimpleNamespace(linear=counting))  # the block's router map
+    ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    ref, got = run(original, ids_BT), run(converted, ids_BT)
+    assert router_maps == []
+    assert len(got.router_logits) == 2 and abs(ref.aux_loss.item() - got.aux_loss.item()) < ATOL
+    grads = hf.export_grads(converted)
+    for name, param in original.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            assert max_diff(param.grad, grads[name]) < ATOL, name
+    for _, block in hf.converted_blocks(converted):
+        block.moe_gate.options = dataclasses.replace(block.moe_gate.options, input_jitter=0.01)
+    run(converted, ids_BT)
+    assert len(router_maps) == 2
 
 
 def test_hooks_installed_before_conversion_still_record():
@@ -268,7 +303,7 @@ def test_routing_rules_and_biases_reach_the_gate():
     assert [n for n, _ in gate.named_parameters()] == ["wg.weight", "wg.bias"]
     assert not hasattr(gate, "expert_bias")
     expert = block.local_experts()[0]
-    assert [n for n, _ in expert.named_parameters()] == [f"{p}_proj.{w}" for p in ("gate", "up", "down")
+    assert [n for n, _ in expert.named_parameters()] == [f"{p}_proj.{w}" for p in ("gate_up", "down")
                                                          for w in ("weight", "bias")]
 
 
@@ -395,6 +430,20 @@ def test_bf16_model_agrees_to_bf16_rounding(case):
         ours_BTV = converted(input_ids=ids_BT).logits
     assert ours_BTV.dtype == torch.bfloat16
     assert max_diff(ours_BTV.float(), fp32_BTV) <= 2 * hf_error + 1e-2
+
+
+def test_bf16_recorded_router_logits_are_the_routers_to_one_rounding():
+    """In bf16 the recorder gets the gate's fp32 logits rounded to bf16: the first layer's (same input in both
+    models) are the HF router's bf16 logits to one bf16 rounding."""
+    original = tiny_model("qwen3_moe", num_experts=8, moe_intermediate_size=32).to(torch.bfloat16)
+    converted = hf.convert(copy.deepcopy(original))
+    ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_SE = original(input_ids=ids_BT, output_router_logits=True).router_logits[0]
+        got_SE = converted(input_ids=ids_BT, output_router_logits=True).router_logits[0]
+    assert got_SE.dtype == ref_SE.dtype == torch.bfloat16
+    ulp_SE = torch.finfo(torch.bfloat16).eps * ref_SE.float().abs().clamp(min=torch.finfo(torch.bfloat16).tiny)
+    assert ((got_SE.float() - ref_SE.float()).abs() <= ulp_SE).all()
 
 
 @pytest.mark.parametrize("case", ["qwen2_moe", "mixtral-jitter", "deepseek_v3", "gpt_oss"])

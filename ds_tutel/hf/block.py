@@ -5,8 +5,14 @@ stay HF modules, and the router logits still reach the model's own auxiliary los
 transformers 5 collects router logits for `output_router_logits=True` with forward hooks that it installs, on
 first use, on every module of the router's class (`_can_record_outputs`). `RouterLogits` is that capture point:
 a parameter-free module registered under the router's name, of a subclass of the HF router class (so the hooks
-find it), which passes through the logits that the block computes from the ds_tutel router's weight. The extra
-router matmul runs only while a hook is installed on it.
+find it), which passes through the router logits. Only while a hook is installed on it does the block hand it
+logits at all: those the ds_tutel gate routes with (MoE.forward's on_logits; no second router matmul), cast to
+the router weight's dtype. In fp32 they are the HF router's logits exactly (the same product, see
+ds_tutel/routing/router_linear.py); in half precision the gate's fp32 product rounded once to the model dtype,
+as the HF router's half-precision matmul (fp32 accumulation) rounds its own: equal but where the two
+accumulation orders straddle a rounding boundary (one unit in the last place). Where they are not the logits of
+the block's input (gate input noise in training, or an enclosing autocast, whose dtype the HF router would
+compute in), the block computes the HF router's logits with a second matmul instead.
 
 Shape legend: S tokens, M model dim, E experts, K choices per token, L local experts (E / ep_size), I expert
 intermediate dim, n rows one expert runs on.
@@ -23,16 +29,14 @@ from torch import nn
 from .models import BlockSpec
 
 
-def _stacked_rows(first_IM: torch.Tensor, second_IM: torch.Tensor) -> torch.Tensor:
-    """[2I, M] with first_IM's rows at even and second_IM's at odd positions (GPT-OSS's interleaved columns,
-    before the transpose)."""
-    return torch.stack([first_IM, second_IM], dim=1).reshape(-1, *first_IM.shape[1:])
-
-
 class SwiGLUExpert(nn.Module):
-    """One expert: down_proj(act(gate_proj(x)) * up_proj(x)), no biases (the HF experts' form).
+    """One expert: gate, up = gate_up_proj(x).chunk(2); down_proj(act(gate) * up), no biases (the HF experts'
+    form, and ds_tutel.experts.FusedGatedFFN: the grouped GEMM runs it). Gate and up share one Linear [2I, M]:
+    one matmul and one parameter tensor fewer per expert than separate gate and up Linears (the CPU optimizer
+    steps tensor by tensor).
 
-    HF layout ("swiglu"): gate_up_proj [E, 2I, M] (gate rows first, then up rows), down_proj [E, M, I].
+    HF layout ("swiglu"): gate_up_proj [E, 2I, M] (gate rows first, then up rows), down_proj [E, M, I]: expert
+    e's Linear weights are exactly gate_up_proj[e] and down_proj[e].
     """
 
     HF_TENSORS: Tuple[str, ...] = ("gate_up_proj", "down_proj")
@@ -41,13 +45,13 @@ class SwiGLUExpert(nn.Module):
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
         self.act_fn = act_fn
 
     def forward(self, x_nM: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x_nM)) * self.up_proj(x_nM))
+        gate_nI, up_nI = self.gate_up_proj(x_nM).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate_nI) * up_nI)
 
     @staticmethod
     def hf_dims(experts: nn.Module) -> Tuple[int, int, int]:
@@ -67,22 +71,19 @@ class SwiGLUExpert(nn.Module):
     @torch.no_grad()
     def load_hf(self, fused: Dict[str, torch.Tensor], e: int) -> None:
         """Copies expert e's slices of the HF fused tensors (by HF_TENSORS name)."""
-        gate_up_2IM = fused["gate_up_proj"][e]
-        intermediate = self.gate_proj.weight.shape[0]
-        self.gate_proj.weight.copy_(gate_up_2IM[:intermediate])
-        self.up_proj.weight.copy_(gate_up_2IM[intermediate:])
+        self.gate_up_proj.weight.copy_(fused["gate_up_proj"][e])
         self.down_proj.weight.copy_(fused["down_proj"][e])
 
     def hf_slices(self, pick: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
-        """This expert's slice of each HF fused tensor, from pick of each parameter (None where any piece is)."""
-        gate_IM, up_IM = pick(self.gate_proj.weight), pick(self.up_proj.weight)
-        return {"gate_up_proj": None if gate_IM is None or up_IM is None else torch.cat([gate_IM, up_IM]),
-                "down_proj": pick(self.down_proj.weight)}
+        """This expert's slice of each HF fused tensor, from pick of each parameter (None where pick gives None)."""
+        return {"gate_up_proj": pick(self.gate_up_proj.weight), "down_proj": pick(self.down_proj.weight)}
 
 
 class ClampedGLUExpert(nn.Module):
     """GPT-OSS's expert with biases: down_proj((clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)) with
-    g = clamp(gate, max=limit); gate = gate_proj(x), up = up_proj(x), each an nn.Linear with a bias.
+    g = clamp(gate, max=limit), where gate and up are the even and odd outputs of one Linear gate_up_proj [2I, M]
+    with a bias (HF's interleaved order, so its weight is HF's slice transposed; one matmul and two parameter
+    tensors fewer than separate gate and up Linears).
 
     HF layout ("clamped_glu"): gate_up_proj [E, M, 2I] applied as x @ W with gate and up columns interleaved
     (gate at even, up at odd columns), gate_up_proj_bias [E, 2I] likewise, down_proj [E, I, M], down_proj_bias
@@ -95,15 +96,15 @@ class ClampedGLUExpert(nn.Module):
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         kw = dict(bias=True, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
         self.alpha = float(alpha)
         self.limit = float(limit)
 
     def forward(self, x_nM: torch.Tensor) -> torch.Tensor:
-        gate_nI = self.gate_proj(x_nM).clamp(max=self.limit)
-        up_nI = self.up_proj(x_nM).clamp(min=-self.limit, max=self.limit)
+        gate_up_n2I = self.gate_up_proj(x_nM)
+        gate_nI = gate_up_n2I[..., 0::2].clamp(max=self.limit)
+        up_nI = gate_up_n2I[..., 1::2].clamp(min=-self.limit, max=self.limit)
         return self.down_proj((up_nI + 1) * (gate_nI * torch.sigmoid(gate_nI * self.alpha)))
 
     def extra_repr(self) -> str:
@@ -129,20 +130,15 @@ class ClampedGLUExpert(nn.Module):
 
     @torch.no_grad()
     def load_hf(self, fused: Dict[str, torch.Tensor], e: int) -> None:
-        gate_up_M2I, gate_up_bias_2I = fused["gate_up_proj"][e], fused["gate_up_proj_bias"][e]
-        self.gate_proj.weight.copy_(gate_up_M2I[:, 0::2].t())
-        self.up_proj.weight.copy_(gate_up_M2I[:, 1::2].t())
-        self.gate_proj.bias.copy_(gate_up_bias_2I[0::2])
-        self.up_proj.bias.copy_(gate_up_bias_2I[1::2])
+        self.gate_up_proj.weight.copy_(fused["gate_up_proj"][e].t())
+        self.gate_up_proj.bias.copy_(fused["gate_up_proj_bias"][e])
         self.down_proj.weight.copy_(fused["down_proj"][e].t())
         self.down_proj.bias.copy_(fused["down_proj_bias"][e])
 
     def hf_slices(self, pick: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
-        gate_IM, up_IM = pick(self.gate_proj.weight), pick(self.up_proj.weight)
-        gate_I, up_I = pick(self.gate_proj.bias), pick(self.up_proj.bias)
-        down_MI = pick(self.down_proj.weight)
-        return {"gate_up_proj": None if gate_IM is None or up_IM is None else _stacked_rows(gate_IM, up_IM).t(),
-                "gate_up_proj_bias": None if gate_I is None or up_I is None else _stacked_rows(gate_I, up_I),
+        gate_up_2IM, down_MI = pick(self.gate_up_proj.weight), pick(self.down_proj.weight)
+        return {"gate_up_proj": None if gate_up_2IM is None else gate_up_2IM.t(),
+                "gate_up_proj_bias": pick(self.gate_up_proj.bias),
                 "down_proj": None if down_MI is None else down_MI.t(),
                 "down_proj_bias": pick(self.down_proj.bias)}
 
@@ -270,10 +266,13 @@ class HFMoEBlock(nn.Module):
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x_SM = hidden_states.reshape(-1, M)
-        if self.router_logits._forward_hooks:
-            # Something records router logits (the model's aux loss): the HF router's logits, in its dtype.
-            self.router_logits(F.linear(x_SM, self.router_weight, self.moe_gate.wg.bias))
-        y_SM, _, _ = self.moe(x_SM)
+        on_logits = None
+        if self.router_logits._forward_hooks:  # something records router logits (the model's aux loss)
+            if self._gate_logits_are_the_routers(x_SM):
+                on_logits = self._record_logits
+            else:
+                self.router_logits(F.linear(x_SM, self.router_weight, self.moe_gate.wg.bias))
+        y_SM, _, _ = self.moe(x_SM, on_logits=on_logits)
         if self.spec.shared_expert is not None:
             shared_SM = getattr(self, self.spec.shared_expert)(x_SM)
             if self.spec.shared_expert_gate is not None:
@@ -283,6 +282,17 @@ class HFMoEBlock(nn.Module):
         if self.spec.returns_router_scores:  # the HF block's (hidden_states, router_scores [S, K])
             return y, self.moe.deepspeed_moe.last_routing.gates_SK
         return y
+
+    def _gate_logits_are_the_routers(self, x_SM: torch.Tensor) -> bool:
+        """Whether the gate's logits are the HF router's (up to the dtype cast): no input noise, no autocast."""
+        gate = self.moe_gate
+        opts = gate.options
+        noisy = gate.training and (opts.input_dropout > 0 or opts.input_jitter > 0
+                                   or gate.noisy_gate_policy == "Jitter")
+        return not noisy and not torch.is_autocast_enabled(x_SM.device.type)
+
+    def _record_logits(self, logits_SE: torch.Tensor) -> None:
+        self.router_logits(logits_SE.to(self.router_weight.dtype))
 
     def local_experts(self) -> nn.ModuleList:
         return self.moe.deepspeed_moe.experts.deepspeed_experts

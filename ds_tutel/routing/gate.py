@@ -178,16 +178,22 @@ class Gate(nn.Module):
     def route_tokens(self, x_SM: torch.Tensor, used_token_S: Optional[torch.Tensor] = None,
                      agree_capacity: Optional[CapacityAgreement] = None, capacity_factor: Optional[float] = None,
                      k: Optional[int] = None, tutel_router: Callable[..., Routing] = route_tutel,
-                     pass_tokens: bool = True) -> Tuple[Routing, torch.Tensor, torch.Tensor]:
+                     pass_tokens: bool = True, on_logits: Optional[Callable[[torch.Tensor], object]] = None
+                     ) -> Tuple[Routing, torch.Tensor, torch.Tensor]:
         """forward's (routing, l_aux), and the tokens for the dispatch to gather from: x_SM passed on through
         the router's linear map, so that both of its gradients are summed in one backward call (see
         router_linear.py). Values are x_SM's. Feed them to the dispatch alone: the router adds its share to
-        their gradient in place."""
+        their gradient in place.
+
+        on_logits: called with the fp32 logits [S, E] the routing is made from (with autograd, before any
+        gate noise), e.g. for a model that records its router's logits: no second router matmul."""
         opts = self.options
         k = self.k if k is None else k
         if capacity_factor is None:
             capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         logits_SE, tokens_SM = self._logits_and_tokens(x_SM, pass_tokens)
+        if on_logits is not None:
+            on_logits(logits_SE)
         with torch.autocast(device_type=x_SM.device.type, enabled=False):
             noisy_SE = logits_SE
             if opts.gate_noise > 0 and self.training:
@@ -209,7 +215,6 @@ class Gate(nn.Module):
                                       min_capacity=self.min_capacity,
                                       batch_prioritized_routing=opts.batch_prioritized_routing,
                                       used_token_S=used_token_S, agree_capacity=agree_capacity, choices=choices)
-                l_aux = losses.gshard_loss(routing.probs_SE, routing.indices_SK)
             else:
                 scores_SE = None
                 if noisy_SE is not logits_SE or opts.expert_bias:
@@ -221,8 +226,9 @@ class Gate(nn.Module):
                                       batch_prioritized_routing=opts.batch_prioritized_routing,
                                       normalize_gate=opts.normalize_gate, used_token_S=used_token_S,
                                       agree_capacity=agree_capacity, selection_scores_SE=scores_SE)
+            if opts.capacity_mode != "deepspeed" and opts.aux_loss == "gshard":  # only the loss asked for
                 l_aux = losses.gshard_loss(routing.probs_SE, routing.indices_SK)
-            if opts.aux_loss == "switch":
+            elif opts.aux_loss == "switch":
                 l_aux = losses.switch_loss(routing.probs_SE, routing.indices_SK)
             elif opts.aux_loss == "none":
                 l_aux = torch.zeros((), device=logits_SE.device)
