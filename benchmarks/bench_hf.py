@@ -169,6 +169,8 @@ def ds_config(micro_batch: int, stage: int, foreach: bool = True, optimizer: str
     config: Dict[str, Any] = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_clipping": 0.0,
                               "zero_allow_untested_optimizer": True, "optimizer": chosen,
                               "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6}
+    if stage > 0:  # buckets sized for these models, not DeepSpeed's default 500M elements (2 GB per step)
+        config["zero_optimization"].update(reduce_bucket_size=1 << 22, allgather_bucket_size=1 << 22)
     return config
 
 

@@ -35,19 +35,9 @@ if HAS_KERNEL:  # the kernels must be imported interpreted, before anything impo
 
 def _interpreted_grouped_gemm():
     """triton_kernels.grouped_gemm with its kernels interpreted, and the Triton provider registering it."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        gg = importlib.import_module("triton_kernels.grouped_gemm")
-        if not _is_interpreted(gg._bias_grad_kernel):
-            gg = importlib.reload(gg)
-            importlib.reload(importlib.import_module("triton_kernels.register"))
-        assert kernels.provider_loaded("triton")
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    load_interpreted()
+    assert _is_interpreted(importlib.import_module("triton_kernels.grouped_gemm")._bias_grad_kernel)
+    assert kernels.provider_loaded("triton")
     return gg
 
 

@@ -26,17 +26,8 @@ from test_triton_interpreter import _is_interpreted, load_interpreted, poisoning
 def _load() -> ModuleType:
     """triton_kernels.grouped_gemm with its kernels interpreted (see test_triton_interpreter.load_interpreted)."""
     load_interpreted()
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module("triton_kernels.grouped_gemm")
-        if not _is_interpreted(module._bias_grad_kernel):
-            module = importlib.reload(module)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    module = importlib.import_module("triton_kernels.grouped_gemm")
+    assert _is_interpreted(module._bias_grad_kernel)
     return module
 
 

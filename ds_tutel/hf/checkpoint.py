@@ -100,20 +100,10 @@ def load_checkpoint(engine: Any, load_dir: str, tag: Optional[str] = None, *,
     if manifest.get("precision") != _precision(engine):
         raise CheckpointError(f"checkpoint {os.path.join(load_dir, tag)} was written in {manifest.get('precision')}"
                               f"; this engine runs {_precision(engine)}")
-    if not module_only:
-        if not same_layout:
-            raise CheckpointError(
-                f"checkpoint {os.path.join(load_dir, tag)} was written with world size {manifest['world_size']} "
-                f"and ep_size {saved['ep_size']}; this engine has world size {dist.get_world_size()} and ep_size "
-                f"{ours['ep_size']}: pass module_only=True to load the weights (the optimizer starts afresh)")
-        train_checkpoint.load(engine, load_dir, tag, manifest)
-        return manifest
-    try:
-        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
-                                         load_lr_scheduler_states=False)
-    except Exception as e:  # DeepSpeed and torch raise many types for a damaged file
-        raise CheckpointError(f"could not load checkpoint {os.path.join(load_dir, tag)}: "
-                              f"{type(e).__name__}: {e}") from e
-    if path is None:
-        raise CheckpointError(f"DeepSpeed found no model files in {os.path.join(load_dir, tag)}")
+    if not module_only and not same_layout:
+        raise CheckpointError(
+            f"checkpoint {os.path.join(load_dir, tag)} was written with world size {manifest['world_size']} "
+            f"and ep_size {saved['ep_size']}; this engine has world size {dist.get_world_size()} and ep_size "
+            f"{ours['ep_size']}: pass module_only=True to load the weights (the optimizer starts afresh)")
+    train_checkpoint.load(engine, load_dir, tag, manifest, module_only=module_only)
     return manifest

@@ -147,16 +147,19 @@ def check_compatible(manifest: Dict[str, Any], model: Dict[str, Any], world_size
                               f"{precision} (pass --precision {manifest.get('precision')})")
 
 
-def load(engine: Any, ckpt_dir: str, tag: str, manifest: Dict[str, Any]) -> None:
-    """Collective: loads model, optimizer and LR-scheduler state of a verified checkpoint into `engine`."""
+def load(engine: Any, ckpt_dir: str, tag: str, manifest: Dict[str, Any], module_only: bool = False) -> None:
+    """Collective: loads model, optimizer and LR-scheduler state of a verified checkpoint into `engine`; with
+    module_only the weights alone (DeepSpeed's per-expert files, named by global expert id, let them load at
+    another expert-parallel size), the optimizer starting afresh."""
     try:
-        path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_only=module_only,
+                                         load_optimizer_states=not module_only,
+                                         load_lr_scheduler_states=not module_only)
     except Exception as e:  # DeepSpeed and torch raise many types for a damaged file
         raise CheckpointError(f"could not load checkpoint {os.path.join(ckpt_dir, tag)}: "
                               f"{type(e).__name__}: {e}") from e
     if path is None:
         raise CheckpointError(f"DeepSpeed found no model files in {os.path.join(ckpt_dir, tag)}")
-    if engine.global_steps != manifest["step"]:
+    if not module_only and engine.global_steps != manifest["step"]:
         raise CheckpointError(f"checkpoint {tag} holds step {engine.global_steps}, its manifest says "
                               f"{manifest['step']}")
