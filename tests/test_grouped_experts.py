@@ -36,7 +36,8 @@ if HAS_KERNEL:  # the kernels must be imported interpreted, before anything impo
 def _interpreted_grouped_gemm():
     """triton_kernels.grouped_gemm with its kernels interpreted, and the Triton provider registering it."""
     load_interpreted()
-    assert _is_interpreted(importlib.import_module("triton_kernels.grouped_gemm")._bias_grad_kernel)
+    gg = importlib.import_module("triton_kernels.grouped_gemm")
+    assert _is_interpreted(gg._bias_grad_kernel)
     assert kernels.provider_loaded("triton")
     return gg
 

@@ -195,38 +195,40 @@ def test_a_rank_that_keeps_no_rows_still_serves_its_experts():
     assert kept[0] == 0 and kept[1] > 0
 
 
-def _triton_kept_against_torch_capacity(rank, world_size, experts):
+def _triton_kept_against_torch_capacity(rank, world_size, variants):
     """The GPU path's kept exchange (Triton backend, device plan, under the interpreter) against the torch path's
     capacity exchange: outputs, l_aux, exp_counts, input and parameter gradients; unequal token counts per rank and
-    masked tokens. experts: how the GPU path's experts run ("loop"; "reference": the torch grouped GEMM reference
-    registered for the Triton backend; "kernel": the Triton grouped GEMM, None where it is not registered)."""
-    import ds_tutel
+    masked tokens. variants: how the GPU path's experts run, each in turn ("loop"; "reference": the torch grouped
+    GEMM reference registered for the Triton backend; "kernel": the Triton grouped GEMM as triton_kernels registers
+    it)."""
     from ds_tutel import kernels
     from ds_tutel.experts import grouped_linear_reference
-    from helpers import expert_ffn
 
     kernels.DEVICE_BACKENDS = {}  # as on a GPU (this process is this test's alone)
     assert kernels.provider_loaded("triton")
-    gemm_calls = []
+    registered = kernels._table[("triton", "grouped_linear")]
+    for experts in variants:
+        gemm_calls = []
+        if experts == "loop":
+            kernels._table.pop(("triton", "grouped_linear"), None)
+        else:
+            gemm = grouped_linear_reference if experts == "reference" else registered.fn
 
-    def counting(*args):
-        gemm_calls.append(1)
-        return grouped_linear_reference(*args)
+            def counting(*args, gemm=gemm, gemm_calls=gemm_calls):
+                gemm_calls.append(1)
+                return gemm(*args)
 
-    if experts == "loop":
-        kernels._table.pop(("triton", "grouped_linear"), None)
-    elif experts == "reference":
-        kernels.register("triton", "grouped_linear", counting)
-    else:  # the Triton kernel as triton_kernels/register.py registers it
-        registered = kernels._table.get(("triton", "grouped_linear"))
-        if registered is None:
-            return None
+            kernels.register("triton", "grouped_linear", counting,
+                             accepts=None if experts == "reference" else registered.accepts)
+        _kept_cases_match(rank, world_size, experts, gemm_calls)
+    return True
 
-        def counting(*args):
-            gemm_calls.append(1)
-            return registered.fn(*args)
 
-        kernels.register("triton", "grouped_linear", counting, accepts=registered.accepts)
+def _kept_cases_match(rank, world_size, experts, gemm_calls):
+    """One variant's cases: the kept exchange's results equal the capacity exchange's."""
+    import ds_tutel
+    from helpers import expert_ffn
+
     # The CASES, then one where rank 0 routes no token (it sends nothing, still serves its experts).
     for (num_experts, k, drop_tokens, capacity_factor, dtype), silent in [(case, False) for case in CASES[:4]] + [
             (CASES[1], True)]:
@@ -256,14 +258,12 @@ def _triton_kept_against_torch_capacity(rank, world_size, experts):
         for name in want[4]:
             torch.testing.assert_close(got[4][name], want[4][name], rtol=1e-6, atol=1e-6,
                                        msg=lambda m: f"{name}: {m}")
-    return True
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("experts", ["loop", "reference", "kernel"])
-def test_the_gpu_paths_kept_exchange_gives_the_torch_paths_results(experts):
+def test_the_gpu_paths_kept_exchange_gives_the_torch_paths_results():
+    """Experts in a loop, on the registered torch reference of the grouped GEMM and on the Triton kernel, in one
+    start of the ranks."""
     env = {"TRITON_INTERPRET": "1", "DS_TUTEL_CPU_KERNELS": "0"}
-    results = run_ranks(_triton_kept_against_torch_capacity, 2, experts, timeout=240, env=env)
-    if results == [None, None]:
-        pytest.skip("triton_kernels registers no grouped_linear yet")
-    assert results == [True, True]
+    assert run_ranks(_triton_kept_against_torch_capacity, 2, ["loop", "reference", "kernel"], timeout=300,
+                     env=env) == [True, True]
