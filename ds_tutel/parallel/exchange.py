@@ -37,19 +37,29 @@ def check_exchange_args(buf_ECM: torch.Tensor, group: comm.Group, num_local_expe
     return W
 
 
-def exchange_counts(kept_E: torch.Tensor, capacity: int, group: comm.Group, num_local_experts: int,
-                    algorithm: str = "flat", *, topology: Optional[Topology] = None,
-                    auto_threshold: Optional[int] = None) -> Tuple[List[List[int]], List[int]]:
-    """(filled_WL, capacity_W): how many slots of each local expert every source rank w filled, and the capacity
-    each rank routed with, in one small all-to-all (the one exchange_and_compute makes for kept_E, with each
-    rank's capacity riding along). Every rank receives every rank's capacity, so all see the same list."""
+def _exchange_count_pairs(kept_E: torch.Tensor, capacity: int, group: comm.Group, num_local_experts: int,
+                          algorithm: str, topology: Optional[Topology],
+                          auto_threshold: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sent_E2, recv_E2): this rank's (kept count, capacity) per expert, and the pairs every source rank w sent
+    this rank's local experts (row w * L + l), in one small all-to-all. Nothing is read to the host."""
     E = kept_E.shape[0]
     W = comm.group_size(group)
     if E != W * num_local_experts:
         raise ValueError(f"{E} kept counts, expected group size {W} x {num_local_experts} local experts")
     exchange = comm.plan_exchange(group, algorithm, kept_E.device, topology=topology, threshold_bytes=auto_threshold)
     sent_E2 = torch.stack([kept_E.to(torch.int64), torch.full_like(kept_E, capacity, dtype=torch.int64)], dim=1)
-    recv_WL2 = exchange(sent_E2).view(W, num_local_experts, 2)
+    return sent_E2, exchange(sent_E2)
+
+
+def exchange_counts(kept_E: torch.Tensor, capacity: int, group: comm.Group, num_local_experts: int,
+                    algorithm: str = "flat", *, topology: Optional[Topology] = None,
+                    auto_threshold: Optional[int] = None) -> Tuple[List[List[int]], List[int]]:
+    """(filled_WL, capacity_W): how many slots of each local expert every source rank w filled, and the capacity
+    each rank routed with, in one small all-to-all (the one exchange_and_compute makes for kept_E, with each
+    rank's capacity riding along). Every rank receives every rank's capacity, so all see the same list."""
+    _, recv_E2 = _exchange_count_pairs(kept_E, capacity, group, num_local_experts, algorithm, topology,
+                                       auto_threshold)
+    recv_WL2 = recv_E2.view(-1, num_local_experts, 2)
     return recv_WL2[:, :, 0].tolist(), recv_WL2[:, 0, 1].tolist()
 
 
@@ -58,17 +68,12 @@ def exchange_counts_once(kept_E: torch.Tensor, capacity: int, group: comm.Group,
                          auto_threshold: Optional[int] = None) -> Tuple[List[List[int]], List[int], List[int]]:
     """(filled_WL, capacity_W, sent_E): exchange_counts' two lists plus this rank's own kept counts kept_E, all read
     to the host in one transfer after the exchange: the one host sync the GPU path's kept exchange makes."""
-    E = kept_E.shape[0]
-    W = comm.group_size(group)
-    L = num_local_experts
-    if E != W * L:
-        raise ValueError(f"{E} kept counts, expected group size {W} x {L} local experts")
-    exchange = comm.plan_exchange(group, algorithm, kept_E.device, topology=topology, threshold_bytes=auto_threshold)
-    sent_E2 = torch.stack([kept_E.to(torch.int64), torch.full_like(kept_E, capacity, dtype=torch.int64)], dim=1)
-    recv_E2 = exchange(sent_E2)
+    sent_E2, recv_E2 = _exchange_count_pairs(kept_E, capacity, group, num_local_experts, algorithm, topology,
+                                             auto_threshold)
+    E, L = kept_E.shape[0], num_local_experts
     table = torch.cat([recv_E2, sent_E2]).tolist()  # received (w, l) pairs, then this rank's
-    filled_WL = [[table[w * L + l][0] for l in range(L)] for w in range(W)]
-    capacity_W = [table[w * L][1] for w in range(W)]
+    filled_WL = [[table[w * L + l][0] for l in range(L)] for w in range(E // L)]
+    capacity_W = [table[w * L][1] for w in range(E // L)]
     return filled_WL, capacity_W, [n for n, _ in table[E:]]
 
 

@@ -22,9 +22,6 @@ from .softmax import router_softmax
 from .tutel import route_tutel
 from .types import CapacityAgreement, Routing
 
-_DEFAULT_RULE = dict(routing_rule="softmax_topk", n_group=1, topk_group=1, routed_scaling_factor=1.0)
-
-
 def route(logits_SE: torch.Tensor,
           k: int = 1,
           capacity_factor: float = 1.0,
@@ -51,10 +48,10 @@ def route(logits_SE: torch.Tensor,
     selection_bias_E) makes the choices and gates, which Tutel's slot assignment places (capacity_mode="tutel").
     """
     logits_SE = logits_SE.float()
-    rule = dict(routing_rule=routing_rule, n_group=n_group, topk_group=topk_group,
-                routed_scaling_factor=routed_scaling_factor)
-    if rule != _DEFAULT_RULE or selection_bias_E is not None:
-        RouterOptions(capacity_mode=capacity_mode, **rule)  # the layer's checks of these values
+    # The layer's checks of these values (a rule needs capacity_mode="tutel"), and whether they name a rule.
+    rule = RouterOptions(capacity_mode=capacity_mode, routing_rule=routing_rule, n_group=n_group,
+                         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+    if rule.uses_rule or selection_bias_E is not None:
         if capacity_mode != "tutel":
             raise ValueError("a selection bias (selection_bias_E) needs capacity_mode='tutel'")
         if selection_scores_SE is not None:
