@@ -206,11 +206,11 @@ class Experts(nn.Module):
             outputs.append(out_nM[0] if isinstance(out_nM, tuple) else out_nM)
         return outputs
 
-    def grouped_linear_lookup(self, backend: str, x_NM: torch.Tensor,
+    def grouped_linear_lookup(self, form: Optional[str], backend: str, x_NM: torch.Tensor,
                               offsets_L1: torch.Tensor) -> Optional[GroupedLinearLookup]:
-        """How run_ffn finds the backend's grouped GEMM, where these experts are a known FFN form and the backend
-        has one that takes their first Linear with these rows; else None (the experts then run in a loop)."""
-        form = ffn_form(self.deepspeed_experts)
+        """How run_ffn finds the backend's grouped GEMM, where these experts are a known FFN form (form, from
+        ffn_form) and the backend has one that takes their first Linear with these rows; else None (the experts
+        then run in a loop)."""
         if form is None or backend not in kernels.PROVIDERS:
             return None
 
@@ -229,9 +229,10 @@ class Experts(nn.Module):
         without it, from one read of the offsets (a host sync on a GPU). Rows from offsets_L1[L] on belong to no
         expert: their outputs are zero or whatever the grouped GEMM leaves there, and are never read.
         """
-        find = self.grouped_linear_lookup(backend, x_NM, offsets_L1)
+        form = ffn_form(self.deepspeed_experts)
+        find = self.grouped_linear_lookup(form, backend, x_NM, offsets_L1)
         if find is not None:
-            return run_ffn(ffn_form(self.deepspeed_experts), self.deepspeed_experts, x_NM, offsets_L1, find)
+            return run_ffn(form, self.deepspeed_experts, x_NM, offsets_L1, find)
         if rows_L is None:
             rows_L = (offsets_L1[1:] - offsets_L1[:-1]).tolist()
         J = sum(rows_L)
