@@ -53,6 +53,17 @@ def _assert_same_choices(ref_indices_SK, ref_gates_SK, choices: rules.Choices, r
     assert (ref_grad - got_grad).abs().max() < ATOL
 
 
+
+def _run_randomized(router, S: int, **bias_stds: float):
+    """(x_SM, the router's outputs on x_SM, a trainable copy of its weight): the weight drawn with std 0.3 and each
+    named bias tensor with its std, so that every part of the router's rule counts."""
+    with torch.no_grad():
+        router.weight.normal_(0.0, 0.3)
+        for name, std in bias_stds.items():
+            getattr(router, name).normal_(0.0, std)
+    x_SM = torch.randn(S, M)
+    return x_SM, router(x_SM), router.weight.detach().clone().requires_grad_(True)
+
 @settings(max_examples=40, deadline=None)
 @given(S=st.integers(1, 24), groups=st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4), (8, 3)]),
        per_group=st.sampled_from([2, 3]), k=st.integers(1, 4), normalize=st.booleans(),
@@ -64,12 +75,7 @@ def test_sigmoid_group_topk_is_deepseek_v3s_router(S, groups, per_group, k, norm
     torch.manual_seed(seed)
     router = DeepseekV3TopkRouter(_config(E, k, routed_scaling_factor=scaling, n_group=n_group,
                                           topk_group=topk_group, norm_topk_prob=normalize))
-    with torch.no_grad():
-        router.weight.normal_(0.0, 0.3)
-        router.e_score_correction_bias.normal_(0.0, 0.1)
-    x_SM = torch.randn(S, M)
-    logits_SE, ref_gates_SK, ref_indices_SK = router(x_SM)
-    w_EM = router.weight.detach().clone().requires_grad_(True)
+    x_SM, (logits_SE, ref_gates_SK, ref_indices_SK), w_EM = _run_randomized(router, S, e_score_correction_bias=0.1)
     params = rules.RuleParams(normalize=normalize, n_group=n_group, topk_group=topk_group, scaling=scaling)
     choices = rules.choose("sigmoid_group_topk", F.linear(x_SM, w_EM), k, params, router.e_score_correction_bias)
     _assert_same_choices(ref_indices_SK, ref_gates_SK, choices, router.weight, w_EM)
@@ -94,12 +100,7 @@ def test_topk_softmax_is_gpt_osss_router(S, E, k, seed):
     k = min(k, E)
     torch.manual_seed(seed)
     router = GptOssTopKRouter(_config(E, k))
-    with torch.no_grad():
-        router.weight.normal_(0.0, 0.3)
-        router.bias.normal_(0.0, 0.3)
-    x_SM = torch.randn(S, M)
-    _, ref_gates_SK, ref_indices_SK = router(x_SM)
-    w_EM = router.weight.detach().clone().requires_grad_(True)
+    x_SM, (_, ref_gates_SK, ref_indices_SK), w_EM = _run_randomized(router, S, bias=0.3)
     choices = rules.choose("topk_softmax", F.linear(x_SM, w_EM, router.bias.detach()), k)
     _assert_same_choices(ref_indices_SK, ref_gates_SK, choices, router.weight, w_EM)
 
