@@ -75,6 +75,9 @@ DEFAULT_EXTRA = ("deepseek_v3", "olmoe", "qwen2_moe", "gpt_oss")
 # Model types AutoEP has no preset for, with the preset of a model whose MoE block is built the same way: what a
 # user would try once AutoEP's auto-detection refuses them (reported, never failed on).
 BORROWED = {"olmoe": "qwen3_moe", "glm4_moe": "deepseek_v3"}
+# Model types whose transformers 5.15 forward records no router logits, and fails with labels and
+# output_router_logits=True (Granite-MoE adds the int 0 it gets for an aux loss with `.to`): trained without them.
+NO_ROUTER_LOGITS = ("granitemoe", "granitemoeshared")
 NOT_DETECTED = ("AutoEP detected no MoE layer (it logs 'AutoEP: no MoE layers detected in model.' and "
                 "deepspeed.initialize goes on with the model unchanged: no expert parallelism, no error)")
 
@@ -82,7 +85,8 @@ NOT_DETECTED = ("AutoEP detected no MoE layer (it logs 'AutoEP: no MoE layers de
 def model_fields(model_type: str, hidden: int, layers: int, experts: int = 8, top_k: int = 2,
                  vocab: int = 512) -> Dict[str, Any]:
     """Config keyword arguments of a tiny model of `model_type`: `layers` layers of width `hidden`, `experts`
-    routed experts of intermediate size 2 * hidden, top-`top_k` routing, the model's own aux loss on."""
+    routed experts of intermediate size 2 * hidden, top-`top_k` routing, the model's own aux loss on (where it has
+    one)."""
     fields: Dict[str, Any] = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                                   num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=top_k,
                                   max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -116,6 +120,14 @@ def model_fields(model_type: str, hidden: int, layers: int, experts: int = 8, to
         fields.update(num_local_experts=experts, intermediate_size=expert_dim, head_dim=hidden // 4,
                       sliding_window=32, layer_types=["sliding_attention", "full_attention"] * (layers // 2)
                       + ["sliding_attention"] * (layers % 2))
+    elif model_type in ("granitemoe", "granitemoeshared"):
+        # Top-k of the logits then softmax over the k; Granite's multipliers (1.0 by default) as in its released
+        # MoE configs. No aux loss: transformers 5.15 records no Granite router logits (NO_ROUTER_LOGITS).
+        fields.update(num_local_experts=experts, intermediate_size=expert_dim, embedding_multiplier=12.0,
+                      residual_multiplier=0.22, logits_scaling=6.0,
+                      attention_multiplier=4.0 / hidden)  # 1 / head_dim
+        if model_type == "granitemoeshared":  # the dense shared MLP beside the block (none by default)
+            fields.update(shared_intermediate_size=expert_dim)
     else:
         raise ValueError(f"bench_hf has no tiny configuration for model_type={model_type!r}")
     return fields
@@ -226,7 +238,8 @@ def _batch(step: int, rank: int, B: int, T: int, vocab: int) -> torch.Tensor:
 
 
 def _train_step(engine, ids_BT: torch.Tensor) -> float:
-    loss = engine(input_ids=ids_BT, labels=ids_BT, output_router_logits=True).loss
+    router_logits = engine.module.config.model_type not in NO_ROUTER_LOGITS  # the model's aux loss, where it has one
+    loss = engine(input_ids=ids_BT, labels=ids_BT, output_router_logits=router_logits).loss
     engine.backward(loss)
     engine.step()
     return loss.item()

@@ -4,7 +4,7 @@ One forward pass of `ds_tutel.MoE` (layer.py), stage by stage:
     routing/    tokens -> Routing (DeepSpeed's or Tutel's semantics)
     dispatch/   kept rows grouped by expert, or capacity buffers [E, C, M]
     parallel/   the all-to-all exchange over the expert-parallel group (flat, 2DH, kept rows)
-    experts.py  the local experts on their rows
+    experts.py  the local experts on their rows (stacked_experts.py: gated experts with stacked weights)
     dispatch/   combine: gate-weighted sum back at each token
 strategies.py names the ways these stages compose; kernels/ is the one registry of faster implementations (CPU
 loops in kernels/cpu/, Triton kernels in the top-level triton_kernels package). launch/ and train/ are the
@@ -18,6 +18,7 @@ from typing import Any
 
 _EXPORTS = {
     "MoE": "layer",
+    "GLUExpert": "stacked_experts",
     "Routing": "routing.types",
     "RouterOptions": "options",
     "RoutingStats": "stats",

@@ -53,7 +53,7 @@ def grouped_linear_reference(x_NI: torch.Tensor, offsets_L1: torch.Tensor, weigh
 @runtime_checkable
 class GatedFFN(Protocol):
     """The gated (SwiGLU) expert: down_proj(act_fn(gate_proj(x)) * up_proj(x)), as Hugging Face's MoE experts
-    and ds_tutel.hf's SwiGLUExpert compute it."""
+    compute it."""
 
     gate_proj: nn.Linear
     up_proj: nn.Linear
@@ -65,7 +65,8 @@ class GatedFFN(Protocol):
 class FusedGatedFFN(Protocol):
     """The gated expert with gate and up in one Linear of 2H outputs, gate rows first:
     gate_nH, up_nH = gate_up_proj(x).chunk(2, dim=-1); down_proj(act_fn(gate_nH) * up_nH), as Hugging Face's
-    fused MoE experts and ds_tutel.hf's SwiGLUExpert compute it (one matmul and one weight fewer than GatedFFN)."""
+    fused MoE experts compute it (one matmul and one weight fewer than GatedFFN). ds_tutel.stacked_experts keeps
+    such experts stacked instead."""
 
     gate_up_proj: nn.Linear
     down_proj: nn.Linear
@@ -157,6 +158,16 @@ def run_ffn(form: str, experts: Sequence[nn.Module], x_NM: torch.Tensor, offsets
     raise ValueError(f"unknown FFN form {form!r}")
 
 
+def local_experts(expert: nn.Module, num_local_experts: int, group_name: str) -> "Experts":
+    """The local experts a MoE layer builds from its `expert` module: stacked where the expert knows how to stack
+    its copies (a `stack_experts(num_local_experts, group_name)` method: ds_tutel.stacked_experts.GLUExpert),
+    otherwise one deep copy per expert, as DeepSpeed's Experts."""
+    stack = getattr(expert, "stack_experts", None)
+    if callable(stack):
+        return stack(num_local_experts, group_name)
+    return Experts(expert, num_local_experts, group_name)
+
+
 def mark_expert_params(module: nn.Module, group_name: str) -> None:
     """Marks parameters as expert-parallel: reduced over the expert-data-parallel group, not the data group."""
     for param in module.parameters():
@@ -233,6 +244,11 @@ class Experts(nn.Module):
         find = self.grouped_linear_lookup(form, backend, x_NM, offsets_L1)
         if find is not None:
             return run_ffn(form, self.deepspeed_experts, x_NM, offsets_L1, find)
+        return self.forward_rows_in_loop(x_NM, offsets_L1, rows_L)
+
+    def forward_rows_in_loop(self, x_NM: torch.Tensor, offsets_L1: torch.Tensor,
+                             rows_L: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """forward_rows without a grouped GEMM: the experts in a loop (forward_grouped) on exactly their rows."""
         if rows_L is None:
             rows_L = (offsets_L1[1:] - offsets_L1[:-1]).tolist()
         J = sum(rows_L)

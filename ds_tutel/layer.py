@@ -19,7 +19,7 @@ from torch import nn
 
 from . import strategies
 from .dispatch.rows import kept_counts
-from .experts import Experts, mark_expert_params
+from .experts import Experts, local_experts, mark_expert_params
 from .kernels import resolve_dispatch_backend
 from .options import (ConfigSource, RouterOptions, auto_threshold, check_backend, check_capacity_factor,
                       check_constructor, check_exchange, check_forward_input, check_k, check_parallel_setup,
@@ -144,7 +144,9 @@ class MoE(ds_layer.MoE):
     """Drop-in for `deepspeed.moe.layer.MoE` (same arguments, returns, parameter names and engine behaviour).
 
     Positional arguments are DeepSpeed's; `use_tutel` is accepted for compatibility and ignored (this layer is
-    the Tutel-style implementation). Keyword-only arguments add Tutel's features; their defaults keep
+    the Tutel-style implementation). `expert` is copied once per local expert, as DeepSpeed does; a
+    ds_tutel.stacked_experts.GLUExpert is instead stacked (one parameter per weight for all local experts, the
+    same per-expert state-dict entries). Keyword-only arguments add Tutel's features; their defaults keep
     DeepSpeed's behaviour:
       capacity_mode, batch_prioritized_routing, normalize_gate, gate_noise, input_dropout, input_jitter,
         aux_loss, z_loss_coef, expert_bias, expert_bias_rate: routing features (see ds_tutel.options).
@@ -225,7 +227,7 @@ class MoE(ds_layer.MoE):
 
         gate = Gate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                     noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling, options)
-        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
+        experts = local_experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
                                       a2a_algorithm=a2a_algorithm, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
                                       dispatch_backend=dispatch_backend, a2a_auto_threshold=a2a_auto_threshold,

@@ -26,7 +26,7 @@ import deepspeed.moe.layer as ds_layer  # noqa: E402
 
 import ds_tutel.hf as hf  # noqa: E402
 import ds_tutel.hf.block as block_module  # noqa: E402
-from ds_tutel.experts import ffn_form  # noqa: E402
+from ds_tutel.stacked_experts import StackedGLUExperts  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
@@ -36,6 +36,12 @@ VOCAB, B, T = 128, 2, 16
 MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 # GPT-OSS's clamp limit (7.0 in the model) in its last layer: tiny random activations cross this one.
 GPT_OSS_LIMIT = 0.1
+# Granite's multipliers (1.0 by default), in the range of the released Granite-3.0 MoE configs: the decoder layer
+# scales the block's output by residual_multiplier outside the block, which must stay so. Weights drawn with
+# std 0.1 (0.02 by default): with the small multipliers the experts' share of the logits would otherwise be near
+# the tolerance (gate and up swapped moved them by only 4e-5; here by 2e-2, tests/test_hf_granite.py).
+GRANITE = dict(num_local_experts=8, embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=6.0,
+               attention_multiplier=0.0625, initializer_range=0.1)
 
 # Tiny configs: 2 layers, hidden 64, 8 experts, top-2, model-specific knobs where the routing depends on them.
 CASES: Dict[str, Tuple[str, dict]] = {
@@ -61,6 +67,9 @@ CASES: Dict[str, Tuple[str, dict]] = {
     "glm4_moe": ("glm4_moe", dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=2,
                                   topk_group=1, routed_scaling_factor=1.5, first_k_dense_replace=1)),
     "gpt_oss": ("gpt_oss", dict(num_local_experts=8, head_dim=16)),
+    "granitemoe": ("granitemoe", GRANITE),
+    # The dense shared_mlp (in the decoder layer, beside the block) is off unless its size is set.
+    "granitemoeshared": ("granitemoeshared", dict(GRANITE, shared_intermediate_size=48)),
 }
 
 
@@ -124,17 +133,25 @@ def pair(request):
     return request.param, original, converted, ids_BT
 
 
+# Granite-MoE records no router logits in transformers 5.15 (its _can_record_outputs has no "router_logits"), and
+# its forward with labels and output_router_logits=True fails in the model itself (`0.to(...)` on the int aux loss
+# it gets from no logits): these models are run without output_router_logits (tests/test_hf_granite.py checks
+# that the converted model behaves as the unconverted one there).
+NO_ROUTER_LOGITS = ("granitemoe", "granitemoeshared")
+# DeepSeek-V3 and GLM-4-MoE have no router-logit aux loss (they balance through the correction bias); nor has
+# Granite-MoE here.
+NO_AUX_LOSS = ("deepseek_v3", "glm4_moe") + NO_ROUTER_LOGITS
+
+
 def run(model, ids_BT: torch.Tensor, seed: int = 2):
-    """Forward with labels and router logits, then backward of the loss (aux loss included)."""
+    """Forward with labels and router logits (where the model records them), then backward of the loss (aux loss
+    included)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # Mixtral's jitter draws the same numbers in both models
-    out = model(input_ids=ids_BT, labels=ids_BT, output_router_logits=True)
+    out = model(input_ids=ids_BT, labels=ids_BT,
+                output_router_logits=model.config.model_type not in NO_ROUTER_LOGITS)
     out.loss.backward()
     return out
-
-
-# DeepSeek-V3 and GLM-4-MoE have no router-logit aux loss (they balance through the correction bias).
-NO_AUX_LOSS = ("deepseek_v3", "glm4_moe")
 
 
 def test_logits_loss_aux_and_grads_match(pair):
@@ -198,13 +215,18 @@ def test_converted_blocks_are_deepspeed_moe_layers(pair):
         assert not hasattr(block.router_weight, "allreduce")  # the router is a dense (data-parallel) parameter
         assert block.router_logits.weight is block.router_weight
     names = [name for name, _ in converted.named_parameters()]
-    assert any(name.endswith("mlp.moe.deepspeed_moe.gate.wg.weight") for name in names)
-    # Gate and up fused in one Linear per expert: 2 weight tensors (4 with GPT-OSS's biases), not 3 (6).
-    expert_names = {name.split(".deepspeed_experts.0.", 1)[1] for name in names if ".deepspeed_experts.0." in name}
-    fused = {"gate_up_proj.weight", "down_proj.weight"}
-    assert expert_names == (fused | {"gate_up_proj.bias", "down_proj.bias"} if model_type == "gpt_oss" else fused)
-    # The SwiGLU experts are a form the GPU path's grouped GEMM runs (GPT-OSS's clamped GLU is not).
-    assert ffn_form(blocks[0][1].local_experts()) == (None if model_type == "gpt_oss" else "fused_gated")
+    assert f"{blocks[0][0]}.moe.deepspeed_moe.gate.wg.weight" in names
+    # The experts stacked: 2 parameter tensors per block (4 with GPT-OSS's biases), whatever the expert count,
+    # while the state dict keeps DeepSpeed's per-expert entries (its per-expert checkpoint files key on them).
+    local = blocks[0][1].local_experts()
+    assert isinstance(local, StackedGLUExperts) and local.num_local_experts == len(local.gate_up_proj.weight)
+    stacked = {"gate_up_proj.weight", "down_proj.weight"} | (
+        {"gate_up_proj.bias", "down_proj.bias"} if model_type == "gpt_oss" else set())
+    prefix = f"{blocks[0][0]}.moe.deepspeed_moe.experts."
+    assert {name[len(prefix):] for name in names if name.startswith(prefix)} == stacked
+    keys = [key for key in converted.state_dict() if key.startswith(prefix)]
+    assert sorted(keys) == sorted(f"{prefix}deepspeed_experts.{l}.{name}" for l in range(local.num_local_experts)
+                                  for name in stacked)
 
 
 def test_recorded_router_logits_are_the_gates_without_a_second_matmul(monkeypatch):
@@ -302,9 +324,8 @@ def test_routing_rules_and_biases_reach_the_gate():
     assert gate.options.routing_rule == "topk_softmax" and block.router_logits.bias is gate.wg.bias
     assert [n for n, _ in gate.named_parameters()] == ["wg.weight", "wg.bias"]
     assert not hasattr(gate, "expert_bias")
-    expert = block.local_experts()[0]
-    assert [n for n, _ in expert.named_parameters()] == [f"{p}_proj.{w}" for p in ("gate_up", "down")
-                                                         for w in ("weight", "bias")]
+    assert [n for n, _ in block.local_experts().named_parameters()] == [
+        f"{p}_proj.{w}" for p in ("gate_up", "down") for w in ("weight", "bias")]
 
 
 def test_gpt_oss_clamp_binds_in_the_tests():
@@ -316,9 +337,9 @@ def test_gpt_oss_clamp_binds_in_the_tests():
     ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         clamped_BTV = converted(input_ids=ids_BT).logits
-        for expert in hf.converted_blocks(converted)[-1][1].local_experts():
-            assert expert.limit == GPT_OSS_LIMIT
-            expert.limit = 7.0
+        glu = hf.converted_blocks(converted)[-1][1].local_experts().glu
+        assert glu.limit == GPT_OSS_LIMIT
+        glu.limit = 7.0
         assert max_diff(converted(input_ids=ids_BT).logits, clamped_BTV) > 1e-3
 
 
@@ -361,7 +382,8 @@ def test_unsupported_model_type_names_the_supported_ones():
     model.config = types.SimpleNamespace(model_type="phimoe")
     with pytest.raises(hf.UnsupportedModelError) as err:
         hf.convert(model)
-    for model_type in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "glm4_moe", "gpt_oss"):
+    for model_type in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "glm4_moe", "gpt_oss",
+                       "granitemoe", "granitemoeshared"):
         assert model_type in str(err.value)
     assert "phimoe" in str(err.value)
     with pytest.raises(hf.UnsupportedModelError):

@@ -28,7 +28,7 @@ from ds_tutel.ranks import run_ranks
 
 pytest.importorskip("transformers")
 
-from test_hf_convert import MLA, exercised  # noqa: E402
+from test_hf_convert import GRANITE, MLA, NO_ROUTER_LOGITS, exercised  # noqa: E402
 
 pytestmark = pytest.mark.multirank
 
@@ -45,6 +45,7 @@ TWO_RANKS: List[Tuple[str, str, dict, int]] = [
                                         n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
                                         first_k_dense_replace=1), 2),
     ("gpt_oss", "gpt_oss", dict(num_local_experts=4, head_dim=16), 2),
+    ("granitemoe", "granitemoe", dict(GRANITE, num_local_experts=4), 2),
 ]
 # On 4 ranks: one expert-parallel group of 4, and two groups of 2 ([0, 1] and [2, 3]).
 FOUR_RANKS: List[Tuple[str, str, dict, int]] = [
@@ -55,8 +56,8 @@ FOUR_RANKS: List[Tuple[str, str, dict, int]] = [
                                             first_k_dense_replace=0), 4),
     ("gpt_oss-ep4", "gpt_oss", dict(num_local_experts=8, head_dim=16), 4),
 ]
-# Models without a router-logit aux loss.
-NO_AUX_LOSS = ("deepseek_v3",)
+# Models without a router-logit aux loss (Granite-MoE records no router logits: test_hf_convert.NO_ROUTER_LOGITS).
+NO_AUX_LOSS = ("deepseek_v3",) + NO_ROUTER_LOGITS
 
 
 def _tiny_model(model_type: str, seed: int, **overrides):
@@ -71,14 +72,17 @@ def _tiny_model(model_type: str, seed: int, **overrides):
 
 
 def _is_expert(name: str) -> bool:
-    """Whether an HF parameter name is one of the routed experts' fused tensors (not a shared expert's)."""
-    return ".mlp.experts." in name
+    """Whether an HF parameter name is one of the routed experts' fused tensors (not a shared expert's: those are
+    `shared_expert.`, `shared_experts.`, `shared_mlp.`); the block is `mlp`, or Granite's `block_sparse_moe`."""
+    return ".mlp.experts." in name or ".block_sparse_moe.experts." in name
 
 
 def _run(model, ids_BT: torch.Tensor):
-    """Forward with labels and router logits (the model's aux loss in the loss), then backward."""
+    """Forward with labels and router logits where the model records them (its aux loss in the loss), then
+    backward."""
     model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids_BT, labels=ids_BT, output_router_logits=True)
+    out = model(input_ids=ids_BT, labels=ids_BT,
+                output_router_logits=model.config.model_type not in NO_ROUTER_LOGITS)
     out.loss.backward()
     return out
 
@@ -92,6 +96,7 @@ def _check_case(rank: int, model_type: str, overrides: dict, ep_size: int) -> Di
     import torch.distributed as dist
 
     import ds_tutel.hf as hf
+    import ds_tutel.hf.block as block_module
     original = _tiny_model(model_type, 0, **overrides)
     converted = hf.convert(copy.deepcopy(original), ep_size=ep_size)
     ep_group = hf.converted_blocks(converted)[0][1].moe.deepspeed_moe.ep_group
@@ -117,14 +122,15 @@ def _check_case(rank: int, model_type: str, overrides: dict, ep_size: int) -> Di
     local, dense = 0.0, 0.0
     for block_name, block in hf.converted_blocks(converted):
         experts = block.local_experts()
-        L = len(experts)
+        L = experts.num_local_experts
         assert L * ep_size == block.moe.num_experts
-        for l, expert in enumerate(experts):
-            e = ep_rank * L + l
-            assert all(p.group_name == f"ep_size_{ep_size}" and p.allreduce is False for p in expert.parameters())
-            # This expert's gradients in the HF layout: its slice of each fused tensor's gradient.
-            for name, grad in expert.hf_slices(lambda p: p.grad).items():
-                local = max(local, _diff(grad, ref_grads[f"{block_name}.experts.{name}"][e]))
+        assert all(p.group_name == f"ep_size_{ep_size}" and p.allreduce is False for p in experts.parameters())
+        # The local experts' gradients in the HF layout: their slice of each fused tensor's gradient.
+        layout = block_module.EXPERT_FORMS[block.spec.expert_form]
+        stacked = {name: p.grad for name, p in experts.named_parameters()}
+        for name, grad_L in layout.from_stacked(stacked).items():
+            ref_L = ref_grads[f"{block_name}.experts.{name}"][ep_rank * L:(ep_rank + 1) * L]
+            local = max(local, _diff(grad_L, ref_L))
     grads = hf.export_grads(converted)  # a collective: every expert's gradient from its rank
     assert list(grads) == list(ref_grads)
     for name, grad in ref_grads.items():

@@ -26,32 +26,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..stacked_experts import GLUExpert, StackedGLUExperts
 from .models import BlockSpec
 
 
-class SwiGLUExpert(nn.Module):
-    """One expert: gate, up = gate_up_proj(x).chunk(2); down_proj(act(gate) * up), no biases (the HF experts'
-    form, and ds_tutel.experts.FusedGatedFFN: the grouped GEMM runs it). Gate and up share one Linear [2I, M]:
-    one matmul and one parameter tensor fewer per expert than separate gate and up Linears (the CPU optimizer
-    steps tensor by tensor).
+class ChunkedGLU(nn.Module):
+    """act_fn(gate) * up, the gate the first half of the last dim and up the second (the HF "swiglu" experts)."""
 
-    HF layout ("swiglu"): gate_up_proj [E, 2I, M] (gate rows first, then up rows), down_proj [E, M, I]: expert
-    e's Linear weights are exactly gate_up_proj[e] and down_proj[e].
-    """
-
-    HF_TENSORS: Tuple[str, ...] = ("gate_up_proj", "down_proj")
-
-    def __init__(self, hidden_size: int, intermediate_size: int, act_fn: nn.Module,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, act_fn: nn.Module) -> None:
         super().__init__()
-        kw = dict(bias=False, device=device, dtype=dtype)
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
         self.act_fn = act_fn
 
-    def forward(self, x_nM: torch.Tensor) -> torch.Tensor:
-        gate_nI, up_nI = self.gate_up_proj(x_nM).chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate_nI) * up_nI)
+    def forward(self, gate_up_n2I: torch.Tensor) -> torch.Tensor:
+        gate_nI, up_nI = gate_up_n2I.chunk(2, dim=-1)
+        return self.act_fn(gate_nI) * up_nI
+
+
+class ClampedInterleavedGLU(nn.Module):
+    """GPT-OSS's gated activation: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate,
+    max=limit), the gate at even and up at odd positions of the last dim."""
+
+    def __init__(self, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+        self.limit = float(limit)
+
+    def forward(self, gate_up_n2I: torch.Tensor) -> torch.Tensor:
+        gate_nI = gate_up_n2I[..., 0::2].clamp(max=self.limit)
+        up_nI = gate_up_n2I[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        return (up_nI + 1) * (gate_nI * torch.sigmoid(gate_nI * self.alpha))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
+
+
+def _transposed(t_LAB: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t_LAB is None else t_LAB.transpose(1, 2).contiguous()
+
+
+class SwiGLULayout:
+    """HF layout "swiglu": gate_up_proj [E, 2I, M] (gate rows first, then up rows) and down_proj [E, M, I], no
+    biases: expert e is down(act(gate(x)) * up(x)). Stacked (ds_tutel.stacked_experts), expert e's weights are
+    exactly gate_up_proj[e] and down_proj[e]."""
+
+    HF_TENSORS: Tuple[str, ...] = ("gate_up_proj", "down_proj")
 
     @staticmethod
     def hf_dims(experts: nn.Module) -> Tuple[int, int, int]:
@@ -64,51 +82,30 @@ class SwiGLUExpert(nn.Module):
                              "not [E, 2I, M] and [E, M, I]")
         return E, M, I
 
-    @classmethod
-    def template(cls, experts: nn.Module, M: int, I: int, device: torch.device, dtype: torch.dtype) -> "SwiGLUExpert":
-        return cls(M, I, experts.act_fn, device=device, dtype=dtype)
+    @staticmethod
+    def template(experts: nn.Module, M: int, I: int, device: torch.device, dtype: torch.dtype) -> GLUExpert:
+        """One ds_tutel expert of this form (the MoE layer stacks its copies)."""
+        return GLUExpert(M, I, ChunkedGLU(experts.act_fn), bias=False, device=device, dtype=dtype)
 
-    @torch.no_grad()
-    def load_hf(self, fused: Dict[str, torch.Tensor], e: int) -> None:
-        """Copies expert e's slices of the HF fused tensors (by HF_TENSORS name)."""
-        self.gate_up_proj.weight.copy_(fused["gate_up_proj"][e])
-        self.down_proj.weight.copy_(fused["down_proj"][e])
+    @staticmethod
+    def to_stacked(fused: Dict[str, torch.Tensor], first: int, stop: int) -> Dict[str, torch.Tensor]:
+        """Experts first..stop-1 of the HF fused tensors, as the stacked parameters (by name) hold them."""
+        return {"gate_up_proj.weight": fused["gate_up_proj"][first:stop],
+                "down_proj.weight": fused["down_proj"][first:stop]}
 
-    def hf_slices(self, pick: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
-        """This expert's slice of each HF fused tensor, from pick of each parameter (None where pick gives None)."""
-        return {"gate_up_proj": pick(self.gate_up_proj.weight), "down_proj": pick(self.down_proj.weight)}
+    @staticmethod
+    def from_stacked(stacked: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
+        """The stacked parameters' tensors (by name; None passes through) as HF fused tensors [L, ...]."""
+        return {"gate_up_proj": stacked["gate_up_proj.weight"], "down_proj": stacked["down_proj.weight"]}
 
 
-class ClampedGLUExpert(nn.Module):
-    """GPT-OSS's expert with biases: down_proj((clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)) with
-    g = clamp(gate, max=limit), where gate and up are the even and odd outputs of one Linear gate_up_proj [2I, M]
-    with a bias (HF's interleaved order, so its weight is HF's slice transposed; one matmul and two parameter
-    tensors fewer than separate gate and up Linears).
-
-    HF layout ("clamped_glu"): gate_up_proj [E, M, 2I] applied as x @ W with gate and up columns interleaved
-    (gate at even, up at odd columns), gate_up_proj_bias [E, 2I] likewise, down_proj [E, I, M], down_proj_bias
-    [E, M].
-    """
+class ClampedGLULayout:
+    """HF layout "clamped_glu" (GPT-OSS): gate_up_proj [E, M, 2I] applied as x @ W with gate and up columns
+    interleaved (gate at even, up at odd columns), gate_up_proj_bias [E, 2I] likewise, down_proj [E, I, M],
+    down_proj_bias [E, M]. Stacked, the weights are these transposed (Linear's [out, in]), the biases as they
+    are; the interleaving stays (ClampedInterleavedGLU reads it)."""
 
     HF_TENSORS: Tuple[str, ...] = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
-
-    def __init__(self, hidden_size: int, intermediate_size: int, alpha: float, limit: float,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
-        super().__init__()
-        kw = dict(bias=True, device=device, dtype=dtype)
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
-        self.alpha = float(alpha)
-        self.limit = float(limit)
-
-    def forward(self, x_nM: torch.Tensor) -> torch.Tensor:
-        gate_up_n2I = self.gate_up_proj(x_nM)
-        gate_nI = gate_up_n2I[..., 0::2].clamp(max=self.limit)
-        up_nI = gate_up_n2I[..., 1::2].clamp(min=-self.limit, max=self.limit)
-        return self.down_proj((up_nI + 1) * (gate_nI * torch.sigmoid(gate_nI * self.alpha)))
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, limit={self.limit}"
 
     @staticmethod
     def hf_dims(experts: nn.Module) -> Tuple[int, int, int]:
@@ -123,28 +120,27 @@ class ClampedGLUExpert(nn.Module):
                              ", ".join(f"{n} {tuple(getattr(experts, n).shape)}" for n in shapes))
         return E, M, I
 
-    @classmethod
-    def template(cls, experts: nn.Module, M: int, I: int, device: torch.device,
-                 dtype: torch.dtype) -> "ClampedGLUExpert":
-        return cls(M, I, experts.alpha, experts.limit, device=device, dtype=dtype)
+    @staticmethod
+    def template(experts: nn.Module, M: int, I: int, device: torch.device, dtype: torch.dtype) -> GLUExpert:
+        return GLUExpert(M, I, ClampedInterleavedGLU(experts.alpha, experts.limit), bias=True, device=device,
+                         dtype=dtype)
 
-    @torch.no_grad()
-    def load_hf(self, fused: Dict[str, torch.Tensor], e: int) -> None:
-        self.gate_up_proj.weight.copy_(fused["gate_up_proj"][e].t())
-        self.gate_up_proj.bias.copy_(fused["gate_up_proj_bias"][e])
-        self.down_proj.weight.copy_(fused["down_proj"][e].t())
-        self.down_proj.bias.copy_(fused["down_proj_bias"][e])
+    @staticmethod
+    def to_stacked(fused: Dict[str, torch.Tensor], first: int, stop: int) -> Dict[str, torch.Tensor]:
+        return {"gate_up_proj.weight": fused["gate_up_proj"][first:stop].transpose(1, 2),
+                "gate_up_proj.bias": fused["gate_up_proj_bias"][first:stop],
+                "down_proj.weight": fused["down_proj"][first:stop].transpose(1, 2),
+                "down_proj.bias": fused["down_proj_bias"][first:stop]}
 
-    def hf_slices(self, pick: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
-        gate_up_2IM, down_MI = pick(self.gate_up_proj.weight), pick(self.down_proj.weight)
-        return {"gate_up_proj": None if gate_up_2IM is None else gate_up_2IM.t(),
-                "gate_up_proj_bias": pick(self.gate_up_proj.bias),
-                "down_proj": None if down_MI is None else down_MI.t(),
-                "down_proj_bias": pick(self.down_proj.bias)}
+    @staticmethod
+    def from_stacked(stacked: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
+        return {"gate_up_proj": _transposed(stacked["gate_up_proj.weight"]),
+                "gate_up_proj_bias": stacked["gate_up_proj.bias"],
+                "down_proj": _transposed(stacked["down_proj.weight"]), "down_proj_bias": stacked["down_proj.bias"]}
 
 
 # The HF fused-expert layouts a BlockSpec's expert_form names.
-EXPERT_FORMS: Dict[str, type] = {"swiglu": SwiGLUExpert, "clamped_glu": ClampedGLUExpert}
+EXPERT_FORMS: Dict[str, type] = {"swiglu": SwiGLULayout, "clamped_glu": ClampedGLULayout}
 
 
 class RouterLogits(nn.Module):
@@ -294,8 +290,9 @@ class HFMoEBlock(nn.Module):
     def _record_logits(self, logits_SE: torch.Tensor) -> None:
         self.router_logits(logits_SE.to(self.router_weight.dtype))
 
-    def local_experts(self) -> nn.ModuleList:
-        return self.moe.deepspeed_moe.experts.deepspeed_experts
+    def local_experts(self) -> StackedGLUExperts:
+        """This rank's experts of the block, stacked."""
+        return self.moe.deepspeed_moe.experts
 
     def hf_tensors(self, pick: Callable[[torch.Tensor], Optional[torch.Tensor]],
                    buffers: bool = True) -> Dict[str, Optional[torch.Tensor]]:
@@ -314,11 +311,10 @@ class HFMoEBlock(nn.Module):
             out[f"{spec.router}.bias"] = pick(gate.wg.bias)
         if spec.selection_bias is not None and buffers:
             out[f"{spec.router}.{spec.selection_bias}"] = gate.expert_bias.detach().clone()
-        slices = [expert.hf_slices(pick) for expert in experts]
-        device = next(iter(experts[0].parameters())).device
-        for name in type(experts[0]).HF_TENSORS:
-            pieces = [piece[name] for piece in slices]
-            local_L = None if any(p is None for p in pieces) else torch.stack(pieces)
+        local = self.local_experts()
+        stacked = {name: pick(param) for name, param in local.named_parameters()}
+        device = local.gate_up_proj.weight.device
+        for name, local_L in EXPERT_FORMS[spec.expert_form].from_stacked(stacked).items():
             out[f"{spec.experts}.{name}"] = self._gather_experts(local_L, device)                 # [E, ...]
         for name in spec.dense_modules():
             for key, param in getattr(self, name).named_parameters():

@@ -4,8 +4,8 @@ convert(model) replaces, in place, every sparse-MoE block of a supported model t
 routed experts run in a `ds_tutel.MoE` (an instance of DeepSpeed's MoE: the engine groups its expert parameters)
 with dropless Tutel routing that reproduces the model's own: its routing rule (ds_tutel.routing.rules: softmax
 top-k, renormalised where the model renormalises; DeepSeek-V3's sigmoid group-limited top-k with its correction
-bias and scaling; GPT-OSS's top-k then softmax) on fp32 logits. export_state_dict(model) gives the state dict of
-the unconverted model.
+bias and scaling; GPT-OSS's and Granite-MoE's top-k then softmax) on fp32 logits. export_state_dict(model) gives
+the state dict of the unconverted model.
 
 With ep_size > 1 each rank keeps only the experts its place in DeepSpeed's expert-parallel group owns (router and
 shared experts stay whole on every rank); export gathers the experts back over the group, on every rank.
@@ -108,8 +108,8 @@ def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict
     experts = getattr(block, spec.experts)
     fused = {name: getattr(experts, name) for name in form.HF_TENSORS}
     first = fused[form.HF_TENSORS[0]]
-    # The experts are made on the meta device (no initialisation, no fp32 copy of bf16 weights), then given
-    # storage on the HF experts' device and filled from the fused tensors.
+    # The experts (stacked: ds_tutel.stacked_experts) are made on the meta device (no initialisation, no fp32
+    # copy of bf16 weights), then given storage on the HF experts' device and filled from the fused tensors.
     template = form.template(experts, M, I, device=torch.device("meta"), dtype=first.dtype)
     moe = MoE(M, template, num_experts=E, ep_size=ep_size, k=int(router.top_k),
               **moe_arguments(spec.normalizes(router), options), **spec.rule_options(router))
@@ -119,8 +119,9 @@ def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict
     mark_expert_params(local, moe.expert_group_name)  # to_empty made new parameters: mark them again
     ep_rank = expert_parallel_rank(moe)
     L = E // ep_size
-    for l, expert in enumerate(local.deepspeed_experts):  # local expert l is global expert ep_rank * L + l
-        expert.load_hf(fused, ep_rank * L + l)
+    with torch.no_grad():  # local expert l is global expert ep_rank * L + l
+        for name, tensor_L in form.to_stacked(fused, ep_rank * L, (ep_rank + 1) * L).items():
+            local.get_parameter(name).copy_(tensor_L)
     trainable = any(t.requires_grad for t in fused.values())
     for param in local.parameters():  # frozen HF experts stay frozen
         param.requires_grad_(trainable)

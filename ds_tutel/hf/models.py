@@ -1,14 +1,14 @@
 """What ds_tutel knows about each supported transformers model type: where its sparse-MoE block is, how its router
 decides, which dense parts of the block stay as they are.
 
-Each entry was written from the model's transformers 5 source (>= 5.15): the block holds a router (a weight
-[E, M] applied as a linear map, with a bias for GPT-OSS) whose routing rule is one of ds_tutel.routing.rules
-(softmax top-k for most; DeepSeek-V3's sigmoid group-limited top-k with a selection bias buffer; GPT-OSS's top-k
+Each entry was written from the model's transformers 5 source (>= 5.15): the block holds a router (a weight [E, M]
+applied as a linear map, with a bias for GPT-OSS) whose routing rule is one of ds_tutel.routing.rules (softmax top-k
+for most; DeepSeek-V3's sigmoid group-limited top-k with a selection bias buffer; GPT-OSS's and Granite-MoE's top-k
 then softmax), and the experts fused as 3-D parameters in one of the layouts of block.EXPERT_FORMS: "swiglu"
-(gate_up_proj [E, 2I, M], the gate rows first, and down_proj [E, M, I]: down(act(gate(x)) * up(x))) or
-"clamped_glu" (GPT-OSS: gate_up_proj [E, M, 2I] with gate and up columns interleaved, down_proj [E, I, M], and
-their biases). Conversion checks that a block holds exactly the parameters listed here, so a transformers release
-that changes the layout (biases, other names) fails loudly instead of converting wrongly.
+(gate_up_proj [E, 2I, M], the gate rows first, and down_proj [E, M, I]: down(act(gate(x)) * up(x))) or "clamped_glu"
+(GPT-OSS: gate_up_proj [E, M, 2I] with gate and up columns interleaved, down_proj [E, I, M], and their biases).
+Conversion checks that a block holds exactly the parameters listed here, so a transformers release that changes the
+layout (biases, other names) fails loudly instead of converting wrongly.
 
 Shape legend: E experts, M model dim, I expert intermediate dim.
 """
@@ -105,6 +105,13 @@ SPECS: Dict[str, BlockSpec] = {spec.model_type: spec for spec in (
           **_GROUP_LIMITED),
     _spec("gpt_oss", "GptOssMLP", router="router", normalize_topk=False, rule="topk_softmax", router_bias=True,
           expert_form="clamped_glu", returns_router_scores=True),
+    # Granite-MoE: the block is `block_sparse_moe` (router GraniteMoeTopKRouter: top-k of the fp32 logits, softmax
+    # over the k; no bias), its experts the "swiglu" layout. The decoder layer scales the block's output by
+    # residual_multiplier, outside the block. It records no router logits in transformers 5.15 (no aux loss).
+    _spec("granitemoe", "GraniteMoeMoE", router="router", normalize_topk=False, rule="topk_softmax"),
+    # Granite-MoE-Shared: the same block; its dense `shared_mlp` is a submodule of the decoder layer, not of the
+    # block (the layer adds it to the block's output), so it stays as it is.
+    _spec("granitemoeshared", "GraniteMoeSharedMoE", router="router", normalize_topk=False, rule="topk_softmax"),
 )}
 
 SUPPORTED_MODEL_TYPES: Tuple[str, ...] = tuple(SPECS)

@@ -8,7 +8,7 @@ decides *where* each choice sits in its expert's queue (dropless, or a capacity 
   sigmoid_group_topk  DeepSeek-V3 / GLM-4-MoE: sigmoid scores; the selection adds a per-expert bias and keeps
                       only the experts of the topk_group best of n_group groups (a group scores the sum of its two
                       best); gates are the unbiased scores of the chosen experts, optionally renormalised
-  topk_softmax        GPT-OSS: top-k of the logits, softmax over the k chosen logits
+  topk_softmax        GPT-OSS, Granite-MoE: top-k of the logits, softmax over the k chosen logits
 
 Every rule then multiplies the gates by `scaling` (DeepSeek-V3's routed_scaling_factor) when it is not 1. Gates
 carry autograd from the logits; choices never do.

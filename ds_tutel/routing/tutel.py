@@ -77,20 +77,25 @@ def route_tutel(logits_SE: torch.Tensor,
             gates_SK = gates_SK / torch.clamp(gates_SK.sum(dim=1, keepdim=True), min=torch.finfo(gates_SK.dtype).eps)
         priority_S = top_SK[:, 0].detach()
 
-    used_S = torch.ones(S, dtype=torch.bool, device=logits_SE.device) if used_token_S is None else used_token_S != 0
-    if batch_prioritized_routing:
-        token_order_S = torch.sort(-priority_S, stable=True).indices
+    used_S = None if used_token_S is None else used_token_S != 0
+    # Priority order: k-major, tokens in token order (batch-prioritized: by priority); unused tokens queue at a
+    # sentinel expert E. Without a reordering or a token mask, the steps that apply them are left out.
+    token_order_S = torch.sort(-priority_S, stable=True).indices if batch_prioritized_routing else None
+    ordered_SK = indices_SK if token_order_S is None else indices_SK[token_order_S]
+    if used_S is not None:
+        ordered_SK = ordered_SK.masked_fill(~(used_S if token_order_S is None else used_S[token_order_S]).unsqueeze(1), E)
+    positions_KS = rank_within_groups(ordered_SK.t().reshape(-1), E)[0].view(k, S)
+    if token_order_S is None:
+        positions_SK = positions_KS.t()
     else:
-        token_order_S = torch.arange(S, device=logits_SE.device)
-    # Priority order: k-major, tokens in token_order_S; unused tokens queue at a sentinel expert E.
-    ordered_KS = indices_SK[token_order_S].t().masked_fill(~used_S[token_order_S].unsqueeze(0), E)
-    positions_KS = rank_within_groups(ordered_KS.reshape(-1), E)[0].view(k, S)
-    positions_SK = torch.empty_like(indices_SK)
-    positions_SK[token_order_S] = positions_KS.t()
+        positions_SK = torch.empty_like(indices_SK)
+        positions_SK[token_order_S] = positions_KS.t()
 
-    counts_E = torch.bincount(indices_SK[used_S].reshape(-1), minlength=E)
+    counts_E = torch.bincount((indices_SK if used_S is None else indices_SK[used_S]).reshape(-1), minlength=E)
     capacity = tutel_capacity(counts_E, S, k, capacity_factor, min_capacity, agree)
-    kept_SK = (positions_SK < capacity) & used_S.unsqueeze(1)
+    kept_SK = positions_SK < capacity
+    if used_S is not None:
+        kept_SK = kept_SK & used_S.unsqueeze(1)
     locations_SK = torch.where(kept_SK, positions_SK, torch.full_like(positions_SK, -1))
     gates_SK = torch.where(kept_SK, gates_SK, 0.0)  # a dropped choice weighs 0, even where its gate is NaN
     return Routing(indices_SK=indices_SK, locations_SK=locations_SK, gates_SK=gates_SK, capacity=int(capacity),

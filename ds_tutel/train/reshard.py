@@ -2,11 +2,13 @@
 
 What changes with the layout, and how each part is converted:
   - expert weights: DeepSpeed names the per-expert files and keys by global expert id, so they do not depend on
-    the layout; they are loaded by the new ranks like any other weight;
+    the layout; they are loaded by the new ranks like any other weight (stacked experts, ds_tutel.stacked_experts,
+    show per-expert entries in their state dict, so their files are the same);
   - ZeRO optimizer shards (fp32 master weights, Adam's exp_avg and exp_avg_sq, step): read from every source
     shard through the parameter slice map DeepSpeed stores in it, joined into one tensor per parameter (expert
     parameters renamed from local to global ids), then handed to a DeepSpeed engine built at the new layout,
-    which partitions them its own way (deepspeed.utils.safe_set_full_*), and saved by DeepSpeed;
+    which partitions them its own way (deepspeed.utils.safe_set_full_*), and saved by DeepSpeed; a stacked
+    expert parameter's state is split into its experts' parts on reading and stacked again for the new ranks;
   - LR scheduler state, step counters and the learning rate of the optimizer groups are copied.
 The new ranks run as local CPU processes (gloo), so the whole model must fit in this machine's memory. The
 source is only read; the destination must not exist. Supported: ZeRO stage 1 and 2 checkpoints of the training
@@ -45,6 +47,19 @@ def global_name(name: str, ep_rank: int, num_local: int) -> str:
     return f"{m.group(1)}{ep_rank * num_local + int(m.group(2))}{m.group(3)}"
 
 
+def expert_names(name: str, ep_rank: int, num_local: int) -> List[str]:
+    """The global per-expert names an expert parameter's elements hold, in order: itself renumbered for one
+    expert's parameter (`...deepspeed_experts.<j>.<name>`), or for a stacked parameter of the local experts
+    (`...experts.<name>`, ds_tutel.stacked_experts: [num_local, ...]) the per-expert names its state dict shows,
+    `...experts.deepspeed_experts.<g>.<name>` for each of its global experts g."""
+    if EXPERT_NAME.match(name):
+        return [global_name(name, ep_rank, num_local)]
+    head, dot, tail = name.rpartition(".experts.")
+    if not dot:
+        raise CheckpointError(f"expert parameter {name} is neither one expert's nor the local experts' stacked one")
+    return [f"{head}.experts.deepspeed_experts.{ep_rank * num_local + j}.{tail}" for j in range(num_local)]
+
+
 def _zero_shards(tag_dir: str, manifest: Dict[str, Any]) -> List[str]:
     shards: Dict[int, str] = {}
     for rel in manifest["files"]:
@@ -64,8 +79,9 @@ def read_full_states(tag_dir: str, manifest: Dict[str, Any]) -> Dict[str, Any]:
     model = manifest["model"]
     ep_size = model["ep_size"]
     num_local = model["num_experts"] // ep_size
-    # name -> [(partition index, {key: fragment_P})]
-    fragments: Dict[str, List[Tuple[int, Dict[str, torch.Tensor]]]] = defaultdict(list)
+    # (name, ep rank) -> [(partition index, {key: fragment_P})]
+    fragments: Dict[Tuple[str, int], List[Tuple[int, Dict[str, torch.Tensor]]]] = defaultdict(list)
+    moe_params = set()
     steps, lrs = set(), set()
     step_value: Any = None
     for rank, path in enumerate(_zero_shards(tag_dir, manifest)):
@@ -87,19 +103,27 @@ def read_full_states(tag_dir: str, manifest: Dict[str, Any]) -> Dict[str, Any]:
                 piece = {"fp32": fp32_P.narrow(0, address.start, address.numel)}
                 for key in OPTIM_KEYS:
                     piece[key] = state[key].narrow(0, address.start, address.numel)
-                fragments[global_name(name, ep_rank, num_local) if moe else name].append((partition, piece))
+                fragments[(name, ep_rank)].append((partition, piece))
+                if moe:
+                    moe_params.add(name)
     if len(steps) != 1 or len(lrs) != 1:
         raise CheckpointError(f"{tag_dir}: optimizer groups disagree on step {sorted(map(str, steps))} or lr {lrs}")
     params = {}
-    for name, pieces in fragments.items():
+    for (name, ep_rank), pieces in fragments.items():
         pieces.sort(key=lambda item: item[0])
-        params[name] = {key: torch.cat([piece[key] for _, piece in pieces]).clone()
-                        for key in ("fp32",) + OPTIM_KEYS}
+        full = {key: torch.cat([piece[key] for _, piece in pieces]) for key in ("fp32",) + OPTIM_KEYS}
+        if name not in moe_params:
+            params[name] = {key: value.clone() for key, value in full.items()}
+            continue
+        names = expert_names(name, ep_rank, num_local)  # a stacked parameter splits into equal expert parts
+        for j, global_expert_name in enumerate(names):
+            params[global_expert_name] = {key: value.chunk(len(names))[j].clone() for key, value in full.items()}
     return {"params": params, "step": step_value, "lr": lrs.pop()}
 
 
 def _rebuild_rank(rank: int, world_size: int, job: Dict[str, Any]) -> List[str]:
     """One rank of the new layout: build the engine, install the full states, save with DeepSpeed."""
+    from deepspeed.moe.utils import is_moe_param
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     from .engine import build_engine, quiet_deepspeed
@@ -130,9 +154,11 @@ def _rebuild_rank(rank: int, world_size: int, job: Dict[str, Any]) -> List[str]:
     engine.optimizer._lazy_init_hp_params_optimizer_state()
     used = []
     for name, param in engine.module.named_parameters():
-        full = states["params"].get(global_name(name, ep_rank, num_local))
-        if full is None:
-            raise CheckpointError(f"the checkpoint has no state for parameter {global_name(name, ep_rank, num_local)}")
+        names = expert_names(name, ep_rank, num_local) if is_moe_param(param) else [name]
+        missing = [n for n in names if n not in states["params"]]
+        if missing:
+            raise CheckpointError(f"the checkpoint has no state for parameter {missing[0]}")
+        full = {key: torch.cat([states["params"][n][key] for n in names]) for key in ("fp32",) + OPTIM_KEYS}
         if full["fp32"].numel() != param.numel():
             raise CheckpointError(f"parameter {name}: checkpoint has {full['fp32'].numel()} elements, the model "
                                   f"{param.numel()}")
@@ -141,7 +167,7 @@ def _rebuild_rank(rank: int, world_size: int, job: Dict[str, Any]) -> List[str]:
         safe_set_full_fp32_param(param, full["fp32"].view(param.shape))
         for key in OPTIM_KEYS:
             safe_set_full_optimizer_state(param, full[key].view(param.shape), key)
-        used.append(global_name(name, ep_rank, num_local))
+        used.extend(names)
     if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
     engine.global_steps = job["meta"]["step"]
