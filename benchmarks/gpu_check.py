@@ -199,7 +199,7 @@ def compare_runs(ours: Dict[str, Any], ref: Dict[str, Any], dtype: str) -> Dict[
 def equivalence_points(dry_run: bool) -> List[Any]:
     """k = 1, 2, 4 in fp32 and bf16 at capacity factor 1.0; tiny in the dry run."""
     from benchmarks.layer_impls import Point
-    E, M, S = (8, 16, 64) if dry_run else (16, 1024, 4096)
+    E, M, S = (8, 16, 32) if dry_run else (16, 1024, 4096)
     return [Point(k, 1.0, E, model_dim=M, tokens=S, dtype=dtype) for dtype in ("fp32", "bf16") for k in (1, 2, 4)]
 
 
@@ -308,7 +308,7 @@ def part_b(ctx: Context, rec: Recorder) -> str:
     from benchmarks.layer_impls import Point, build_layers, make_inputs
     device = _device(ctx)
     extra = _ours_extra(ctx)
-    E, M, S = (4, 16, 48) if ctx.dry_run else (16, 1024, 4096)
+    E, M, S = (4, 16, 24) if ctx.dry_run else (16, 1024, 4096)
     count = _count_cpu_syncs if ctx.dry_run else _count_cuda_syncs
     rec.results.update(ours_options=extra, budget=SYNC_BUDGET, method=(
         "TorchDispatchMode counter of ops that sync a GPU host (tests/test_sync_budget.py), CUDA code path under "

@@ -120,69 +120,101 @@ def test_info_prints_the_manifest_of_the_latest_checkpoint_and_refuses_an_empty_
     assert empty.returncode == 2 and "no checkpoint" in empty.stderr
 
 
-def _train_cli(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "ds_tutel.train", *TINY, *args], cwd=REPO,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+# Runs the training job's entry point (ds_tutel.train.loop.main, what `python -m ds_tutel.train` exits with) once
+# per argument list, in one fresh process: each call's exit status and what it printed on stderr. One process for
+# all the calls of a test pays for importing torch and DeepSpeed once; calls that build an engine go last.
+_MANY_MAINS = r"""
+import contextlib, io, json, sys
+from ds_tutel.train.loop import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except BaseException as e:  # a traceback is a failure the test reports
+            import traceback
+            traceback.print_exc(file=err)
+            code = 1
+    results.append([code, err.getvalue()])
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def _train_cli(*calls, timeout=240):
+    """[(exit status, stderr)] of the training job run with TINY plus each of `calls` (argument lists)."""
+    proc = subprocess.run([sys.executable, "-c", _MANY_MAINS, json.dumps([TINY + list(c) for c in calls])],
+                          cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
                           timeout=timeout)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert proc.returncode == 0 and line is not None, (proc.stdout + proc.stderr)[-3000:]
+    return [tuple(r) for r in json.loads(line[len("RESULTS "):])]
 
 
 def _error_line(result):
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    code, stderr = result
+    lines = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert code == 2 and len(lines) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
     return lines[0]
 
 
 def test_bad_input_before_training_exits_2_with_one_clear_line(tmp_path):
-    assert "data path does not exist: " in _error_line(_train_cli("--data", str(tmp_path / "nope")))
-    assert "num_experts (4) is not divisible by ep_size (3)" in _error_line(_train_cli("--ep-size", "3"))
-    assert "ep_size (2) does not divide the world size (1)" in _error_line(_train_cli("--ep-size", "2"))
-    assert "DeepSpeed config not found" in _error_line(_train_cli("--config", str(tmp_path / "none.json")))
     broken = tmp_path / "broken.json"
     broken.write_text('{"train_micro_batch_size_per_gpu": 4,')
-    assert "is not valid JSON" in _error_line(_train_cli("--config", str(broken)))
     with open(CONFIG) as f:
         config = json.load(f)
     config["ds_tutel_train"]["stpes"] = 3
     typo = tmp_path / "typo.json"
     typo.write_text(json.dumps(config))
-    assert "unknown keys" in _error_line(_train_cli("--config", str(typo)))
+    results = _train_cli(["--data", str(tmp_path / "nope")], ["--ep-size", "3"], ["--ep-size", "2"],
+                         ["--config", str(tmp_path / "none.json")], ["--config", str(broken)],
+                         ["--config", str(typo)])
+    expected = ["data path does not exist: ", "num_experts (4) is not divisible by ep_size (3)",
+                "ep_size (2) does not divide the world size (1)", "DeepSpeed config not found", "is not valid JSON",
+                "unknown keys"]
+    for result, message in zip(results, expected, strict=True):
+        assert message in _error_line(result)
+    # The entry point as users run it: the same line and exit status from `python -m ds_tutel.train`.
+    proc = subprocess.run([sys.executable, "-m", "ds_tutel.train", *TINY, "--ep-size", "3"], cwd=REPO,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=180)
+    assert _error_line((proc.returncode, proc.stderr)) == _error_line(results[1])
 
 
 def test_corrupt_partial_and_mismatched_checkpoints_are_refused(source, resharded, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     shutil.copytree(resharded["dir"], ckpt)
     tag_dir = os.path.join(ckpt, "global_step4")
-
-    mismatched = _error_line(_train_cli("--out", str(tmp_path / "o1"), "--checkpoint-dir", ckpt, "--resume",
-                                        "--model", "d_model=64"))
-    assert "different model (d_model: checkpoint 32 vs run 64)" in mismatched
-    wrong_size = _error_line(_train_cli("--out", str(tmp_path / "o2"), "--checkpoint-dir", source["ckpt"],
-                                        "--resume"))
-    assert "world size 2 and ep_size 2" in wrong_size and "ds_tutel.train.checkpoint_cli reshard" in wrong_size
-
     expert_file = os.path.join(tag_dir, "layer_0_expert_1_mp_rank_00_model_states.pt")
-    with open(expert_file, "r+b") as f:
+    truncated = str(tmp_path / "truncated")  # an expert file cut short: the manifest's sizes catch it
+    shutil.copytree(resharded["dir"], truncated)
+    with open(os.path.join(truncated, "global_step4", os.path.basename(expert_file)), "r+b") as f:
         f.truncate(100)
-    assert "is corrupt: layer_0_expert_1_mp_rank_00_model_states.pt has 100 bytes" in _error_line(
-        _train_cli("--out", str(tmp_path / "o3"), "--checkpoint-dir", ckpt, "--resume"))
-
+    partial = str(tmp_path / "partial")  # what a save cut off before publishing leaves
+    shutil.copytree(resharded["dir"], partial)
+    os.remove(os.path.join(partial, "global_step4", "ds_tutel_manifest.json"))
     # Same size, damaged bytes: the manifest passes, DeepSpeed's load fails, the message names the checkpoint.
-    shutil.rmtree(ckpt)
-    shutil.copytree(resharded["dir"], ckpt)
     with open(expert_file, "r+b") as f:
         f.seek(0)
         f.write(b"\0" * 64)
-    assert "could not load checkpoint" in _error_line(
-        _train_cli("--out", str(tmp_path / "o4"), "--checkpoint-dir", ckpt, "--resume"))
 
-    assert "already holds checkpoints: pass --resume" in _error_line(_train_cli("--out", source["out"]))
-
-    os.remove(os.path.join(tag_dir, "ds_tutel_manifest.json"))  # what a save cut off before publishing leaves
-    assert "it is partial" in _error_line(
-        _train_cli("--out", str(tmp_path / "o5"), "--checkpoint-dir", ckpt, "--eval-only"))
-    assert "no checkpoint in" in _error_line(
-        _train_cli("--out", str(tmp_path / "o6"), "--checkpoint-dir", str(tmp_path / "empty"), "--eval-only"))
+    out = lambda name: ["--out", str(tmp_path / name)]  # noqa: E731
+    mismatched, wrong_size, cut, partial_run, empty, existing, damaged = _train_cli(
+        out("o1") + ["--checkpoint-dir", ckpt, "--resume", "--model", "d_model=64"],
+        out("o2") + ["--checkpoint-dir", source["ckpt"], "--resume"],
+        out("o3") + ["--checkpoint-dir", truncated, "--resume"],
+        out("o5") + ["--checkpoint-dir", partial, "--eval-only"],
+        out("o6") + ["--checkpoint-dir", str(tmp_path / "empty"), "--eval-only"],
+        ["--out", source["out"]],
+        out("o4") + ["--checkpoint-dir", ckpt, "--resume"])
+    assert "different model (d_model: checkpoint 32 vs run 64)" in _error_line(mismatched)
+    line = _error_line(wrong_size)
+    assert "world size 2 and ep_size 2" in line and "ds_tutel.train.checkpoint_cli reshard" in line
+    assert "is corrupt: layer_0_expert_1_mp_rank_00_model_states.pt has 100 bytes" in _error_line(cut)
+    assert "it is partial" in _error_line(partial_run)
+    assert "no checkpoint in" in _error_line(empty)
+    assert "already holds checkpoints: pass --resume" in _error_line(existing)
+    assert "could not load checkpoint" in _error_line(damaged)
 
 
 def _interrupted_save(rank, world_size, ckpt_dir):

@@ -56,13 +56,13 @@ def test_a_hanging_rank_fails_the_call_at_the_timeout(monkeypatch):
     seen = []
     monkeypatch.setattr(ranks, "stale_build_locks", lambda before: seen.append(before) or ["ext/deepspeed_op/lock"])
     start = time.monotonic()
-    with pytest.raises(RankFailure, match=r"ranks \[0\] did not finish in 20s") as failure:
-        run_local_ranks(_hang_on_rank_0, 2, timeout=20)
-    assert time.monotonic() - start < 60
+    with pytest.raises(RankFailure, match=r"ranks \[0\] did not finish in 8s") as failure:
+        run_local_ranks(_hang_on_rank_0, 2, timeout=8)
+    assert time.monotonic() - start < 40
     # A build lock older than the run is named with the failure: an interrupted compile makes every later
     # DeepSpeed start wait on it, which looks like a hang.
     assert "build locks older than this run: ['ext/deepspeed_op/lock']" in str(failure.value)
-    assert len(seen) == 1 and seen[0] < time.time() - 19
+    assert len(seen) == 1 and seen[0] < time.time() - 7
 
 
 def test_stale_build_locks_are_the_lock_files_older_than_the_run(tmp_path, monkeypatch):

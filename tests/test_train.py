@@ -27,6 +27,11 @@ def _train(rank, world_size, argv):
     return run(argv)
 
 
+def _train_runs(rank, world_size, argvs):
+    from ds_tutel.train.loop import run
+    return [run(argv) for argv in argvs]
+
+
 def train_on_ranks(world_size, argv, timeout=240):
     """ds_tutel.train.loop.run(argv) on spawned gloo ranks; returns rank 0's summary."""
     return run_ranks(_train, world_size, argv, timeout=timeout)[0]
@@ -40,8 +45,10 @@ def read_records(out_dir, kind):
 def test_resumed_run_matches_uninterrupted_run_step_for_step(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     args = TINY + ["--steps", "8", "--save-every", "3", "--eval-every", "4", "--precision", "fp32"]
-    summary_a = train_on_ranks(2, args + ["--out", a])
-    stopped = train_on_ranks(2, args + ["--out", b, "--stop-at", "5"])
+    # The uninterrupted run and the one stopped at step 5 share ranks (any state one left behind would show as a
+    # difference in their first steps); the resumed run starts in fresh processes, as a resumed job does.
+    summary_a, stopped = run_ranks(_train_runs, 2, [args + ["--out", a], args + ["--out", b, "--stop-at", "5"]],
+                                   timeout=240)[0]
     assert stopped["stopped_at"] == 5
     summary_b = train_on_ranks(2, args + ["--out", b, "--resume"])
     assert summary_b["resumed_from"] == 5
