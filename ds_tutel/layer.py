@@ -8,6 +8,7 @@ Shape legend: S tokens, M model dim, E experts, W expert-parallel ranks, L local
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from typing import Any, Callable, Optional, Tuple
 
@@ -118,9 +119,12 @@ class MOELayer(nn.Module):
 
         # With expert parallelism every rank must route with one capacity. Where it follows from the token count
         # alone, each rank routes with its own and the capacities ride along with the kept counts' exchange:
-        # only when they differ (unequal token counts) does every rank route again with the largest. Otherwise
-        # (dropless, dynamic capacity) the capacity is agreed by an all-reduce before routing.
-        speculative = self.ep_size > 1 and self.gate.capacity_from_token_count(capacity_factor)
+        # only when they differ (unequal token counts) does every rank route again with the largest. Dropless
+        # routing keeps every choice at any capacity from its own largest count up: each rank routes with its own,
+        # and the largest one is taken afterwards. Otherwise (dynamic capacity) the capacity is agreed by an
+        # all-reduce before routing.
+        keeps_all = self.ep_size > 1 and self.gate.keeps_every_token(capacity_factor)
+        speculative = keeps_all or (self.ep_size > 1 and self.gate.capacity_from_token_count(capacity_factor))
         # on_logits sees the first routing's logits only (routing again computes the same ones).
         routing, self.l_aux, tokens_SM = route(None if speculative else self._agree_capacity(x_SM.device),
                                                on_logits)
@@ -129,8 +133,11 @@ class MOELayer(nn.Module):
             filled_WL, capacity_W, sent_E = self._exchange_counts(routing, backend)
             if speculative and len(set(capacity_W)) > 1:
                 agreed = max(capacity_W)
-                routing, self.l_aux, tokens_SM = route(lambda capacity: agreed)
-                filled_WL, _, sent_E = self._exchange_counts(routing, backend)
+                if keeps_all:  # the same slots at the larger capacity
+                    routing = dataclasses.replace(routing, capacity=agreed)
+                else:
+                    routing, self.l_aux, tokens_SM = route(lambda capacity: agreed)
+                    filled_WL, _, sent_E = self._exchange_counts(routing, backend)
         self.exp_counts = routing.counts_E.detach()
         self.last_routing = routing.detached()
 

@@ -26,18 +26,9 @@ from ds_tutel.hf.block import ChunkedGLU  # noqa: E402
 from ds_tutel.stacked_experts import StackedGLUExperts  # noqa: E402
 
 from test_hf_convert import ATOL, B, CASES, T, VOCAB, max_diff, tiny_model  # noqa: E402
+from test_hf_convert import _quiet_single_threaded  # noqa: E402,F401 (the module's autouse fixture)
 
 GRANITE_CASES = ("granitemoe", "granitemoeshared")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_single_threaded():
-    level, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    transformers.logging.set_verbosity(level)
 
 
 def _ids(seed: int = 1) -> torch.Tensor:

@@ -8,7 +8,7 @@ from ds_tutel.ranks import run_ranks
 pytestmark = pytest.mark.multirank
 
 M = 8
-LAYOUTS = [  # (ep_size, num_experts, k, drop_tokens)
+LAYOUTS = [  # (ep_size, num_experts, k, drop_tokens[, more ds_tutel.MoE options])
     (1, 4, 2, True),
     (2, 4, 1, True),
     (2, 4, 2, False),
@@ -26,9 +26,9 @@ def _check_layouts(rank, world_size, tokens_per_rank):
     import ds_tutel
     from helpers import expert_ffn
 
-    for ep_size, num_experts, k, drop_tokens in LAYOUTS:
+    for ep_size, num_experts, k, drop_tokens, *more in LAYOUTS:
         kwargs = dict(num_experts=num_experts, k=k, drop_tokens=drop_tokens, min_capacity=2, use_rts=False,
-                      top2_2nd_expert_sampling=False)
+                      top2_2nd_expert_sampling=False, **(more[0] if more else {}))
         torch.manual_seed(0)
         reference = ds_tutel.MoE(M, expert_ffn(M), **kwargs)
         layer = ds_tutel.MoE(M, expert_ffn(M), ep_size=ep_size, **kwargs)
@@ -95,7 +95,8 @@ def test_dropless_with_unequal_token_counts_equals_reference():
 
 def _check_layouts_dropless(rank, world_size):
     global LAYOUTS
-    LAYOUTS = [(2, 4, 2, False), (4, 8, 1, False)]
+    LAYOUTS = [(2, 4, 2, False), (4, 8, 1, False),
+               (2, 4, 2, False, dict(capacity_mode="tutel", capacity_factor=0.0, eval_capacity_factor=0.0))]
     return _check_layouts(rank, world_size, [5, 9, 14, 3])
 
 
@@ -115,12 +116,14 @@ def _collectives_per_forward(rank, world_size):
     layer_module.agree_max = counting("agree", agree_max)
     layer_module.exchange_counts = counting("counts", exchange_counts)
     seen = {}
-    for case, drop_tokens, tokens in [("equal", True, 12), ("unequal", True, 5 + 7 * rank),
-                                      ("dropless", False, 12)]:
+    tutel_dropless = dict(capacity_mode="tutel", capacity_factor=0.0)
+    for case, drop_tokens, tokens, more in [("equal", True, 12, {}), ("unequal", True, 5 + 7 * rank, {}),
+                                            ("dropless", False, 12, {}),
+                                            ("tutel_dropless", False, 5 + 7 * rank, tutel_dropless)]:
         calls.update(agree=0, counts=0)
         torch.manual_seed(0)
         layer = ds_tutel.MoE(M, expert_ffn(M), num_experts=4, ep_size=2, k=2, drop_tokens=drop_tokens,
-                             use_rts=False, top2_2nd_expert_sampling=False)
+                             use_rts=False, top2_2nd_expert_sampling=False, **more)
         layer.set_deepspeed_parallelism()
         x = torch.randn(tokens, M, generator=torch.Generator().manual_seed(rank), requires_grad=True)
         out, l_aux, _ = layer(x)
@@ -133,11 +136,14 @@ def _collectives_per_forward(rank, world_size):
 
 def test_capacity_rides_with_the_kept_counts_and_ranks_route_again_only_when_they_differ():
     """Equal token counts: no all-reduce, one small exchange. Unequal: still no all-reduce, every rank routes
-    again with the largest capacity (one more exchange). Dropless capacity depends on the data: agreed first."""
+    again with the largest capacity (one more exchange). DeepSpeed's dropless capacity depends on the data: agreed
+    first. Tutel's dropless routing keeps every choice at any capacity from a rank's own largest count up: no
+    all-reduce, no routing again, even with unequal token counts; the ranks still end with one capacity."""
     seen = run_ranks(_collectives_per_forward, 2, timeout=120)
     for rank_seen in seen:
         assert rank_seen["equal"][0] == {"agree": 0, "counts": 1}
         assert rank_seen["unequal"][0] == {"agree": 0, "counts": 2}
         assert rank_seen["dropless"][0]["agree"] >= 1 and rank_seen["dropless"][0]["counts"] == 1
-    for case in ("equal", "unequal", "dropless"):
+        assert rank_seen["tutel_dropless"][0] == {"agree": 0, "counts": 1}
+    for case in ("equal", "unequal", "dropless", "tutel_dropless"):
         assert seen[0][case][1] == seen[1][case][1]  # one capacity on both ranks

@@ -147,6 +147,14 @@ class Gate(nn.Module):
                 return router_linear_passing(x_SM, w_EM)
             return router_linear(router_in_SM, w_EM), x_SM
 
+    def keeps_every_token(self, capacity_factor: Optional[float] = None) -> bool:
+        """True when this call's routing drops nothing whatever capacity the expert-parallel group agrees on (Tutel's
+        dropless mode: each rank's largest expert count already keeps all its choices, and a larger agreed capacity
+        moves no slot): ranks may route with their own capacity and agree on the largest afterwards."""
+        if capacity_factor is None:
+            capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return self.options.capacity_mode == "tutel" and capacity_factor == 0
+
     def capacity_from_token_count(self, capacity_factor: Optional[float] = None) -> bool:
         """True when this call's capacity follows from the token count alone and routing changes no state:
         then ranks with equal token counts route with equal capacities without a collective, and routing again
