@@ -1,6 +1,7 @@
-"""The module that takes a transformers sparse-MoE block's place: its routed experts run in a `ds_tutel.MoE` (one
-expert module per HF expert, of the form its fused layout names: EXPERT_FORMS), its dense parts (a shared expert)
-stay HF modules, and the router logits still reach the model's own auxiliary loss.
+"""The module that takes a transformers sparse-MoE block's place: its routed experts run in a `ds_tutel.MoE` (stacked
+GLU experts, ds_tutel.stacked_experts, read from and written back to the fused layout its EXPERT_FORMS entry
+names), its dense parts (a shared expert) stay HF modules, and the router logits still reach the model's own
+auxiliary loss.
 
 transformers 5 collects router logits for `output_router_logits=True` with forward hooks that it installs, on
 first use, on every module of the router's class (`_can_record_outputs`). `RouterLogits` is that capture point:
