@@ -94,7 +94,7 @@ class MOELayer(nn.Module):
 
     def _backend_and_strategy(self, device: torch.device) -> Tuple[str, str]:
         backend = resolve_dispatch_backend(self.dispatch_backend, device)
-        return backend, strategies.choose(self.ep_size, backend, self.exchange)
+        return backend, strategies.choose(self.ep_size, self.exchange)
 
     def strategy(self, device: torch.device) -> str:
         """The forward strategy for tokens on `device` (strategies.py)."""
@@ -111,7 +111,7 @@ class MOELayer(nn.Module):
         x_SM = hidden_states.reshape(-1, M)
         used_S = None if used_token is None else used_token.reshape(-1)
         backend, strategy = self._backend_and_strategy(x_SM.device)
-        strategies.warn_ineffective(strategy, self.ep_size, backend, self.exchange)
+        strategies.warn_ineffective(strategy, self.ep_size, self.exchange)
 
         def route(agree, on_logits=None):  # the dispatch gathers from the tokens the router passes on
             return self.gate.route_tokens(x_SM, used_S, agree, capacity_factor=capacity_factor, k=k,

@@ -9,8 +9,9 @@
                    buffers [E, C, M] filled by encode (torch or Triton), the flat / 2dh / auto exchange with
                    optional overlap chunks (parallel/exchange.py, which skips empty slots), then decode.
 
-`choose` names the strategy from the layer's options and the resolved dispatch backend; `warn_ineffective` says
-once per process when an option the user set has no effect in it. docs/ARCHITECTURE.md has the same table.
+`choose` names the strategy from the layer's options (every backend runs every strategy; the resolved dispatch
+backend picks how: `run`); `warn_ineffective` says once per process when an option the user set has no effect in
+it. docs/ARCHITECTURE.md has the same table.
 
 Shape legend: S tokens, M model dim, E experts, C capacity, W expert-parallel ranks, L local experts, R rows a rank
 receives in the kept exchange.
@@ -59,8 +60,9 @@ class ExchangeOptions:
         return flat and self.overlap_degree == 1
 
 
-def choose(ep_size: int, backend: str, exchange: ExchangeOptions) -> str:
-    """The strategy for a layer with this expert-parallel size, resolved dispatch backend and exchange options."""
+def choose(ep_size: int, exchange: ExchangeOptions) -> str:
+    """The strategy for a layer with this expert-parallel size and exchange options (the same on every backend:
+    each runs each strategy, the GPU path on its device row plan)."""
     if ep_size == 1:
         return GROUPED
     if exchange.send == "kept" and exchange.flat_in_one_piece():
@@ -68,7 +70,7 @@ def choose(ep_size: int, backend: str, exchange: ExchangeOptions) -> str:
     return CAPACITY
 
 
-def ineffective_options(strategy: str, ep_size: int, backend: str, exchange: ExchangeOptions) -> List[str]:
+def ineffective_options(strategy: str, ep_size: int, exchange: ExchangeOptions) -> List[str]:
     """Messages for the options set away from their defaults that change nothing in this strategy."""
     defaults = ExchangeOptions()
     notes = []
@@ -90,9 +92,9 @@ def ineffective_options(strategy: str, ep_size: int, backend: str, exchange: Exc
 _warned: Set[str] = set()
 
 
-def warn_ineffective(strategy: str, ep_size: int, backend: str, exchange: ExchangeOptions) -> None:
+def warn_ineffective(strategy: str, ep_size: int, exchange: ExchangeOptions) -> None:
     """Warns once per process for each option that has no effect in this strategy."""
-    for note in ineffective_options(strategy, ep_size, backend, exchange):
+    for note in ineffective_options(strategy, ep_size, exchange):
         if note not in _warned:
             _warned.add(note)
             warnings.warn(f"ds_tutel.MoE: {note}", UserWarning, stacklevel=4)

@@ -70,25 +70,22 @@ def test_pad_rows_get_a_zero_gradient():
     assert torch.equal(outs_pM[0].grad, torch.cat([torch.ones(2, M), torch.zeros(2, M)]))
 
 
-@pytest.mark.parametrize("kwargs,backend,kept", [
-    (dict(), "torch", True),
-    (dict(a2a_algorithm="auto"), "torch", True),  # auto's default threshold is 0: always flat
-    (dict(a2a_algorithm="auto", a2a_auto_threshold=1 << 20), "torch", False),  # picks per message size
-    (dict(a2a_algorithm="2dh"), "torch", False),
-    (dict(a2a_ffn_overlap_degree=2), "torch", False),
-    (dict(a2a_send="capacity"), "torch", False),
-    (dict(), "triton", True),  # the GPU path sends kept rows too
-    (dict(a2a_send="capacity"), "triton", False),
-    (dict(a2a_algorithm="2dh"), "triton", False),
+@pytest.mark.parametrize("kwargs,kept", [
+    (dict(), True),
+    (dict(a2a_algorithm="auto"), True),  # auto's default threshold is 0: always flat
+    (dict(a2a_algorithm="auto", a2a_auto_threshold=1 << 20), False),  # picks per message size
+    (dict(a2a_algorithm="2dh"), False),
+    (dict(a2a_ffn_overlap_degree=2), False),
+    (dict(a2a_send="capacity"), False),
 ])
-def test_which_exchanges_send_only_kept_rows(kwargs, backend, kept, monkeypatch):
+def test_which_exchanges_send_only_kept_rows(kwargs, kept, monkeypatch):
     import ds_tutel
     from ds_tutel import strategies
     from helpers import expert_ffn
 
     monkeypatch.delenv("DS_TUTEL_A2A_AUTO_THRESHOLD", raising=False)
     layer = ds_tutel.MoE(M, expert_ffn(M), num_experts=4, ep_size=2, **kwargs)
-    chosen = strategies.choose(layer.ep_size, backend, layer.deepspeed_moe.exchange)
+    chosen = strategies.choose(layer.ep_size, layer.deepspeed_moe.exchange)
     assert (chosen == strategies.KEPT_EXCHANGE) is kept
 
 

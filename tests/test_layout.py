@@ -125,37 +125,30 @@ def test_the_core_names_no_backend():
     assert {m: t for m, t in offenders.items() if t} == {}
 
 
-@pytest.mark.parametrize("ep_size,backend,exchange,expected", [
-    (1, "torch", ExchangeOptions(), GROUPED),
-    (1, "triton", ExchangeOptions(), GROUPED),
-    (1, "triton", ExchangeOptions(send="capacity", algorithm="2dh"), GROUPED),
-    (4, "torch", ExchangeOptions(), KEPT_EXCHANGE),
-    (4, "torch", ExchangeOptions(algorithm="auto", auto_threshold=0), KEPT_EXCHANGE),
-    (4, "torch", ExchangeOptions(algorithm="auto", auto_threshold=1 << 20), CAPACITY),
-    (4, "torch", ExchangeOptions(algorithm="2dh"), CAPACITY),
-    (4, "torch", ExchangeOptions(overlap_degree=2), CAPACITY),
-    (4, "torch", ExchangeOptions(send="capacity"), CAPACITY),
-    (4, "triton", ExchangeOptions(), KEPT_EXCHANGE),
-    (4, "triton", ExchangeOptions(algorithm="auto", auto_threshold=0), KEPT_EXCHANGE),
-    (4, "triton", ExchangeOptions(send="capacity"), CAPACITY),
-    (4, "triton", ExchangeOptions(algorithm="2dh"), CAPACITY),
-    (4, "triton", ExchangeOptions(overlap_degree=2), CAPACITY),
+@pytest.mark.parametrize("ep_size,exchange,expected", [
+    (1, ExchangeOptions(), GROUPED),
+    (1, ExchangeOptions(send="capacity", algorithm="2dh"), GROUPED),
+    (4, ExchangeOptions(), KEPT_EXCHANGE),
+    (4, ExchangeOptions(algorithm="auto", auto_threshold=0), KEPT_EXCHANGE),
+    (4, ExchangeOptions(algorithm="auto", auto_threshold=1 << 20), CAPACITY),
+    (4, ExchangeOptions(algorithm="2dh"), CAPACITY),
+    (4, ExchangeOptions(overlap_degree=2), CAPACITY),
+    (4, ExchangeOptions(send="capacity"), CAPACITY),
 ])
-def test_strategy_table(ep_size, backend, exchange, expected):
-    assert strategies.choose(ep_size, backend, exchange) == expected
+def test_strategy_table(ep_size, exchange, expected):
+    """The same on every backend: a layer on the GPU path (Triton) takes these strategies too
+    (tests/test_kept_exchange.py runs both backends' kept exchange)."""
+    assert strategies.choose(ep_size, exchange) == expected
 
 
 def test_options_without_effect_are_named():
-    assert strategies.ineffective_options(GROUPED, 1, "torch", ExchangeOptions()) == []
-    assert strategies.ineffective_options(KEPT_EXCHANGE, 4, "torch", ExchangeOptions()) == []
-    notes = strategies.ineffective_options(GROUPED, 1, "torch", ExchangeOptions(algorithm="2dh", overlap_degree=2))
+    assert strategies.ineffective_options(GROUPED, 1, ExchangeOptions()) == []
+    assert strategies.ineffective_options(KEPT_EXCHANGE, 4, ExchangeOptions()) == []
+    notes = strategies.ineffective_options(GROUPED, 1, ExchangeOptions(algorithm="2dh", overlap_degree=2))
     assert len(notes) == 2 and all("ep_size=1" in n for n in notes)
-    assert strategies.ineffective_options(KEPT_EXCHANGE, 4, "triton", ExchangeOptions()) == []
-    assert strategies.ineffective_options(GROUPED, 1, "triton", ExchangeOptions()) == []
-    for backend in ("torch", "triton"):
-        (note,) = strategies.ineffective_options(CAPACITY, 4, backend, ExchangeOptions(algorithm="2dh"))
-        assert "a2a_send='kept'" in note and "flat all-to-all in one piece" in note
-    (note,) = strategies.ineffective_options(KEPT_EXCHANGE, 4, "torch", ExchangeOptions(auto_threshold=1024))
+    (note,) = strategies.ineffective_options(CAPACITY, 4, ExchangeOptions(algorithm="2dh"))
+    assert "a2a_send='kept'" in note and "flat all-to-all in one piece" in note
+    (note,) = strategies.ineffective_options(KEPT_EXCHANGE, 4, ExchangeOptions(auto_threshold=1024))
     assert "a2a_auto_threshold" in note
 
 
