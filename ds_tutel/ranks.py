@@ -35,9 +35,10 @@ def free_port() -> int:
 
 
 def _rank_entry(rank: int, world_size: int, local_size: int, port: int, timeout: float, threads: int,
-                env: Mapping[str, str], fn: Callable, args: tuple, results: Any) -> None:
+                caller_env: Mapping[str, str], env: Mapping[str, str], fn: Callable, args: tuple,
+                results: Any) -> None:
     os.environ.clear()  # the caller's environment as it is now, not the fork server's from when it started
-    os.environ.update(env)
+    os.environ.update(caller_env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % local_size), WORLD_SIZE=str(world_size),
                       LOCAL_SIZE=str(local_size), LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
@@ -110,9 +111,10 @@ def run_local_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 
     ctx = _rank_context()
     results = ctx.Queue()
     port = free_port()
-    rank_env = {**os.environ, **(env or {})}
+    caller_env = dict(os.environ)
     procs = [ctx.Process(target=_rank_entry, daemon=True,
-                         args=(r, world_size, local, port, timeout, threads, rank_env, fn, args, results))
+                         args=(r, world_size, local, port, timeout, threads, caller_env, dict(env or {}), fn, args,
+                               results))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -17,7 +17,8 @@ def _describe(rank, world_size, scale):
     total = torch.tensor([float(rank)])
     dist.all_reduce(total)
     return {"rank": rank, "local_rank": int(os.environ["LOCAL_RANK"]), "local_size": int(os.environ["LOCAL_SIZE"]),
-            "sum": total * scale, "extra": os.environ.get("RANKS_TEST_EXTRA"), "threads": torch.get_num_threads()}
+            "sum": total * scale, "extra": os.environ.get("RANKS_TEST_EXTRA"), "threads": torch.get_num_threads(),
+            "caller": os.environ.get("RANKS_TEST_CALLER")}
 
 
 def _fail_on_rank_1(rank, world_size):
@@ -38,13 +39,19 @@ def _exit_on_rank_1(rank, world_size):
     return rank
 
 
-def test_results_come_back_in_rank_order_with_tensors_and_node_layout():
+def test_results_come_back_in_rank_order_with_tensors_and_node_layout(monkeypatch):
+    # The caller's environment as it is at the call reaches the ranks, but never its own rank variables (a caller
+    # that is itself a launched rank).
+    monkeypatch.setenv("RANKS_TEST_CALLER", "at the call")
+    monkeypatch.setenv("RANK", "7")
+    monkeypatch.setenv("LOCAL_RANK", "3")
     results = run_local_ranks(_describe, 4, 2.0, local_size=2, env={"RANKS_TEST_EXTRA": "yes"}, threads_per_rank=1,
                               timeout=120)
     assert [r["rank"] for r in results] == [0, 1, 2, 3]
     assert [r["local_rank"] for r in results] == [0, 1, 0, 1] and {r["local_size"] for r in results} == {2}
     assert all(torch.equal(r["sum"], torch.tensor([12.0])) for r in results)  # (0+1+2+3) * 2, a real all-reduce
     assert {r["extra"] for r in results} == {"yes"} and {r["threads"] for r in results} == {1}
+    assert {r["caller"] for r in results} == {"at the call"}
 
 
 def test_a_failing_rank_fails_the_call_with_its_message():
