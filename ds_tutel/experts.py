@@ -128,12 +128,9 @@ def _weights(linears: Sequence[nn.Linear]) -> Tuple[List[torch.Tensor], Optional
 GroupedLinearLookup = Callable[..., Optional[GroupedLinear]]
 
 
+# Each FFN form's Linear submodules, in the order they run.
 _LINEAR_NAMES = {"sequential": ("0", "2"), "gated": ("gate_proj", "up_proj", "down_proj"),
                  "fused_gated": ("gate_up_proj", "down_proj")}
-
-
-def _linear_names(form: str) -> Sequence[str]:
-    return _LINEAR_NAMES[form]
 
 
 def run_ffn(form: str, experts: Sequence[nn.Module], x_NM: torch.Tensor, offsets_L1: torch.Tensor,
@@ -228,7 +225,7 @@ class Experts(nn.Module):
         def find(*args: object) -> Optional[GroupedLinear]:
             return kernels.lookup(backend, "grouped_linear", *args)
 
-        first = [e.get_submodule(_linear_names(form)[0]) for e in self.deepspeed_experts]
+        first = [e.get_submodule(_LINEAR_NAMES[form][0]) for e in self.deepspeed_experts]
         return find if find(x_NM, offsets_L1, *_weights(first)) is not None else None
 
     def forward_rows(self, x_NM: torch.Tensor, offsets_L1: torch.Tensor, backend: str,

@@ -129,21 +129,12 @@ class StackedGLUExperts(Experts):
         outs_WCM = [self._expert(buf_WLCM[:, l].reshape(W * C, M), l, params).view(W, C, -1) for l in range(L)]
         return torch.stack(outs_WCM, dim=1)
 
-    def forward_grouped(self, inputs_nM: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """Runs expert l on inputs_nM[l], exactly its tokens; on the CPU all of them at once on their rows joined
-        (torch's grouped matmul), inside the backend's run_experts as Experts.forward_grouped runs them."""
-        if not _takes_grouped_mm(inputs_nM):
-            return super().forward_grouped(inputs_nM)
-        rows_L = [x_nM.shape[0] for x_nM in inputs_nM]
-
-        def run(joined: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-            return [self._grouped_mm_rows(joined[0], rows_L)]
-
-        wrap = kernels.find("run_experts", inputs_nM[0].device)
-        joined = [torch.cat(list(inputs_nM))]
-        return list((wrap(run, joined) if wrap is not None else run(joined))[0].split(rows_L))
-
     def _run_grouped(self, inputs_nM: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Expert l on inputs_nM[l] (Experts.forward_grouped runs this inside the backend's run_experts): on the
+        CPU all of them at once on their rows joined (torch's grouped matmul), else one after another."""
+        if _takes_grouped_mm(inputs_nM):
+            rows_L = [x_nM.shape[0] for x_nM in inputs_nM]
+            return list(self._grouped_mm_rows(torch.cat(list(inputs_nM)), rows_L).split(rows_L))
         params = [linear.unbind() for linear in self._linears()]
         return [self._expert(x_nM, l, params) for l, x_nM in enumerate(inputs_nM)]
 
@@ -175,10 +166,6 @@ class StackedGLUExperts(Experts):
         h_NH = self.glu(find(x_NM, offsets_L1, w1, b1))
         second = kernels.lookup(backend, "grouped_linear", h_NH, offsets_L1, w2, b2) or grouped_linear_reference
         return second(h_NH, offsets_L1, w2, b2)
-
-    def grouped_linear_lookup(self, *args: Any, **kwargs: Any) -> None:
-        """Stacked experts find their grouped GEMM in forward_rows; the per-expert FFN forms do not apply."""
-        return None
 
 
 def _takes_grouped_mm(inputs_nM: Sequence[torch.Tensor]) -> bool:
