@@ -22,6 +22,7 @@ from .softmax import router_softmax
 from .tutel import route_tutel
 from .types import CapacityAgreement, Routing
 
+
 def route(logits_SE: torch.Tensor,
           k: int = 1,
           capacity_factor: float = 1.0,
