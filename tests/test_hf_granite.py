@@ -22,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import ds_tutel.hf as hf  # noqa: E402
-from ds_tutel.hf.block import ChunkedGLU  # noqa: E402
+from ds_tutel.hf.layouts import ChunkedGLU  # noqa: E402
 from ds_tutel.stacked_experts import StackedGLUExperts  # noqa: E402
 
 from test_hf_convert import ATOL, B, CASES, T, VOCAB, max_diff, tiny_model  # noqa: E402

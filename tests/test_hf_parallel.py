@@ -96,7 +96,6 @@ def _check_case(rank: int, model_type: str, overrides: dict, ep_size: int) -> Di
     import torch.distributed as dist
 
     import ds_tutel.hf as hf
-    import ds_tutel.hf.block as block_module
     original = _tiny_model(model_type, 0, **overrides)
     converted = hf.convert(copy.deepcopy(original), ep_size=ep_size)
     ep_group = hf.converted_blocks(converted)[0][1].moe.deepspeed_moe.ep_group
@@ -112,10 +111,11 @@ def _check_case(rank: int, model_type: str, overrides: dict, ep_size: int) -> Di
     else:
         diffs["aux_loss"] = abs(ref.aux_loss.item() - got.aux_loss.item())
 
-    # The unconverted model's gradients, expert ones summed over the expert-parallel group.
+    # The unconverted model's gradients, expert ones summed over the expert-parallel group (transformers 4 leaves
+    # an expert no token of this rank reached without one: zeros).
     ref_grads: Dict[str, torch.Tensor] = {}
     for name, param in original.named_parameters():
-        grad = param.grad.detach().clone()
+        grad = torch.zeros_like(param) if param.grad is None else param.grad.detach().clone()
         if _is_expert(name):
             dist.all_reduce(grad, group=ep_group)
         ref_grads[name] = grad
@@ -126,11 +126,16 @@ def _check_case(rank: int, model_type: str, overrides: dict, ep_size: int) -> Di
         assert L * ep_size == block.moe.num_experts
         assert all(p.group_name == f"ep_size_{ep_size}" and p.allreduce is False for p in experts.parameters())
         # The local experts' gradients in the HF layout: their slice of each fused tensor's gradient.
-        layout = block_module.EXPERT_FORMS[block.spec.expert_form]
         stacked = {name: p.grad for name, p in experts.named_parameters()}
-        for name, grad_L in layout.from_stacked(stacked).items():
-            ref_L = ref_grads[f"{block_name}.experts.{name}"][ep_rank * L:(ep_rank + 1) * L]
-            local = max(local, _diff(grad_L, ref_L))
+        pieces_L = block.layout.from_stacked(stacked)
+        if block.layout.per_expert:  # transformers 4: local expert l's own tensors, global expert ep_rank * L + l
+            pairs = [(grad, ref_grads[f"{block_name}.experts.{ep_rank * L + int(name.split('.')[0])}."
+                                      f"{name.split('.', 1)[1]}"])
+                     for name, grad in block.layout.hf_entries(pieces_L, L).items()]
+        else:
+            pairs = [(grad_L, ref_grads[f"{block_name}.experts.{name}"][ep_rank * L:(ep_rank + 1) * L])
+                     for name, grad_L in pieces_L.items()]
+        local = max([local] + [_diff(grad, ref) for grad, ref in pairs])
     grads = hf.export_grads(converted)  # a collective: every expert's gradient from its rank
     assert list(grads) == list(ref_grads)
     for name, grad in ref_grads.items():
@@ -213,6 +218,8 @@ def _engine_losses(rank: int, world_size: int, stage: int, optimizer: str) -> Tu
         ref_loss = original(input_ids=ids_BT, labels=ids_BT, output_router_logits=True).loss
         ref_loss.backward()
         for param in original.parameters():
+            if param.grad is None:  # an expert no token reached, in transformers 4's loop
+                param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad)
             param.grad.div_(world_size)
         reference.step()

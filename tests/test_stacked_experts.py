@@ -17,7 +17,7 @@ from torch import nn
 
 from ds_tutel import MoE, kernels
 from ds_tutel.experts import Experts, grouped_linear_reference
-from ds_tutel.hf.block import ChunkedGLU, ClampedInterleavedGLU
+from ds_tutel.hf.layouts import ChunkedGLU, ClampedInterleavedGLU
 from ds_tutel.stacked_experts import GLUExpert, StackedGLUExperts
 
 M, H, L = 8, 4, 4  # rows of whole 16-byte units: the grouped GEMM takes views of the stacked biases

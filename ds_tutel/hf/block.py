@@ -1,7 +1,7 @@
 """The module that takes a transformers sparse-MoE block's place: its routed experts run in a `ds_tutel.MoE` (stacked
-GLU experts, ds_tutel.stacked_experts, read from and written back to the fused layout its EXPERT_FORMS entry
-names), its dense parts (a shared expert) stay HF modules, and the router logits still reach the model's own
-auxiliary loss.
+GLU experts, ds_tutel.stacked_experts, read from and written back to the HF experts' layout, ds_tutel.hf.layouts),
+its dense parts (a shared expert) stay HF modules, and the router logits still reach the model's own auxiliary
+loss.
 
 transformers 5 collects router logits for `output_router_logits=True` with forward hooks that it installs, on
 first use, on every module of the router's class (`_can_record_outputs`). `RouterLogits` is that capture point:
@@ -15,141 +15,68 @@ accumulation orders straddle a rounding boundary (one unit in the last place). W
 the block's input (gate input noise in training, or an enclosing autocast, whose dtype the HF router would
 compute in), the block computes the HF router's logits with a second matmul instead.
 
+transformers 4 (per-expert experts) collects them from the block's own output instead, (hidden_states,
+router_logits), with its forward wrapped on every module of the block's class: the converted block is made a
+subclass of the HF block class there, and always returns the logits as that block does.
+
 Shape legend: S tokens, M model dim, E experts, K choices per token, L local experts (E / ep_size), I expert
 intermediate dim, n rows one expert runs on.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..stacked_experts import GLUExpert, StackedGLUExperts
+from ..stacked_experts import StackedGLUExperts
+from .layouts import ExpertLayout
 from .models import BlockSpec
 
 
-class ChunkedGLU(nn.Module):
-    """act_fn(gate) * up, the gate the first half of the last dim and up the second (the HF "swiglu" experts)."""
+class HFClassStandIn(nn.Module):
+    """A module that may be made, at run time, a subclass of a transformers class as well (with_hf_class), so that
+    transformers' output recorders, which look for modules of that class, find it in its place. `hf_class` is
+    that class (None: not made so); pickling records it, as the made class has no importable name."""
 
-    def __init__(self, act_fn: nn.Module) -> None:
-        super().__init__()
-        self.act_fn = act_fn
+    hf_class: Optional[type] = None
+    _class_suffix = ""
 
-    def forward(self, gate_up_n2I: torch.Tensor) -> torch.Tensor:
-        gate_nI, up_nI = gate_up_n2I.chunk(2, dim=-1)
-        return self.act_fn(gate_nI) * up_nI
-
-
-class ClampedInterleavedGLU(nn.Module):
-    """GPT-OSS's gated activation: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate,
-    max=limit), the gate at even and up at odd positions of the last dim."""
-
-    def __init__(self, alpha: float, limit: float) -> None:
-        super().__init__()
-        self.alpha = float(alpha)
-        self.limit = float(limit)
-
-    def forward(self, gate_up_n2I: torch.Tensor) -> torch.Tensor:
-        gate_nI = gate_up_n2I[..., 0::2].clamp(max=self.limit)
-        up_nI = gate_up_n2I[..., 1::2].clamp(min=-self.limit, max=self.limit)
-        return (up_nI + 1) * (gate_nI * torch.sigmoid(gate_nI * self.alpha))
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, limit={self.limit}"
+    def __reduce_ex__(self, protocol):
+        own = next(c for c in type(self).__mro__ if c.__dict__.get("_class_suffix"))
+        return _new_stand_in, (own, type(self).hf_class), self.__dict__
 
 
-def _transposed(t_LAB: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t_LAB is None else t_LAB.transpose(1, 2).contiguous()
+_HF_SUBCLASSES: Dict[Tuple[type, type], type] = {}
 
 
-class SwiGLULayout:
-    """HF layout "swiglu": gate_up_proj [E, 2I, M] (gate rows first, then up rows) and down_proj [E, M, I], no
-    biases: expert e is down(act(gate(x)) * up(x)). Stacked (ds_tutel.stacked_experts), expert e's weights are
-    exactly gate_up_proj[e] and down_proj[e]."""
-
-    HF_TENSORS: Tuple[str, ...] = ("gate_up_proj", "down_proj")
-
-    @staticmethod
-    def hf_dims(experts: nn.Module) -> Tuple[int, int, int]:
-        """(E, M, I) of HF fused experts in this layout, else ValueError."""
-        gate_up_E2IM, down_EMI = experts.gate_up_proj, experts.down_proj
-        E, two_I, M = gate_up_E2IM.shape
-        I = two_I // 2
-        if two_I != 2 * I or tuple(down_EMI.shape) != (E, M, I):
-            raise ValueError(f"gate_up_proj {tuple(gate_up_E2IM.shape)} and down_proj {tuple(down_EMI.shape)} are "
-                             "not [E, 2I, M] and [E, M, I]")
-        return E, M, I
-
-    @staticmethod
-    def template(experts: nn.Module, M: int, I: int, device: torch.device, dtype: torch.dtype) -> GLUExpert:
-        """One ds_tutel expert of this form (the MoE layer stacks its copies)."""
-        return GLUExpert(M, I, ChunkedGLU(experts.act_fn), bias=False, device=device, dtype=dtype)
-
-    @staticmethod
-    def to_stacked(fused: Dict[str, torch.Tensor], first: int, stop: int) -> Dict[str, torch.Tensor]:
-        """Experts first..stop-1 of the HF fused tensors, as the stacked parameters (by name) hold them."""
-        return {"gate_up_proj.weight": fused["gate_up_proj"][first:stop],
-                "down_proj.weight": fused["down_proj"][first:stop]}
-
-    @staticmethod
-    def from_stacked(stacked: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
-        """The stacked parameters' tensors (by name; None passes through) as HF fused tensors [L, ...]."""
-        return {"gate_up_proj": stacked["gate_up_proj.weight"], "down_proj": stacked["down_proj.weight"]}
+def with_hf_class(own: type, hf_class: Optional[type]) -> type:
+    """`own` (a HFClassStandIn class) made a subclass of hf_class too, one class per pair; `own` where hf_class
+    is None. `own`'s methods come first; hf_class's __init__ is never called."""
+    if hf_class is None:
+        return own
+    if (own, hf_class) not in _HF_SUBCLASSES:
+        _HF_SUBCLASSES[(own, hf_class)] = type(
+            f"{hf_class.__name__}{own._class_suffix}", (own, hf_class),
+            {"__module__": __name__, "__doc__": own.__doc__, "hf_class": hf_class})
+    return _HF_SUBCLASSES[(own, hf_class)]
 
 
-class ClampedGLULayout:
-    """HF layout "clamped_glu" (GPT-OSS): gate_up_proj [E, M, 2I] applied as x @ W with gate and up columns
-    interleaved (gate at even, up at odd columns), gate_up_proj_bias [E, 2I] likewise, down_proj [E, I, M],
-    down_proj_bias [E, M]. Stacked, the weights are these transposed (Linear's [out, in]), the biases as they
-    are; the interleaving stays (ClampedInterleavedGLU reads it)."""
-
-    HF_TENSORS: Tuple[str, ...] = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
-
-    @staticmethod
-    def hf_dims(experts: nn.Module) -> Tuple[int, int, int]:
-        gate_up_EM2I, down_EIM = experts.gate_up_proj, experts.down_proj
-        E, M, two_I = gate_up_EM2I.shape
-        I = two_I // 2
-        shapes = {"gate_up_proj": (E, M, 2 * I), "gate_up_proj_bias": (E, 2 * I), "down_proj": (E, I, M),
-                  "down_proj_bias": (E, M)}
-        if two_I != 2 * I or any(tuple(getattr(experts, n).shape) != shape for n, shape in shapes.items()):
-            raise ValueError("expected gate_up_proj [E, M, 2I], gate_up_proj_bias [E, 2I], down_proj [E, I, M], "
-                             "down_proj_bias [E, M], got " +
-                             ", ".join(f"{n} {tuple(getattr(experts, n).shape)}" for n in shapes))
-        return E, M, I
-
-    @staticmethod
-    def template(experts: nn.Module, M: int, I: int, device: torch.device, dtype: torch.dtype) -> GLUExpert:
-        return GLUExpert(M, I, ClampedInterleavedGLU(experts.alpha, experts.limit), bias=True, device=device,
-                         dtype=dtype)
-
-    @staticmethod
-    def to_stacked(fused: Dict[str, torch.Tensor], first: int, stop: int) -> Dict[str, torch.Tensor]:
-        return {"gate_up_proj.weight": fused["gate_up_proj"][first:stop].transpose(1, 2),
-                "gate_up_proj.bias": fused["gate_up_proj_bias"][first:stop],
-                "down_proj.weight": fused["down_proj"][first:stop].transpose(1, 2),
-                "down_proj.bias": fused["down_proj_bias"][first:stop]}
-
-    @staticmethod
-    def from_stacked(stacked: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
-        return {"gate_up_proj": _transposed(stacked["gate_up_proj.weight"]),
-                "gate_up_proj_bias": stacked["gate_up_proj.bias"],
-                "down_proj": _transposed(stacked["down_proj.weight"]), "down_proj_bias": stacked["down_proj.bias"]}
+def _new_stand_in(own: type, hf_class: Optional[type]) -> nn.Module:
+    """An empty module of the class with_hf_class(own, hf_class) makes; unpickling then sets its state."""
+    return nn.Module.__new__(with_hf_class(own, hf_class))
 
 
-# The HF fused-expert layouts a BlockSpec's expert_form names.
-EXPERT_FORMS: Dict[str, type] = {"swiglu": SwiGLULayout, "clamped_glu": ClampedGLULayout}
-
-
-class RouterLogits(nn.Module):
+class RouterLogits(HFClassStandIn):
     """Parameter-free stand-in for the HF router: forward(logits_SE) returns a tuple holding the logits at the
     index the model's output recorder reads. `weight` (and `bias`, `e_score_correction_bias` where the model's
     router has them) are the ds_tutel gate's tensors (the same ones, not copies), so code that inspects the HF
     router still finds them. The gate is held as a plain attribute, not a submodule: its tensors keep their one
     name, and deepcopy maps the reference to the copy's gate."""
+
+    _class_suffix = "Logits"
 
     def __init__(self, gate: nn.Module, output_index: int, attributes: Dict[str, object]) -> None:
         nn.Module.__init__(self)  # not the HF router's __init__: this module owns no parameters
@@ -174,31 +101,22 @@ class RouterLogits(nn.Module):
             raise AttributeError("this router has no selection bias")
         return self._gate.expert_bias
 
-    def __reduce_ex__(self, protocol):
-        # The class is made at run time (router_logits_class): pickle the HF router class it derives from.
-        return _new_router_logits, (type(self).hf_router_class,), self.__dict__
-
     def forward(self, logits_SE: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         out = [None] * (self.output_index + 1)
         out[self.output_index] = logits_SE
         return tuple(out)
 
 
-_ROUTER_LOGITS_CLASSES: Dict[type, type] = {}
+def router_logits_class(hf_router_class: Optional[type]) -> type:
+    """RouterLogits made a subclass of the HF router class, for the output recorders' isinstance (transformers 5
+    records router logits from the router's output); RouterLogits itself for None."""
+    return with_hf_class(RouterLogits, hf_router_class)
 
 
-def router_logits_class(hf_router_class: type) -> type:
-    """RouterLogits made a subclass of the HF router class (one per class), for the output recorders' isinstance."""
-    if hf_router_class not in _ROUTER_LOGITS_CLASSES:
-        _ROUTER_LOGITS_CLASSES[hf_router_class] = type(
-            f"{hf_router_class.__name__}Logits", (RouterLogits, hf_router_class),
-            {"__module__": __name__, "__doc__": RouterLogits.__doc__, "hf_router_class": hf_router_class})
-    return _ROUTER_LOGITS_CLASSES[hf_router_class]
-
-
-def _new_router_logits(hf_router_class: type) -> RouterLogits:
-    """An empty RouterLogits of the class made for hf_router_class; unpickling then sets its state."""
-    return nn.Module.__new__(router_logits_class(hf_router_class))
+def converted_block_class(hf_block_class: Optional[type]) -> type:
+    """HFMoEBlock made a subclass of the HF block class (transformers 4 records router logits from the block's
+    output); HFMoEBlock itself for None."""
+    return with_hf_class(HFMoEBlock, hf_block_class)
 
 
 # Plain attributes of the HF routers worth keeping on the stand-in (read by code that inspects routers).
@@ -206,19 +124,26 @@ ROUTER_ATTRIBUTES = ("top_k", "num_experts", "norm_topk_prob", "hidden_dim", "nu
                      "routed_scaling_factor")
 
 
-class HFMoEBlock(nn.Module):
+class HFMoEBlock(HFClassStandIn):
     """A converted sparse-MoE block: routed experts in `moe` (a ds_tutel.MoE), the router's logits through the
-    stand-in registered under the HF router's name, shared experts under their HF names.
+    stand-in registered under the HF router's name, shared experts under their HF names; `layout` is the HF
+    experts' (ds_tutel.hf.layouts), which export writes back.
 
-    forward(hidden_states [..., M]) -> [..., M] as the HF block returns it (GPT-OSS's: a tuple with the routing's
-    gates [S, K], detached, in place of its router scores, which its decoder layer discards).
+    forward(hidden_states [..., M]) -> [..., M] as the HF block returns it: GPT-OSS's, a tuple with the routing's
+    gates [S, K], detached, in place of its router scores, which its decoder layer discards; with
+    returns_router_logits (transformers 4's blocks), a tuple with the router logits [S, E].
     """
 
-    def __init__(self, spec: BlockSpec, moe: nn.Module, router_logits: RouterLogits,
+    _class_suffix = "Converted"
+
+    def __init__(self, spec: BlockSpec, moe: nn.Module, router_logits: RouterLogits, layout: ExpertLayout,
                  shared_expert: Optional[nn.Module] = None, shared_expert_gate: Optional[nn.Module] = None,
-                 jitter_noise: float = 0.0, hf_block_class: str = "", hf_names: Tuple[str, ...] = ()) -> None:
-        super().__init__()
+                 jitter_noise: float = 0.0, returns_router_logits: bool = False, hf_block_class: str = "",
+                 hf_names: Tuple[str, ...] = ()) -> None:
+        nn.Module.__init__(self)  # not the HF block's __init__, where this is made its subclass
         self.spec = spec
+        self.layout = layout
+        self.returns_router_logits = bool(returns_router_logits)
         self.hf_names = tuple(hf_names)  # the HF block's state-dict keys, in its order (export keeps it)
         self.hf_block_class = hf_block_class
         self.jitter_noise = float(jitter_noise)
@@ -239,6 +164,12 @@ class HFMoEBlock(nn.Module):
         memo[id(self)] = twin
         twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return twin
+
+    @property
+    def moe(self) -> nn.Module:
+        """The ds_tutel layer. A property, so that where this is made a subclass of the HF block class, that
+        class's own `moe` method (DeepSeek-V3's in transformers 4) does not hide it."""
+        return self._modules["moe"]
 
     @property
     def router_logits(self) -> RouterLogits:
@@ -263,19 +194,28 @@ class HFMoEBlock(nn.Module):
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x_SM = hidden_states.reshape(-1, M)
+        logits: List[torch.Tensor] = []  # the HF router's logits [S, E], where wanted
+
+        def keep_logits(logits_SE: torch.Tensor) -> None:
+            logits.append(logits_SE.to(self.router_weight.dtype))
+
         on_logits = None
-        if self.router_logits._forward_hooks:  # something records router logits (the model's aux loss)
+        if self.router_logits._forward_hooks or self.returns_router_logits:
             if self._gate_logits_are_the_routers(x_SM):
-                on_logits = self._record_logits
+                on_logits = keep_logits
             else:
-                self.router_logits(F.linear(x_SM, self.router_weight, self.moe_gate.wg.bias))
+                logits.append(F.linear(x_SM, self.router_weight, self.moe_gate.wg.bias))
         y_SM, _, _ = self.moe(x_SM, on_logits=on_logits)
+        if self.router_logits._forward_hooks:  # something records router logits (the model's aux loss)
+            self.router_logits(logits[0])
         if self.spec.shared_expert is not None:
             shared_SM = getattr(self, self.spec.shared_expert)(x_SM)
             if self.spec.shared_expert_gate is not None:
                 shared_SM = torch.sigmoid(getattr(self, self.spec.shared_expert_gate)(x_SM)) * shared_SM
             y_SM = y_SM + shared_SM
         y = y_SM.reshape(hidden_states.shape)
+        if self.returns_router_logits:
+            return y, logits[0]
         if self.spec.returns_router_scores:  # the HF block's (hidden_states, router_scores [S, K])
             return y, self.moe.deepspeed_moe.last_routing.gates_SK
         return y
@@ -287,9 +227,6 @@ class HFMoEBlock(nn.Module):
         noisy = gate.training and (opts.input_dropout > 0 or opts.input_jitter > 0
                                    or gate.noisy_gate_policy == "Jitter")
         return not noisy and not torch.is_autocast_enabled(x_SM.device.type)
-
-    def _record_logits(self, logits_SE: torch.Tensor) -> None:
-        self.router_logits(logits_SE.to(self.router_weight.dtype))
 
     def local_experts(self) -> StackedGLUExperts:
         """This rank's experts of the block, stacked."""
@@ -306,7 +243,6 @@ class HFMoEBlock(nn.Module):
         call this, for the same blocks in the same order (a collective).
         """
         spec, gate = self.spec, self.moe_gate
-        experts = self.local_experts()
         out: Dict[str, Optional[torch.Tensor]] = {f"{spec.router}.weight": pick(gate.wg.weight)}
         if spec.router_bias:
             out[f"{spec.router}.bias"] = pick(gate.wg.bias)
@@ -315,8 +251,10 @@ class HFMoEBlock(nn.Module):
         local = self.local_experts()
         stacked = {name: pick(param) for name, param in local.named_parameters()}
         device = local.gate_up_proj.weight.device
-        for name, local_L in EXPERT_FORMS[spec.expert_form].from_stacked(stacked).items():
-            out[f"{spec.experts}.{name}"] = self._gather_experts(local_L, device)                 # [E, ...]
+        pieces_E = {name: self._gather_experts(local_L, device)                                   # [E, ...]
+                    for name, local_L in self.layout.from_stacked(stacked).items()}
+        for name, tensor in self.layout.hf_entries(pieces_E, self.moe.num_experts).items():
+            out[f"{spec.experts}.{name}"] = tensor
         for name in spec.dense_modules():
             for key, param in getattr(self, name).named_parameters():
                 out[f"{name}.{key}"] = pick(param)

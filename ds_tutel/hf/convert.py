@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .block import EXPERT_FORMS, ROUTER_ATTRIBUTES, HFMoEBlock, router_logits_class
+from .block import ROUTER_ATTRIBUTES, HFMoEBlock, converted_block_class, router_logits_class
+from .layouts import ExpertLayout
 from .models import BlockSpec, spec_for
 
 # ds_tutel.MoE / routing arguments that follow from the HF block and cannot be chosen.
@@ -40,21 +41,17 @@ def moe_arguments(normalize: bool, options: Dict[str, Any]) -> Dict[str, Any]:
     return arguments
 
 
-def _check_block_layout(spec: BlockSpec, block: nn.Module) -> Tuple[int, int, int]:
+def _check_block_layout(spec: BlockSpec, block: nn.Module, layout: ExpertLayout) -> Tuple[int, int, int]:
     """(E, M, I) of a HF block whose parameters (and selection-bias buffer) are exactly those this conversion
     reads, else ValueError."""
-    form = EXPERT_FORMS[spec.expert_form]
     experts = getattr(block, spec.experts)
-    fused = [getattr(experts, name, None) for name in form.HF_TENSORS]
-    if not all(isinstance(t, torch.Tensor) for t in fused):
-        raise ValueError(f"{type(block).__name__}: expected fused experts {', '.join(form.HF_TENSORS)} "
-                         f"(transformers >= 5.15); this transformers version stores them otherwise")
     try:
-        E, M, I = form.hf_dims(experts)
+        expert_tensors = layout.tensors(experts)
+        E, M, I = layout.hf_dims(experts)
     except ValueError as err:
         raise ValueError(f"{type(block).__name__}: {err}") from None
     router = getattr(block, spec.router)
-    expected = {f"{spec.router}.weight"} | {f"{spec.experts}.{name}" for name in form.HF_TENSORS}
+    expected = {f"{spec.router}.weight"} | {f"{spec.experts}.{name}" for name in expert_tensors}
     if spec.router_bias:
         expected.add(f"{spec.router}.bias")
     for name in spec.dense_modules():
@@ -102,17 +99,17 @@ def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict
     from ..experts import mark_expert_params
     from ..layer import MoE
 
-    E, M, I = _check_block_layout(spec, block)
-    form = EXPERT_FORMS[spec.expert_form]
-    router = getattr(block, spec.router)
     experts = getattr(block, spec.experts)
-    fused = {name: getattr(experts, name) for name in form.HF_TENSORS}
-    first = fused[form.HF_TENSORS[0]]
+    layout = spec.layout(experts)
+    E, M, I = _check_block_layout(spec, block, layout)
+    router = getattr(block, spec.router)
+    expert_tensors = layout.tensors(experts)
+    first = next(iter(expert_tensors.values()))
     # The experts (stacked: ds_tutel.stacked_experts) are made on the meta device (no initialisation, no fp32
-    # copy of bf16 weights), then given storage on the HF experts' device and filled from the fused tensors.
-    template = form.template(experts, M, I, device=torch.device("meta"), dtype=first.dtype)
-    moe = MoE(M, template, num_experts=E, ep_size=ep_size, k=int(router.top_k),
-              **moe_arguments(spec.normalizes(router), options), **spec.rule_options(router))
+    # copy of bf16 weights), then given storage on the HF experts' device and filled from the HF tensors.
+    template = layout.template(experts, M, I, device=torch.device("meta"), dtype=first.dtype)
+    moe = MoE(M, template, num_experts=E, ep_size=ep_size, k=spec.top_k(block),
+              **moe_arguments(spec.normalizes(block), options), **spec.rule_options(block))
     gate = moe.deepspeed_moe.gate
     local = moe.deepspeed_moe.experts
     local.to_empty(device=first.device)
@@ -120,9 +117,9 @@ def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict
     ep_rank = expert_parallel_rank(moe)
     L = E // ep_size
     with torch.no_grad():  # local expert l is global expert ep_rank * L + l
-        for name, tensor_L in form.to_stacked(fused, ep_rank * L, (ep_rank + 1) * L).items():
+        for name, tensor_L in layout.to_stacked(experts, ep_rank * L, (ep_rank + 1) * L).items():
             local.get_parameter(name).copy_(tensor_L)
-    trainable = any(t.requires_grad for t in fused.values())
+    trainable = any(t.requires_grad for t in expert_tensors.values())
     for param in local.parameters():  # frozen HF experts stay frozen
         param.requires_grad_(trainable)
     wg = gate.wg
@@ -138,16 +135,21 @@ def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict
         with torch.no_grad():
             gate.expert_bias.copy_(getattr(router, spec.selection_bias))
     attributes = {name: getattr(router, name) for name in ROUTER_ATTRIBUTES if hasattr(router, name)}
-    logits = router_logits_class(type(router))(gate, router_logits_index, attributes)
+    # A plain Linear router (transformers 4) is not what any recorder looks for: its stand-in needs no HF class.
+    logits = router_logits_class(None if type(router) is nn.Linear else type(router))(
+        gate, router_logits_index, attributes)
     # Hooks the model's output recorders already put on the HF router (a recorded forward before conversion)
     # move to the stand-in; otherwise transformers installs them on first use.
     for hook in router._forward_hooks.values():
         logits.register_forward_hook(hook)
     dense = {name: getattr(block, name) for name in spec.dense_modules()}
-    return HFMoEBlock(spec, moe, logits, shared_expert=dense.get(spec.shared_expert),
-                      shared_expert_gate=dense.get(spec.shared_expert_gate),
-                      jitter_noise=getattr(block, spec.jitter_attr, 0.0) if spec.jitter_attr else 0.0,
-                      hf_block_class=type(block).__name__, hf_names=tuple(block.state_dict()))
+    # transformers 4's models record router logits from the block's own output: the stand-in is of its class.
+    converted_class = converted_block_class(type(block) if layout.per_expert else None)
+    return converted_class(spec, moe, logits, layout, shared_expert=dense.get(spec.shared_expert),
+                           shared_expert_gate=dense.get(spec.shared_expert_gate),
+                           jitter_noise=getattr(block, spec.jitter_attr, 0.0) if spec.jitter_attr else 0.0,
+                           returns_router_logits=layout.per_expert and spec.per_expert_returns_logits,
+                           hf_block_class=type(block).__name__, hf_names=tuple(block.state_dict()))
 
 
 def convert(model: nn.Module, ep_size: int = 1, **options: Any) -> nn.Module:
@@ -173,7 +175,7 @@ def convert(model: nn.Module, ep_size: int = 1, **options: Any) -> nn.Module:
         _check_distributed(ep_size)
     block_class = spec.load_block_class()
     found: List[Tuple[str, nn.Module]] = [(name, m) for name, m in model.named_modules()
-                                           if isinstance(m, block_class)]
+                                           if isinstance(m, block_class) and not isinstance(m, HFMoEBlock)]
     if not found:
         raise ValueError(f"no {block_class.__name__} in this {spec.model_type} model (already converted?)")
     training = model.training
