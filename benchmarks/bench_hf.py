@@ -128,6 +128,10 @@ def model_fields(model_type: str, hidden: int, layers: int, experts: int = 8, to
                       attention_multiplier=4.0 / hidden)  # 1 / head_dim
         if model_type == "granitemoeshared":  # the dense shared MLP beside the block (none by default)
             fields.update(shared_intermediate_size=expert_dim)
+    elif model_type == "phimoe":
+        # sparsemixer: two picks among the experts within a margin of the best, sampled in training (the margin
+        # 0.01 of the released config; candidates seed each step alike, _train_step).
+        fields.update(num_local_experts=experts, intermediate_size=expert_dim)
     else:
         raise ValueError(f"bench_hf has no tiny configuration for model_type={model_type!r}")
     return fields
@@ -237,7 +241,10 @@ def _batch(step: int, rank: int, B: int, T: int, vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(1000 * step + rank))
 
 
-def _train_step(engine, ids_BT: torch.Tensor) -> float:
+def _train_step(engine, ids_BT: torch.Tensor, seed: int) -> float:
+    """One step; `seed` first, so that a model that draws random numbers in training (Phi-MoE samples its routing)
+    draws the same ones in every candidate."""
+    torch.manual_seed(seed)
     router_logits = engine.module.config.model_type not in NO_ROUTER_LOGITS  # the model's aux loss, where it has one
     loss = engine(input_ids=ids_BT, labels=ids_BT, output_router_logits=router_logits).loss
     engine.backward(loss)
@@ -301,7 +308,7 @@ def rank_run(rank: int, world: int, types: List[str], steps: int, hidden: int, l
             for name in order:
                 start = time.perf_counter()
                 try:
-                    loss = _train_step(engines[name], ids_BT)
+                    loss = _train_step(engines[name], ids_BT, seed=1000 * step + rank)
                 except Exception as e:  # an AutoEP model that fails in training is a result; ours failing is not
                     if name != "autoep":
                         raise
@@ -316,7 +323,8 @@ def rank_run(rank: int, world: int, types: List[str], steps: int, hidden: int, l
         ids_BT = _batch(steps, rank, B, T, vocab)
         for name in names:
             losses: List[float] = []
-            record["live_bytes"][name] = step_live_bytes(lambda: losses.append(_train_step(engines[name], ids_BT)))
+            record["live_bytes"][name] = step_live_bytes(
+                lambda: losses.append(_train_step(engines[name], ids_BT, seed=1000 * steps + rank)))
             record["losses"][name].append(losses[0])
         del engines, original
         gc.collect()

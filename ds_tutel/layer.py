@@ -157,9 +157,10 @@ class MoE(ds_layer.MoE):
     DeepSpeed's behaviour:
       capacity_mode, batch_prioritized_routing, normalize_gate, gate_noise, input_dropout, input_jitter,
         aux_loss, z_loss_coef, expert_bias, expert_bias_rate: routing features (see ds_tutel.options).
-      routing_rule, n_group, topk_group, routed_scaling_factor, router_bias: (capacity_mode="tutel") how logits
-        become choices and gates, for models that route otherwise than softmax-then-top-k (DeepSeek-V3's
-        group-limited sigmoid rule, GPT-OSS's top-k-then-softmax with a router bias; ds_tutel.routing.rules).
+      routing_rule, n_group, topk_group, routed_scaling_factor, router_bias, sparsemixer_eps:
+        (capacity_mode="tutel") how logits become choices and gates, for models that route otherwise than
+        softmax-then-top-k (DeepSeek-V3's group-limited sigmoid rule, GPT-OSS's top-k-then-softmax with a router
+        bias, Phi-MoE's sparsemixer; ds_tutel.routing.rules).
       a2a_algorithm: "flat" | "2dh" | "auto", the all-to-all over the expert-parallel group.
       a2a_ffn_overlap_degree: split the dispatched buffer into this many capacity chunks so that the
         all-to-all of one chunk overlaps the experts of another.
@@ -204,6 +205,7 @@ class MoE(ds_layer.MoE):
                  topk_group: int = 1,
                  routed_scaling_factor: float = 1.0,
                  router_bias: bool = False,
+                 sparsemixer_eps: float = 0.01,
                  a2a_algorithm: str = "flat",
                  a2a_ffn_overlap_degree: int = 1,
                  a2a_auto_threshold: Optional[int] = None,
@@ -214,7 +216,8 @@ class MoE(ds_layer.MoE):
                                 input_jitter=input_jitter, aux_loss=aux_loss, z_loss_coef=z_loss_coef,
                                 expert_bias=expert_bias, expert_bias_rate=expert_bias_rate,
                                 routing_rule=routing_rule, n_group=n_group, topk_group=topk_group,
-                                routed_scaling_factor=routed_scaling_factor, router_bias=router_bias)
+                                routed_scaling_factor=routed_scaling_factor, router_bias=router_bias,
+                                sparsemixer_eps=sparsemixer_eps)
         check_constructor(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=k,
                           capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                           min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy, capacity_mode=capacity_mode)

@@ -27,7 +27,7 @@ DISPATCH_BACKENDS = ("auto", "triton", "torch")
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 # How fp32 router logits become each token's choices and gate weights (ds_tutel/routing/rules.py).
 DEFAULT_ROUTING_RULE = "softmax_topk"
-ROUTING_RULES = (DEFAULT_ROUTING_RULE, "sigmoid_group_topk", "topk_softmax")
+ROUTING_RULES = (DEFAULT_ROUTING_RULE, "sigmoid_group_topk", "topk_softmax", "sparsemixer")
 
 SECTION = "ds_tutel"
 ConfigSource = Union[str, os.PathLike, Mapping[str, Any]]
@@ -62,11 +62,14 @@ class RouterOptions:
     routing_rule: (tutel) how the logits become choices and gates (routing/rules.py): "softmax_topk" (softmax
         over the experts, top-k; the default), "sigmoid_group_topk" (DeepSeek-V3: sigmoid scores, top-k inside
         the topk_group best of n_group expert groups, selection bias always present), "topk_softmax" (GPT-OSS:
-        top-k of the logits, softmax over the k chosen).
+        top-k of the logits, softmax over the k chosen), "sparsemixer" (Phi-MoE: two picks, each among the experts
+        within sparsemixer_eps of the best remaining one, sampled in training; k must be 2).
     n_group, topk_group: (sigmoid_group_topk) experts form n_group equal groups; each token picks among the
         experts of its topk_group best groups (a group scores the sum of its two best selection scores).
     routed_scaling_factor: (tutel) every gate weight multiplied by this after normalisation (DeepSeek-V3).
     router_bias: the router `wg` gets a bias (GPT-OSS); DeepSpeed's router has none.
+    sparsemixer_eps: (sparsemixer) how close to the best logit, relatively, an expert must be to be a candidate
+        (Phi-MoE's router_jitter_noise).
     """
 
     capacity_mode: str = "deepspeed"
@@ -84,13 +87,14 @@ class RouterOptions:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     router_bias: bool = False
+    sparsemixer_eps: float = 0.01
 
     def __post_init__(self) -> None:
         if self.capacity_mode not in CAPACITY_MODES:
             raise ValueError(f"capacity_mode must be one of {CAPACITY_MODES}, got {self.capacity_mode!r}")
         if self.aux_loss not in AUX_LOSSES:
             raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {self.aux_loss!r}")
-        for name in ("gate_noise", "input_jitter", "z_loss_coef", "expert_bias_rate"):
+        for name in ("gate_noise", "input_jitter", "z_loss_coef", "expert_bias_rate", "sparsemixer_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -103,6 +107,9 @@ class RouterOptions:
         check_routing_rule(self.routing_rule, self.n_group, self.topk_group, self.routed_scaling_factor)
         if not isinstance(self.router_bias, bool):
             raise ValueError(f"router_bias must be a bool, got {self.router_bias!r}")
+        if self.routing_rule == "sparsemixer" and (self.expert_bias or self.gate_noise > 0):
+            raise ValueError("routing_rule='sparsemixer' samples its own choices in training: expert_bias and "
+                             "gate_noise do not apply to it")
         if self.capacity_mode == "deepspeed" and self.uses_rule:
             raise ValueError(f"routing_rule={self.routing_rule!r} with routed_scaling_factor="
                              f"{self.routed_scaling_factor!r} needs capacity_mode='tutel' (DeepSpeed's routing is "

@@ -70,6 +70,10 @@ CASES: Dict[str, Tuple[str, dict]] = {
     "granitemoe": ("granitemoe", GRANITE),
     # The dense shared_mlp (in the decoder layer, beside the block) is off unless its size is set.
     "granitemoeshared": ("granitemoeshared", dict(GRANITE, shared_intermediate_size=48)),
+    # Phi-MoE samples its picks in training among the experts within a margin of the best: a wide margin (0.01 by
+    # default) leaves several to sample from here. With input jitter, drawn by the block and again by its router.
+    "phimoe": ("phimoe", dict(num_local_experts=8, router_jitter_noise=0.5)),
+    "phimoe-jitter": ("phimoe", dict(num_local_experts=4, input_jitter_noise=0.1, router_jitter_noise=0.3)),
 }
 
 
@@ -379,13 +383,13 @@ def test_balancing_off_by_default_leaves_the_bias():
 
 def test_unsupported_model_type_names_the_supported_ones():
     model = torch.nn.Linear(2, 2)
-    model.config = types.SimpleNamespace(model_type="phimoe")
+    model.config = types.SimpleNamespace(model_type="jetmoe")
     with pytest.raises(hf.UnsupportedModelError) as err:
         hf.convert(model)
     for model_type in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "glm4_moe", "gpt_oss",
-                       "granitemoe", "granitemoeshared"):
+                       "granitemoe", "granitemoeshared", "phimoe"):
         assert model_type in str(err.value)
-    assert "phimoe" in str(err.value)
+    assert "jetmoe" in str(err.value)
     with pytest.raises(hf.UnsupportedModelError):
         hf.convert(torch.nn.Linear(2, 2))  # no config at all
 

@@ -46,6 +46,8 @@ TWO_RANKS: List[Tuple[str, str, dict, int]] = [
                                         first_k_dense_replace=1), 2),
     ("gpt_oss", "gpt_oss", dict(num_local_experts=4, head_dim=16), 2),
     ("granitemoe", "granitemoe", dict(GRANITE, num_local_experts=4), 2),
+    # Sampled routing in training (a wide margin: several candidates), input jitter drawn twice.
+    ("phimoe", "phimoe", dict(num_local_experts=4, router_jitter_noise=0.5, input_jitter_noise=0.1), 2),
 ]
 # On 4 ranks: one expert-parallel group of 4, and two groups of 2 ([0, 1] and [2, 3]).
 FOUR_RANKS: List[Tuple[str, str, dict, int]] = [
@@ -77,10 +79,12 @@ def _is_expert(name: str) -> bool:
     return ".mlp.experts." in name or ".block_sparse_moe.experts." in name
 
 
-def _run(model, ids_BT: torch.Tensor):
+def _run(model, ids_BT: torch.Tensor, seed: int = 2):
     """Forward with labels and router logits where the model records them (its aux loss in the loss), then
-    backward."""
+    backward; `seed` first, so that what a model draws in training (jitter, Phi-MoE's sampled routing) is drawn
+    alike in both models."""
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
     out = model(input_ids=ids_BT, labels=ids_BT,
                 output_router_logits=model.config.model_type not in NO_ROUTER_LOGITS)
     out.loss.backward()

@@ -24,6 +24,7 @@ from ds_tutel.routing.tutel import route_tutel
 transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter  # noqa: E402
+from transformers.models.phimoe.modeling_phimoe import PhimoeTopKRouter  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter  # noqa: E402
 
 M = 16
@@ -122,6 +123,47 @@ def test_softmax_topk_is_qwen3_moes_router(S, E, k, normalize, seed):
 
 
 @settings(max_examples=40, deadline=None)
+@given(S=st.integers(1, 24), E=st.sampled_from([2, 4, 8]), eps=st.sampled_from([0.0, 0.01, 0.3, 2.0]),
+       training=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_sparsemixer_is_phi_moes_router(S, E, eps, training, seed):
+    """Phi-MoE's two picks, in training sampled: from the same seed, the same random draws in the same order give
+    the same experts, gates (scaled by 1 or 0.3333) and gradient estimate."""
+    torch.manual_seed(seed)
+    router = PhimoeTopKRouter(types.SimpleNamespace(hidden_size=M, num_local_experts=E, num_experts_per_tok=2,
+                                                    router_jitter_noise=eps, input_jitter_noise=0.0))
+    router.train(training)
+    with torch.no_grad():
+        router.weight.normal_(0.0, 0.3)
+    x_SM = torch.randn(S, M)
+    w_EM = router.weight.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed + 1)
+    _, ref_gates_SK, ref_indices_SK = router(x_SM)
+    torch.manual_seed(seed + 1)
+    params = rules.RuleParams(normalize=False, sparsemixer_eps=eps, sample=training)
+    choices = rules.choose("sparsemixer", F.linear(x_SM, w_EM), 2, params)
+    assert torch.equal(choices.indices_SK, ref_indices_SK)  # the order of the two picks is the model's too
+    _assert_same_choices(ref_indices_SK, ref_gates_SK, choices, router.weight, w_EM)
+
+
+def test_sparsemixer_samples_among_close_experts_in_training_only():
+    """Two experts within the margin, one far below: evaluation always takes the best; training also takes the
+    close one (never the far one), with the gate scaled to 0.3333 where it is not the most probable."""
+    logits_SE = torch.tensor([[2.0, 1.9, -6.0, -6.5]]).repeat(400, 1)
+    params = rules.RuleParams(sparsemixer_eps=0.05)
+    evaluated = rules.choose("sparsemixer", logits_SE, 2, params)
+    assert evaluated.indices_SK[:, 0].eq(0).all() and evaluated.indices_SK[:, 1].eq(1).all()
+    torch.manual_seed(0)
+    sampled = rules.choose("sparsemixer", logits_SE, 2, rules.RuleParams(sparsemixer_eps=0.05, sample=True))
+    firsts = sampled.indices_SK[:, 0]
+    assert 0.3 < firsts.eq(1).float().mean() < 0.7 and firsts.lt(2).all()
+    close_gate = torch.softmax(torch.tensor([2.0, 1.9]), dim=0)[1]
+    scaled = sampled.gates_SK[firsts.eq(1), 0]
+    assert torch.isclose(scaled, close_gate * 0.3333).any() and torch.isclose(scaled, close_gate).any()
+    with pytest.raises(ValueError, match="picks 2 experts"):
+        rules.choose("sparsemixer", logits_SE, 3, params)
+
+
+@settings(max_examples=40, deadline=None)
 @given(S=st.integers(1, 40), E=st.sampled_from([2, 4, 8]), k=st.integers(1, 3), normalize=st.booleans(),
        capacity_factor=st.sampled_from([0.0, 1.0, 0.5, -0.5, -1.5]), prioritized=st.booleans(),
        unused=st.booleans(), seed=st.integers(0, 2 ** 16))
@@ -172,6 +214,9 @@ def test_dropless_group_routing_keeps_every_choice_and_capacity_drops():
     (dict(router_bias=1), "router_bias"),
     (dict(capacity_mode="deepspeed", routing_rule="topk_softmax"), "capacity_mode='tutel'"),
     (dict(capacity_mode="deepspeed", routed_scaling_factor=2.0), "capacity_mode='tutel'"),
+    (dict(routing_rule="sparsemixer", expert_bias=True), "samples its own choices"),
+    (dict(routing_rule="sparsemixer", gate_noise=1.0), "samples its own choices"),
+    (dict(sparsemixer_eps=-0.1), "sparsemixer_eps"),
 ])
 def test_bad_rule_options_raise_clearly(bad, match):
     with pytest.raises(ValueError, match=match):

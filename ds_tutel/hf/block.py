@@ -101,6 +101,9 @@ class RouterLogits(HFClassStandIn):
             raise AttributeError("this router has no selection bias")
         return self._gate.expert_bias
 
+    def extra_repr(self) -> str:  # not the HF router's (a Linear's reads attributes this has not)
+        return f"router logits at output {self.output_index}"
+
     def forward(self, logits_SE: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         out = [None] * (self.output_index + 1)
         out[self.output_index] = logits_SE
@@ -120,8 +123,8 @@ def converted_block_class(hf_block_class: Optional[type]) -> type:
 
 
 # Plain attributes of the HF routers worth keeping on the stand-in (read by code that inspects routers).
-ROUTER_ATTRIBUTES = ("top_k", "num_experts", "norm_topk_prob", "hidden_dim", "num_group", "topk_group",
-                     "routed_scaling_factor")
+ROUTER_ATTRIBUTES = ("top_k", "num_experts", "norm_topk_prob", "hidden_dim", "num_group", "n_group", "topk_group",
+                     "routed_scaling_factor", "router_jitter_noise", "input_jitter_noise")
 
 
 class HFMoEBlock(HFClassStandIn):
@@ -190,7 +193,8 @@ class HFMoEBlock(HFClassStandIn):
 
     def forward(self, hidden_states: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         M = hidden_states.shape[-1]
-        if self.training and self.jitter_noise > 0:  # Mixtral's jitter: the same draw as the HF block makes
+        for _ in range(self.spec.jitter_draws if self.training and self.jitter_noise > 0 else 0):
+            # Mixtral's and Phi-MoE's input jitter: the same draws as the HF block (and router) make
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x_SM = hidden_states.reshape(-1, M)

@@ -25,7 +25,7 @@ from .models import BlockSpec, spec_for
 
 # ds_tutel.MoE / routing arguments that follow from the HF block and cannot be chosen.
 FIXED_ARGUMENTS = ("hidden_size", "expert", "num_experts", "ep_size", "k", "routing_rule", "n_group", "topk_group",
-                   "routed_scaling_factor", "router_bias")
+                   "routed_scaling_factor", "router_bias", "sparsemixer_eps")
 
 
 def moe_arguments(normalize: bool, options: Dict[str, Any]) -> Dict[str, Any]:

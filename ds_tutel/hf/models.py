@@ -33,6 +33,7 @@ class BlockSpec:
     shared_expert, shared_expert_gate: a dense expert every token goes through, scaled by
       sigmoid(shared_expert_gate(x)) (Qwen2-MoE); kept as HF modules, under their HF names.
     jitter_attr: the block attribute holding multiplicative input jitter applied in training (Mixtral).
+    jitter_draws: how many times that jitter is drawn and applied (Phi-MoE: twice, by the block and its router).
     rule: the routing rule (ds_tutel.routing.rules) the router computes.
     rule_attributes: (ds_tutel option, HF router attribute) pairs read from the router for the rule, e.g.
       ("n_group", "num_group"); where the router has no such attribute, the one named as the option.
@@ -56,6 +57,7 @@ class BlockSpec:
     shared_expert: Optional[str] = None
     shared_expert_gate: Optional[str] = None
     jitter_attr: Optional[str] = None
+    jitter_draws: int = 1
     rule: str = "softmax_topk"
     rule_attributes: Tuple[Tuple[str, str], ...] = ()
     router_bias: bool = False
@@ -146,6 +148,11 @@ SPECS: Dict[str, BlockSpec] = {spec.model_type: spec for spec in (
     # Granite-MoE-Shared: the same block; its dense `shared_mlp` is a submodule of the decoder layer, not of the
     # block (the layer adds it to the block's output), so it stays as it is.
     _spec("granitemoeshared", "GraniteMoeSharedMoE", router="router", normalize_topk=False, rule="topk_softmax"),
+    # Phi-MoE: the router (a Linear subclass) routes by sparsemixer (two picks, sampled in training), margin
+    # router_jitter_noise; the block and then the router jitter the input (input_jitter_noise, 0 by default).
+    _spec("phimoe", "PhimoeSparseMoeBlock", router="router", normalize_topk=False, rule="sparsemixer",
+          rule_attributes=(("sparsemixer_eps", "router_jitter_noise"),), jitter_attr="input_jitter_noise",
+          jitter_draws=2),
 )}
 
 SUPPORTED_MODEL_TYPES: Tuple[str, ...] = tuple(SPECS)

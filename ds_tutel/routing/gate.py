@@ -109,6 +109,8 @@ class Gate(nn.Module):
         before the gate is handed to an optimizer or engine (a new bias is a new parameter)."""
         if options.routing_rule == "sigmoid_group_topk":
             check_expert_groups(self.num_experts, self.k, options.n_group, options.topk_group)
+        if options.routing_rule == "sparsemixer" and self.k != 2:
+            raise ValueError(f"routing_rule='sparsemixer' picks 2 experts per token, got k={self.k}")
         weight = self.wg.weight
         if options.router_bias and self.wg.bias is None:
             self.wg.bias = nn.Parameter(torch.zeros(self.num_experts, device=weight.device, dtype=weight.dtype))
@@ -120,7 +122,8 @@ class Gate(nn.Module):
         """The routing rule's parameters from the options."""
         opts = self.options
         return rules.RuleParams(normalize=opts.normalize_gate, n_group=opts.n_group, topk_group=opts.topk_group,
-                                scaling=opts.routed_scaling_factor)
+                                scaling=opts.routed_scaling_factor, sparsemixer_eps=opts.sparsemixer_eps,
+                                sample=self.training)
 
     def logits(self, x_SM: torch.Tensor) -> torch.Tensor:
         """fp32 router logits [S, E], whatever the model dtype or an enclosing autocast."""

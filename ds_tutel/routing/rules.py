@@ -9,6 +9,9 @@ decides *where* each choice sits in its expert's queue (dropless, or a capacity 
                       only the experts of the topk_group best of n_group groups (a group scores the sum of its two
                       best); gates are the unbiased scores of the chosen experts, optionally renormalised
   topk_softmax        GPT-OSS, Granite-MoE: top-k of the logits, softmax over the k chosen logits
+  sparsemixer         Phi-MoE: two picks; each keeps the experts whose logit is within a relative 2 * eps of the
+                      best one still open, takes the best of them (in training: samples one, Gumbel-max, and
+                      scales its gate by 1 or 0.3333 with a gradient as if unscaled), gate = its softmax share
 
 Every rule then multiplies the gates by `scaling` (DeepSeek-V3's routed_scaling_factor) when it is not 1. Gates
 carry autograd from the logits; choices never do.
@@ -18,7 +21,7 @@ Shape legend: S tokens, E experts, K choices per token, G expert groups, P exper
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +32,15 @@ from ..options import ROUTING_RULES, check_routing_rule
 @dataclass(frozen=True, kw_only=True)
 class RuleParams:
     """What a rule reads besides the logits: normalize (top-k gates renormalised to sum to 1), n_group and
-    topk_group (group-limited selection), scaling (gate multiplier)."""
+    topk_group (group-limited selection), scaling (gate multiplier), sparsemixer_eps (sparsemixer's candidate
+    margin), sample (sparsemixer samples its picks: training)."""
 
     normalize: bool = True
     n_group: int = 1
     topk_group: int = 1
     scaling: float = 1.0
+    sparsemixer_eps: float = 0.01
+    sample: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,73 @@ def topk_softmax(logits_SE: torch.Tensor, k: int, params: RuleParams, bias_E: Op
     return Choices(indices_SK, _scaled(gates_SK, params.scaling), scores_SE, scores_SE.detach().max(dim=1).values)
 
 
+class _ScaledGate(torch.autograd.Function):
+    """gate * scale forward; backward as if it were the gate alone (sparsemixer's estimate of the routing
+    gradient: the scale stands for a midpoint of the sampling, not a factor to differentiate through)."""
+
+    @staticmethod
+    def forward(ctx, gate_S1: torch.Tensor, scale_S1: torch.Tensor) -> torch.Tensor:
+        return gate_S1 * scale_S1
+
+    @staticmethod
+    def backward(ctx, grad_S1: torch.Tensor):
+        return grad_S1, None
+
+
+def _sparsemixer_pick(logits_SE: torch.Tensor, open_SE: torch.Tensor, eps: float, sample: bool,
+                      redraw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One pick among the experts open_SE leaves open (logits, or -inf where taken): (index_S1, gate_S1).
+
+    Candidates: open experts whose logit is below the best open one by at most 2 * eps relative to
+    max(|logit|, best). Without sampling the best is taken; with it, one candidate is drawn (Gumbel-max over the
+    candidates' logits) and its gate scaled by 1 where it is the most probable candidate or a uniform draw
+    exceeds 0.75, else by 0.3333. The model's second pick draws that uniform number twice and keeps the second
+    (redraw), which this repeats so that a seed routes as it does."""
+    with torch.no_grad():
+        best_S1, best_at_S1 = open_SE.max(dim=1, keepdim=True)
+        far_SE = (best_S1 - logits_SE) / logits_SE.abs().clamp(min=best_S1) > 2 * eps
+    candidates_SE = open_SE.masked_fill(far_SE, float("-inf"))
+    if sample:
+        gumbel_SE = torch.empty_like(candidates_SE).exponential_().log()
+        index_S1 = (candidates_SE - gumbel_SE).argmax(dim=1, keepdim=True)
+    else:
+        index_S1 = best_at_S1
+    probs_SE = F.softmax(candidates_SE, dim=1)
+    gate_S1 = probs_SE.gather(1, index_S1)
+    if not sample:
+        return index_S1, gate_S1
+    with torch.no_grad():
+        on_top_S1 = index_S1 == probs_SE.argmax(dim=1, keepdim=True)
+        uniform_S1 = torch.rand_like(gate_S1)
+        if redraw:
+            uniform_S1.uniform_()
+        scale_S1 = 0.3333 + 0.6667 * (on_top_S1 | (uniform_S1 > 0.75)).to(gate_S1.dtype)
+    return index_S1, _ScaledGate.apply(gate_S1, scale_S1)
+
+
+def sparsemixer(logits_SE: torch.Tensor, k: int, params: RuleParams, bias_E: Optional[torch.Tensor] = None,
+                noisy_logits_SE: Optional[torch.Tensor] = None) -> Choices:
+    """Phi-MoE's router: two picks (_sparsemixer_pick), the second among the experts the first left; gates are
+    not renormalised (params.normalize is moot). Sampled where params.sample (training)."""
+    if k != 2:
+        raise ValueError(f"routing_rule='sparsemixer' picks 2 experts per token, got k={k}")
+    if bias_E is not None or noisy_logits_SE is not None:
+        raise ValueError("routing_rule='sparsemixer' takes no selection bias or gate noise")
+    eps, sample = params.sparsemixer_eps, params.sample
+    first_S1, first_gate_S1 = _sparsemixer_pick(logits_SE, logits_SE, eps, sample, redraw=False)
+    second_S1, second_gate_S1 = _sparsemixer_pick(logits_SE, logits_SE.scatter(1, first_S1, float("-inf")), eps,
+                                                  sample, redraw=True)
+    gates_SK = torch.cat([first_gate_S1, second_gate_S1], dim=1)
+    scores_SE = F.softmax(logits_SE, dim=1)
+    return Choices(torch.cat([first_S1, second_S1], dim=1), _scaled(gates_SK, params.scaling), scores_SE,
+                   gates_SK[:, 0].detach())
+
+
 RULES: Dict[str, Rule] = {
     "softmax_topk": softmax_topk,
     "sigmoid_group_topk": sigmoid_group_topk,
     "topk_softmax": topk_softmax,
+    "sparsemixer": sparsemixer,
 }
 assert tuple(RULES) == ROUTING_RULES, "options.ROUTING_RULES and rules.RULES must name the same rules"
 
