@@ -6,8 +6,9 @@ RESULTS_MARK; every figure is a largest difference against the unconverted model
 The checks are those of tests/test_hf_convert.py (one rank: logits, loss, aux loss, router logits, gradients,
 export, eval and generate, pickling) on the model types transformers 4 has in this form, and of
 tests/test_hf_parallel.py (expert parallelism over 2 gloo ranks; losses through the DeepSpeed engine with ZeRO 2)
-on two of them, plus save_pretrained -> from_pretrained of the unconverted transformers 4 class. transformers 4's block loops over
-the experts some token reached only, so an expert no token reached has no gradient there (None): zeros here.
+on two of them, plus save_pretrained -> from_pretrained of the unconverted transformers 4 class. transformers 4's
+block loops over the experts some token reached only, so an expert no token reached has no gradient there (None):
+zeros here.
 
 Shape legend: B batch, T sequence length, V vocabulary.
 """
