@@ -50,10 +50,10 @@ def test_the_checks_ran_under_transformers4(results):
 
 
 def test_every_type_with_per_expert_blocks_in_transformers4_is_covered():
-    """The six types whose transformers 4 block holds per-expert MLPs; GPT-OSS (fused experts, other router
+    """The seven types whose transformers 4 block holds per-expert MLPs; GPT-OSS (fused experts, other router
     outputs) and Granite (ParallelExperts) differ there and are transformers 5 only."""
     assert set(TRANSFORMERS4_MODEL_TYPES) == {"qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3",
-                                              "glm4_moe"}
+                                              "glm4_moe", "phimoe"}
     assert SPECS["mixtral"].per_expert.gate == "w1" and SPECS["mixtral"].per_expert.up == "w3"
 
 

@@ -99,6 +99,7 @@ def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict
     from ..experts import mark_expert_params
     from ..layer import MoE
 
+    spec = spec.for_block(block)
     experts = getattr(block, spec.experts)
     layout = spec.layout(experts)
     E, M, I = _check_block_layout(spec, block, layout)
@@ -180,9 +181,10 @@ def convert(model: nn.Module, ep_size: int = 1, **options: Any) -> nn.Module:
         raise ValueError(f"no {block_class.__name__} in this {spec.model_type} model (already converted?)")
     training = model.training
     for name, block in found:
+        block_spec = spec.for_block(block)
         owner = _owner_of(model, name)
-        index = _router_logits_index(owner, type(getattr(block, spec.router)))
-        new = convert_block(spec, block, ep_size, options, router_logits_index=index)
+        index = _router_logits_index(owner, type(getattr(block, block_spec.router)))
+        new = convert_block(block_spec, block, ep_size, options, router_logits_index=index)
         new.train(block.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -14,6 +14,7 @@ Shape legend: E experts, M model dim, I expert intermediate dim.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
@@ -46,6 +47,8 @@ class BlockSpec:
     per_expert: the layout of transformers 4's per-expert MLPs of this block, None where there is none.
     per_expert_returns_logits: transformers 4's block returns (hidden_states, router_logits): the model collects
       the logits from the block's output (Mixtral, Qwen, OLMoE).
+    per_expert_overrides: (field, value) pairs where transformers 4's block differs otherwise (Phi-MoE's router
+      is `gate` there, and only the block jitters the input).
     """
 
     model_type: str
@@ -66,10 +69,17 @@ class BlockSpec:
     returns_router_scores: bool = False
     per_expert: Optional[PerExpertGLULayout] = None
     per_expert_returns_logits: bool = False
+    per_expert_overrides: Tuple[Tuple[str, Any], ...] = ()
 
     def load_block_class(self) -> type:
         """The transformers block class (imports transformers)."""
         return getattr(importlib.import_module(self.modeling_module), self.block_class)
+
+    def for_block(self, block: nn.Module) -> "BlockSpec":
+        """This spec as it applies to `block`: with per_expert_overrides where the block holds per-expert MLPs."""
+        if self.per_expert is not None and isinstance(getattr(block, self.experts, None), nn.ModuleList):
+            return dataclasses.replace(self, **dict(self.per_expert_overrides))
+        return self
 
     def layout(self, experts: nn.Module) -> ExpertLayout:
         """The layout of this block's HF experts: per-expert MLPs (transformers 4) or the fused form."""
@@ -150,9 +160,11 @@ SPECS: Dict[str, BlockSpec] = {spec.model_type: spec for spec in (
     _spec("granitemoeshared", "GraniteMoeSharedMoE", router="router", normalize_topk=False, rule="topk_softmax"),
     # Phi-MoE: the router (a Linear subclass) routes by sparsemixer (two picks, sampled in training), margin
     # router_jitter_noise; the block and then the router jitter the input (input_jitter_noise, 0 by default).
+    # In transformers 4 the router is a plain Linear `gate` and the block alone jitters.
     _spec("phimoe", "PhimoeSparseMoeBlock", router="router", normalize_topk=False, rule="sparsemixer",
           rule_attributes=(("sparsemixer_eps", "router_jitter_noise"),), jitter_attr="input_jitter_noise",
-          jitter_draws=2),
+          jitter_draws=2, per_expert=PerExpertGLULayout(gate="w1", up="w3", down="w2"),
+          per_expert_returns_logits=True, per_expert_overrides=(("router", "gate"), ("jitter_draws", 1))),
 )}
 
 SUPPORTED_MODEL_TYPES: Tuple[str, ...] = tuple(SPECS)
