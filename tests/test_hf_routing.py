@@ -350,6 +350,14 @@ def test_public_route_takes_a_rule():
         route(logits_SE, k=2, capacity_mode="tutel", routing_rule="softmax")
     with pytest.raises(ValueError, match="exceeds"):
         route(logits_SE, k=4, capacity_mode="tutel", routing_rule="sigmoid_group_topk", n_group=4, topk_group=1)
+    for sample in (False, True):  # sparsemixer's margin and sampling reach the rule
+        torch.manual_seed(1)
+        routing = route(logits_SE, k=2, capacity_factor=0.0, capacity_mode="tutel", routing_rule="sparsemixer",
+                        sparsemixer_eps=0.4, sample=sample)
+        torch.manual_seed(1)
+        expected = rules.choose("sparsemixer", logits_SE, 2, rules.RuleParams(sparsemixer_eps=0.4, sample=sample))
+        assert torch.equal(routing.indices_SK, expected.indices_SK)
+        assert torch.equal(routing.gates_SK, expected.gates_SK)
 
 
 def test_the_layer_and_its_json_section_take_the_rule_options():

@@ -39,19 +39,23 @@ def route(logits_SE: torch.Tensor,
           n_group: int = 1,
           topk_group: int = 1,
           routed_scaling_factor: float = 1.0,
-          selection_bias_E: Optional[torch.Tensor] = None) -> Routing:
+          selection_bias_E: Optional[torch.Tensor] = None,
+          sparsemixer_eps: float = 0.01,
+          sample: bool = False) -> Routing:
     """The routing of one batch from gate logits [S, E]; the layer uses this same function.
 
     capacity_mode="deepspeed" follows DeepSpeed's gates (use_rts draws random numbers; drop_tokens=False is
     dropless); "tutel" follows Tutel's (capacity_factor > 0 fixed, 0 dropless, < 0 bounded; optional
     batch-prioritized routing and gate normalisation; selection_scores_SE may steer the choice). A routing rule
     other than the default (rules.py; with n_group, topk_group, routed_scaling_factor and a per-expert
-    selection_bias_E) makes the choices and gates, which Tutel's slot assignment places (capacity_mode="tutel").
+    selection_bias_E) makes the choices and gates, which Tutel's slot assignment places (capacity_mode="tutel");
+    "sparsemixer" reads sparsemixer_eps and samples its picks where `sample` (as in training).
     """
     logits_SE = logits_SE.float()
     # The layer's checks of these values (a rule needs capacity_mode="tutel"), and whether they name a rule.
     rule = RouterOptions(capacity_mode=capacity_mode, routing_rule=routing_rule, n_group=n_group,
-                         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+                         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+                         sparsemixer_eps=sparsemixer_eps)
     if rule.uses_rule or selection_bias_E is not None:
         if capacity_mode != "tutel":
             raise ValueError("a selection bias (selection_bias_E) needs capacity_mode='tutel'")
@@ -59,7 +63,7 @@ def route(logits_SE: torch.Tensor,
             raise ValueError("selection_scores_SE steers the default rule only; pass selection_bias_E to a rule")
         check_expert_groups(logits_SE.shape[1], k, n_group, topk_group)
         params = rules.RuleParams(normalize=normalize_gate, n_group=n_group, topk_group=topk_group,
-                                  scaling=routed_scaling_factor)
+                                  scaling=routed_scaling_factor, sparsemixer_eps=sparsemixer_eps, sample=sample)
         return route_tutel(logits_SE, capacity_factor=capacity_factor, min_capacity=min_capacity,
                            batch_prioritized_routing=batch_prioritized_routing, used_token_S=used_token_S,
                            agree_capacity=agree_capacity,
