@@ -1,11 +1,13 @@
 """Converted HF models through the DeepSpeed engine on 2 gloo ranks, configured from the JSON's "ds_tutel": {"hf"}
 section: save_checkpoint / load_checkpoint resume with the losses of an uninterrupted run (ZeRO 1 and 2, ep_size 2
-and 1); an interrupted save leaves the previous checkpoint loadable; a checkpoint saved at ep_size 2 loads at
-ep_size 1 and the reverse (weights only) with the same logits; save_pretrained writes what from_pretrained of the
-unconverted class loads, with the same logits. The config section's checks and the model check of a checkpoint
-run without ranks.
+and 1); an interrupted save leaves the previous checkpoint loadable; a ZeRO 2 checkpoint saved at ep_size 2 loads
+in full at ep_size 1 and the reverse (weights, optimizer state, LR scheduler, steps) and resumes with the losses of
+the uninterrupted run, and on 1 rank with the saved Adam state exactly, also from optimizer groups at different
+learning rates; module_only=True loads the weights alone; a ZeRO 0 checkpoint at another layout is refused naming
+module_only; save_pretrained writes what from_pretrained of the unconverted class loads, with the same logits. The
+config section's checks and the model check of a checkpoint run without ranks.
 
-Shape legend: B batch, T sequence length, V vocabulary.
+Shape legend: B batch, T sequence length, V vocabulary, P parameter elements (flattened).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ pytest.importorskip("transformers")
 VOCAB, B, T = 64, 2, 12
 STEPS, SAVE_AT = 4, 2
 CASES = [(1, 2), (2, 2), (1, 1), (2, 1)]  # (ZeRO stage, ep_size)
+NO_DECAY_LR = 3e-3
 
 
 def _tiny(seed: int):
@@ -44,8 +47,9 @@ def _ds_config(stage: int, ep_size: int) -> Dict[str, Any]:
             "ds_tutel": {"hf": {"ep_size": ep_size, "dispatch_backend": "torch"}}}
 
 
-def _engine(seed: int, stage: int, ep_size: int):
-    """A tiny Qwen3-MoE converted from the config section, in DeepSpeed's engine (which reads the same JSON)."""
+def _engine(seed: int, stage: int, ep_size: int, two_lrs: bool = False):
+    """A tiny Qwen3-MoE converted from the config section, in DeepSpeed's engine (which reads the same JSON).
+    two_lrs: no LR scheduler, and the vectors in a group of their own at lr NO_DECAY_LR without weight decay."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -53,8 +57,15 @@ def _engine(seed: int, stage: int, ep_size: int):
     config = _ds_config(stage, ep_size)
     model = hf.convert_from_config(_tiny(seed), config)
     assert hf.converted_blocks(model)[0][1].moe.ep_size == ep_size
-    groups = split_params_into_different_moe_groups_for_optimizer(
-        {"params": list(model.parameters()), "name": "params"})
+    if two_lrs:
+        config.pop("scheduler")
+        groups = split_params_into_different_moe_groups_for_optimizer([
+            {"params": [p for p in model.parameters() if p.dim() >= 2], "name": "decay"},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "name": "no_decay", "lr": NO_DECAY_LR,
+             "weight_decay": 0.0}])
+    else:
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(model.parameters()), "name": "params"})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     return engine
 
@@ -123,16 +134,34 @@ def _all_cases(rank: int, world_size: int, tmp: str) -> Dict[str, Any]:
         resumed = [_step(second, step, rank) for step in range(SAVE_AT + 1, STEPS + 1)]
         out["resume"][(stage, ep_size)] = (losses[SAVE_AT:], resumed, second.get_lr()[0] == first.get_lr()[0])
 
-    # Expert-parallel size changed between save and load (weights only): the same function.
+    # Expert-parallel size changed between save and load: everything loads (the optimizer state resharded) and
+    # the run goes on with the uninterrupted run's losses.
     for saved_ep, load_ep in ((2, 1), (1, 2)):
         engine = _engine(1, 2, load_ep)
-        ckpt = os.path.join(tmp, f"zero2-ep{saved_ep}")
-        with pytest.raises(CheckpointError, match="module_only=True"):
-            hf.load_checkpoint(engine, ckpt)
-        hf.load_checkpoint(engine, ckpt, module_only=True)
-        out["ep_change"][(saved_ep, load_ep)] = (_logits(engine) - saved_logits[(2, saved_ep)]).abs().max().item()
-        if load_ep == 2:  # trains on at the new layout
-            out["ep_change_trains"] = all(torch.isfinite(torch.tensor(_step(engine, s, rank))) for s in (3, 4))
+        first = out["resume"][(2, saved_ep)]
+        hf.load_checkpoint(engine, os.path.join(tmp, f"zero2-ep{saved_ep}"))
+        logits_diff = (_logits(engine) - saved_logits[(2, saved_ep)]).abs().max().item()
+        steps = engine.global_steps
+        resumed = [_step(engine, step, rank) for step in range(SAVE_AT + 1, STEPS + 1)]
+        out["ep_change"][(saved_ep, load_ep)] = (logits_diff, steps, first[0], resumed)
+
+    # module_only=True: the weights alone, the optimizer untouched; a ZeRO 0 checkpoint (its optimizer state in
+    # DeepSpeed's own per-rank files) is refused at another layout without it, on every rank before any collective.
+    engine = _engine(1, 2, 1)
+    zero0 = _engine(0, 0, 2)
+    _step(zero0, 1, rank)
+    hf.save_checkpoint(zero0, os.path.join(tmp, "zero0-ep2"))
+    with pytest.raises(CheckpointError, match=r"ZeRO stage 0.*module_only=True"):
+        hf.load_checkpoint(engine, os.path.join(tmp, "zero0-ep2"))
+    hf.load_checkpoint(engine, os.path.join(tmp, "zero2-ep2"), module_only=True)
+    out["module_only"] = ((_logits(engine) - saved_logits[(2, 2)]).abs().max().item(),
+                          len(engine.optimizer.optimizer.state), engine.global_steps)
+
+    # Optimizer groups at different learning rates, for the 1-rank load.
+    engine = _engine(0, 2, 2, two_lrs=True)
+    for step in range(1, SAVE_AT + 1):
+        _step(engine, step, rank)
+    hf.save_checkpoint(engine, os.path.join(tmp, "two-lrs"))
 
     # save_pretrained at ep_size 2 after training: from_pretrained of the unconverted class, same logits.
     engine = _engine(0, 2, 2)
@@ -156,15 +185,57 @@ def _all_cases(rank: int, world_size: int, tmp: str) -> Dict[str, Any]:
 pytestmark = pytest.mark.multirank
 
 
+def _one_rank_loads(rank: int, world_size: int, tmp: str) -> Dict[str, Any]:
+    """2-rank, ep_size 2 checkpoints loaded in full on 1 rank at ep_size 1: every parameter's fp32 master weights,
+    exp_avg and exp_avg_sq as DeepSpeed gives them back against the saved ones by global name (max |difference|),
+    the step, the learning rates, the LR scheduler and step counters; then a step."""
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    import ds_tutel.hf as hf
+    from ds_tutel.train.reshard import expert_names, read_engine_counters, read_full_states
+    out: Dict[str, Any] = {}
+    for name, two_lrs in (("zero2-ep2", False), ("two-lrs", True)):
+        engine = _engine(1, 2, 1, two_lrs)
+        inner = engine.optimizer.optimizer
+        for group in inner.param_groups:
+            group["lr"] = 0.5  # to be replaced by the saved learning rates
+        ckpt = os.path.join(tmp, name)
+        manifest = hf.load_checkpoint(engine, ckpt)
+        tag_dir = os.path.join(ckpt, manifest["tag"])
+        saved = {**read_full_states(tag_dir, manifest, one_lr=False), **read_engine_counters(tag_dir, manifest)}
+        diffs, covered = {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, []
+        for param_name, param in engine.module.named_parameters():
+            names = expert_names(param_name, 0, 4) if is_moe_param(param) else [param_name]
+            ours_P = {"fp32": safe_get_full_fp32_param(param).flatten(),
+                      **{key: safe_get_full_optimizer_state(param, key).flatten() for key in ("exp_avg", "exp_avg_sq")}}
+            for key, value_P in ours_P.items():
+                saved_P = torch.cat([saved["params"][n][key] for n in names])
+                diffs[key] = max(diffs[key], (value_P - saved_P).abs().max().item())
+            covered.extend(names)
+        out[name] = {
+            "diffs": diffs, "all_covered": sorted(covered) == sorted(saved["params"]),
+            "steps": {float(inner.state[flat]["step"]) for group in inner.param_groups for flat in group["params"]},
+            "saved_step": float(saved["step"]),
+            "lrs": sorted({(group["name"], group["lr"]) for group in inner.param_groups}),
+            "saved_lrs": sorted(set(saved["lrs"].values())),
+            "scheduler": (engine.lr_scheduler.state_dict() == saved["lr_scheduler"]) if not two_lrs else None,
+            "counters": (engine.global_steps, engine.global_samples, saved["global_samples"]),
+            "resumed": _step(engine, SAVE_AT + 1, 0), "steps_after": engine.global_steps}
+    return out
+
+
 def test_checkpoints_resume_reshard_and_save_pretrained_through_the_engine(tmp_path):
     results = run_ranks(_all_cases, 2, str(tmp_path), timeout=240)
     for rank, result in enumerate(results):
         for case, (uninterrupted, resumed, same_lr) in result["resume"].items():
             assert resumed == pytest.approx(uninterrupted, abs=1e-6), (rank, case)
             assert uninterrupted[0] != uninterrupted[1] and same_lr, (rank, case)
-        for case, diff in result["ep_change"].items():
-            assert diff < 1e-5, (rank, case, diff)
-        assert result["ep_change_trains"]
+        for case, (logits_diff, steps, uninterrupted, resumed) in result["ep_change"].items():
+            assert logits_diff < 1e-5 and steps == SAVE_AT, (rank, case, logits_diff, steps)
+            assert resumed == pytest.approx(uninterrupted, abs=1e-5), (rank, case)  # fp32 rounding of the layouts
+        logits_diff, optimizer_states, steps = result["module_only"]
+        assert logits_diff < 1e-5 and optimizer_states == 0 and steps == 0, result["module_only"]
     assert results[0]["pretrained"] < 1e-5
     assert {"config.json", "generation_config.json", "model.safetensors"} <= set(results[0]["pretrained_files"])
     files = os.listdir(tmp_path / "zero2-ep2" / "global_step2")
@@ -173,8 +244,21 @@ def test_checkpoints_resume_reshard_and_save_pretrained_through_the_engine(tmp_p
 
     from ds_tutel.train.checkpoint import CheckpointError
     from ds_tutel.train.reshard import reshard
-    with pytest.raises(CheckpointError, match="module_only=True"):  # the optimizer groups are the caller's
+    with pytest.raises(CheckpointError, match=r"ds_tutel\.hf\.load_checkpoint"):  # its optimizer groups: the caller's
         reshard(str(tmp_path / "zero2-ep2"), str(tmp_path / "one"), world_size=1)
+
+    [one] = run_ranks(_one_rank_loads, 1, str(tmp_path), timeout=120)
+    for name, result in one.items():
+        assert result["diffs"] == {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, (name, result["diffs"])
+        assert result["all_covered"] and result["steps"] == {result["saved_step"]} == {float(SAVE_AT)}, name
+        assert result["counters"] == (SAVE_AT, SAVE_AT * 2 * B, SAVE_AT * 2 * B), (name, result["counters"])
+        assert torch.isfinite(torch.tensor(result["resumed"])) and result["steps_after"] == SAVE_AT + 1, name
+    assert one["zero2-ep2"]["scheduler"] and [lr for _, lr in one["zero2-ep2"]["lrs"]] == \
+        [one["zero2-ep2"]["saved_lrs"][0]] * 2
+    # Each group took its parameters' saved learning rate, the experts' group included (the experts have no vectors).
+    assert one["two-lrs"]["saved_lrs"] == [NO_DECAY_LR, 1e-2]
+    assert one["two-lrs"]["lrs"] == [("decay", 1e-2), ("ep_size_1", 1e-2), ("no_decay", NO_DECAY_LR)], \
+        one["two-lrs"]["lrs"]
 
 
 @pytest.mark.parametrize("section, message", [

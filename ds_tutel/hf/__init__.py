@@ -2,9 +2,9 @@
 ds_tutel layer (exactly the model's routing, dropless), `export_state_dict(model)` gives the weights back in the
 original layout. `convert_from_config(model, ds_config)` takes ep_size and the options from the DeepSpeed JSON's
 "ds_tutel": {"hf": {...}} section; `save_checkpoint` / `load_checkpoint` save and resume a converted model through
-the DeepSpeed engine (weights across expert-parallel sizes); `save_pretrained` writes the HF layout that
-`from_pretrained` of the unconverted class loads. transformers is imported only when a model is converted. See
-docs/HF.md.
+the DeepSpeed engine (weights and optimizer state, also at another expert-parallel size); `save_pretrained` writes
+the HF layout that `from_pretrained` of the unconverted class loads. transformers is imported only when a model is
+converted (transformers 5, or 4.57 for the types whose blocks hold per-expert MLPs there). See docs/HF.md.
 """
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import convert_from_config, hf_options
