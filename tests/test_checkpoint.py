@@ -55,7 +55,7 @@ def _reshard_cli(*args):
 
 def _full_states(ckpt_dir):
     from ds_tutel.train.checkpoint import read_latest, verify
-    from ds_tutel.train.reshard import read_full_states
+    from ds_tutel.train.optimizer_state import read_full_states
     tag = read_latest(ckpt_dir)
     return read_full_states(os.path.join(ckpt_dir, tag), verify(ckpt_dir, tag))
 

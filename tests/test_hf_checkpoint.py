@@ -193,7 +193,7 @@ def _one_rank_loads(rank: int, world_size: int, tmp: str) -> Dict[str, Any]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     import ds_tutel.hf as hf
-    from ds_tutel.train.reshard import expert_names, read_engine_counters, read_full_states
+    from ds_tutel.train.optimizer_state import expert_names, read_engine_counters, read_full_states
     out: Dict[str, Any] = {}
     for name, two_lrs in (("zero2-ep2", False), ("two-lrs", True)):
         engine = _engine(1, 2, 1, two_lrs)

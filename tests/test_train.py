@@ -62,7 +62,7 @@ def test_resumed_run_matches_uninterrupted_run_step_for_step(tmp_path):
     assert summary_b["final_val_loss"] == pytest.approx(summary_a["final_val_loss"], rel=1e-6)
     assert summary_a["final_val_loss"] < summary_a["initial_val_loss"]
 
-    from ds_tutel.train.reshard import read_full_states
+    from ds_tutel.train.optimizer_state import read_full_states
     from ds_tutel.train.checkpoint import verify
     ckpt_a, ckpt_b = os.path.join(a, "checkpoints"), os.path.join(b, "checkpoints")
     states_a = read_full_states(os.path.join(ckpt_a, "global_step8"), verify(ckpt_a, "global_step8"))

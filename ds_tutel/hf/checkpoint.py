@@ -128,7 +128,7 @@ def _saved_zero_stage(manifest: Dict[str, Any]) -> Optional[int]:
 def _read_states(engine: Any, tag_dir: str, manifest: Dict[str, Any], layout: str) -> Dict[str, Any]:
     """Every source shard's optimizer state joined by global name, with the LR scheduler and step counters. Each
     rank reads the same files and decides alike, before any collective, whether they can be resharded."""
-    from ..train.reshard import read_engine_counters, read_full_states
+    from ..train.optimizer_state import read_engine_counters, read_full_states
     hint = "pass module_only=True to load the weights only (the optimizer starts afresh)"
     saved_stage, our_stage = _saved_zero_stage(manifest), engine.zero_optimization_stage()
     if saved_stage not in (None, 1, 2):
@@ -148,7 +148,7 @@ def _install_states(engine: Any, states: Dict[str, Any], where: str, num_local: 
     found no parameter on any rank."""
     import torch.distributed as dist
 
-    from ..train.reshard import install_full_states
+    from ..train.optimizer_state import install_full_states
     from .convert import converted_blocks, expert_parallel_rank
     error, used = None, []
     try:
