@@ -48,6 +48,10 @@ TWO_RANKS: List[Tuple[str, str, dict, int]] = [
     ("granitemoe", "granitemoe", dict(GRANITE, num_local_experts=4), 2),
     # Sampled routing in training (a wide margin: several candidates), input jitter drawn twice.
     ("phimoe", "phimoe", dict(num_local_experts=4, router_jitter_noise=0.5, input_jitter_noise=0.1), 2),
+    ("olmoe", "olmoe", dict(num_experts=4, norm_topk_prob=False), 2),
+    ("glm4_moe", "glm4_moe", dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=2,
+                                  topk_group=1, routed_scaling_factor=1.5, first_k_dense_replace=1), 2),
+    ("granitemoeshared", "granitemoeshared", dict(GRANITE, num_local_experts=4, shared_intermediate_size=32), 2),
 ]
 # On 4 ranks: one expert-parallel group of 4, and two groups of 2 ([0, 1] and [2, 3]).
 FOUR_RANKS: List[Tuple[str, str, dict, int]] = [
@@ -57,9 +61,17 @@ FOUR_RANKS: List[Tuple[str, str, dict, int]] = [
                                             n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False,
                                             first_k_dense_replace=0), 4),
     ("gpt_oss-ep4", "gpt_oss", dict(num_local_experts=8, head_dim=16), 4),
+    ("qwen2_moe-ep4", "qwen2_moe", dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                        norm_topk_prob=True), 4),
+    ("olmoe-ep2", "olmoe", dict(num_experts=8, norm_topk_prob=True), 2),
+    ("glm4_moe-ep4", "glm4_moe", dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=4,
+                                      topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=0), 4),
+    ("granitemoe-ep4", "granitemoe", dict(GRANITE, num_local_experts=8), 4),
+    ("granitemoeshared-ep2", "granitemoeshared", dict(GRANITE, num_local_experts=4, shared_intermediate_size=32), 2),
+    ("phimoe-ep4", "phimoe", dict(num_local_experts=8, router_jitter_noise=0.5), 4),
 ]
 # Models without a router-logit aux loss (Granite-MoE records no router logits: test_hf_convert.NO_ROUTER_LOGITS).
-NO_AUX_LOSS = ("deepseek_v3",) + NO_ROUTER_LOGITS
+NO_AUX_LOSS = ("deepseek_v3", "glm4_moe") + NO_ROUTER_LOGITS
 
 
 def _tiny_model(model_type: str, seed: int, **overrides):
