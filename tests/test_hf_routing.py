@@ -270,7 +270,8 @@ def test_a_rule_never_goes_through_the_backend_router():
     gate = _rule_gate(routing_rule="sigmoid_group_topk", n_group=4, topk_group=2, routed_scaling_factor=2.0)
     x_SM = torch.randn(10, M)
     routing, _ = gate(x_SM, tutel_router=backend_router)
-    expected = rules.choose("sigmoid_group_topk", gate.logits(x_SM), 2, gate.rule_params(), gate.expert_bias)
+    params = rules.RuleParams.of(gate.options, gate.training)
+    expected = rules.choose("sigmoid_group_topk", gate.logits(x_SM), 2, params, gate.expert_bias)
     assert torch.equal(routing.indices_SK, expected.indices_SK) and torch.equal(routing.gates_SK, expected.gates_SK)
     with pytest.raises(AssertionError, match="backend"):
         Gate(M, 8, 2, options=RouterOptions(capacity_mode="tutel"))(x_SM, tutel_router=backend_router)
@@ -379,7 +380,8 @@ def test_the_layer_and_its_json_section_take_the_rule_options():
     x_SM = torch.randn(6, M)
     layer(x_SM)
     gate = layer.deepspeed_moe.gate
-    expected = rules.choose("sigmoid_group_topk", gate.logits(x_SM), 2, gate.rule_params(), gate.expert_bias)
+    params = rules.RuleParams.of(gate.options, gate.training)
+    expected = rules.choose("sigmoid_group_topk", gate.logits(x_SM), 2, params, gate.expert_bias)
     routing = layer.deepspeed_moe.last_routing
     assert torch.equal(routing.indices_SK, expected.indices_SK)
     assert torch.allclose(routing.gates_SK, expected.gates_SK.detach(), atol=ATOL)

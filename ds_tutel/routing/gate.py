@@ -53,8 +53,8 @@ def route(logits_SE: torch.Tensor,
     """
     logits_SE = logits_SE.float()
     # The layer's checks of these values (a rule needs capacity_mode="tutel"), and whether they name a rule.
-    rule = RouterOptions(capacity_mode=capacity_mode, routing_rule=routing_rule, n_group=n_group,
-                         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+    rule = RouterOptions(capacity_mode=capacity_mode, normalize_gate=normalize_gate, routing_rule=routing_rule,
+                         n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
                          sparsemixer_eps=sparsemixer_eps)
     if rule.uses_rule or selection_bias_E is not None:
         if capacity_mode != "tutel":
@@ -62,12 +62,11 @@ def route(logits_SE: torch.Tensor,
         if selection_scores_SE is not None:
             raise ValueError("selection_scores_SE steers the default rule only; pass selection_bias_E to a rule")
         check_expert_groups(logits_SE.shape[1], k, n_group, topk_group)
-        params = rules.RuleParams(normalize=normalize_gate, n_group=n_group, topk_group=topk_group,
-                                  scaling=routed_scaling_factor, sparsemixer_eps=sparsemixer_eps, sample=sample)
         return route_tutel(logits_SE, capacity_factor=capacity_factor, min_capacity=min_capacity,
                            batch_prioritized_routing=batch_prioritized_routing, used_token_S=used_token_S,
                            agree_capacity=agree_capacity,
-                           choices=rules.choose(routing_rule, logits_SE, k, params, selection_bias_E))
+                           choices=rules.choose(routing_rule, logits_SE, k, rules.RuleParams.of(rule, sample),
+                                                selection_bias_E))
     if capacity_mode == "deepspeed":
         if batch_prioritized_routing or selection_scores_SE is not None:
             raise ValueError("batch_prioritized_routing and selection scores need capacity_mode='tutel'")
@@ -122,12 +121,6 @@ class Gate(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(self.num_experts, device=weight.device))
         self.options = options
 
-    def rule_params(self) -> rules.RuleParams:
-        """The routing rule's parameters from the options."""
-        opts = self.options
-        return rules.RuleParams(normalize=opts.normalize_gate, n_group=opts.n_group, topk_group=opts.topk_group,
-                                scaling=opts.routed_scaling_factor, sparsemixer_eps=opts.sparsemixer_eps,
-                                sample=self.training)
 
     def logits(self, x_SM: torch.Tensor) -> torch.Tensor:
         """fp32 router logits [S, E], whatever the model dtype or an enclosing autocast."""
@@ -221,7 +214,7 @@ class Gate(nn.Module):
             elif opts.uses_rule:
                 if opts.routing_rule == "sigmoid_group_topk" and k != self.k:
                     check_expert_groups(self.num_experts, k, opts.n_group, opts.topk_group)
-                choices = rules.choose(opts.routing_rule, logits_SE, k, self.rule_params(),
+                choices = rules.choose(opts.routing_rule, logits_SE, k, rules.RuleParams.of(opts, self.training),
                                        getattr(self, "expert_bias", None),
                                        None if noisy_SE is logits_SE else noisy_SE)
                 routing = route_tutel(logits_SE, k=k, capacity_factor=capacity_factor,

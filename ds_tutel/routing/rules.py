@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..options import ROUTING_RULES, check_routing_rule
+from ..options import ROUTING_RULES, RouterOptions, check_routing_rule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +41,12 @@ class RuleParams:
     scaling: float = 1.0
     sparsemixer_eps: float = 0.01
     sample: bool = False
+
+    @classmethod
+    def of(cls, options: RouterOptions, sample: bool = False) -> "RuleParams":
+        """The parameters the routing options give a rule; sample: sparsemixer samples (training)."""
+        return cls(normalize=options.normalize_gate, n_group=options.n_group, topk_group=options.topk_group,
+                   scaling=options.routed_scaling_factor, sparsemixer_eps=options.sparsemixer_eps, sample=sample)
 
 
 @dataclass(frozen=True)
