@@ -122,8 +122,8 @@ class RouterOptions:
 
     @property
     def has_selection_bias(self) -> bool:
-        """Whether the gate holds a per-expert selection bias (`expert_bias`): for balancing, or as part of the
-        rule (DeepSeek-V3's score correction bias)."""
+        """Whether the gate holds a per-expert selection bias (its `selection_bias` buffer): for balancing, or as
+        part of the rule (DeepSeek-V3's score correction bias)."""
         return self.expert_bias or self.routing_rule == "sigmoid_group_topk"
 
     @classmethod

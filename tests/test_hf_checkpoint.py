@@ -27,35 +27,44 @@ CASES = [(1, 2), (2, 2), (1, 1), (2, 1)]  # (ZeRO stage, ep_size)
 NO_DECAY_LR = 3e-3
 
 
-def _tiny(seed: int):
+# A tiny DeepSeek-V3: its correction bias is the gate's selection-bias buffer, moved in training by aux-loss-free
+# balancing (the options in the config section).
+DEEPSEEK = dict(model_type="deepseek_v3", n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1,
+                first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=8, num_key_value_heads=4)
+BALANCING = {"expert_bias": True, "expert_bias_rate": 0.01}
+
+
+def _tiny(seed: int, model_type: str = "qwen3_moe", **fields: Any):
     import transformers
     transformers.logging.set_verbosity_error()
-    config = transformers.AutoConfig.for_model(
-        "qwen3_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=32, norm_topk_prob=True, max_position_embeddings=32, tie_word_embeddings=False)
+    values = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  norm_topk_prob=True, max_position_embeddings=32, tie_word_embeddings=False)
+    config = transformers.AutoConfig.for_model(model_type, **{**values, **fields})
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def _ds_config(stage: int, ep_size: int) -> Dict[str, Any]:
+def _ds_config(stage: int, ep_size: int, **hf_options: Any) -> Dict[str, Any]:
     return {"train_micro_batch_size_per_gpu": B, "gradient_clipping": 1.0, "steps_per_print": 10 ** 6,
             "zero_optimization": {"stage": stage},
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
             "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
                                                          "warmup_num_steps": 3}},
-            "ds_tutel": {"hf": {"ep_size": ep_size, "dispatch_backend": "torch"}}}
+            "ds_tutel": {"hf": {"ep_size": ep_size, "dispatch_backend": "torch", **hf_options}}}
 
 
-def _engine(seed: int, stage: int, ep_size: int, two_lrs: bool = False):
-    """A tiny Qwen3-MoE converted from the config section, in DeepSpeed's engine (which reads the same JSON).
-    two_lrs: no LR scheduler, and the vectors in a group of their own at lr NO_DECAY_LR without weight decay."""
+def _engine(seed: int, stage: int, ep_size: int, two_lrs: bool = False, deepseek: bool = False):
+    """A tiny Qwen3-MoE (or DeepSeek-V3 with balancing) converted from the config section, in DeepSpeed's engine
+    (which reads the same JSON). two_lrs: no LR scheduler, and the vectors in a group of their own at lr
+    NO_DECAY_LR without weight decay."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     import ds_tutel.hf as hf
-    config = _ds_config(stage, ep_size)
-    model = hf.convert_from_config(_tiny(seed), config)
+    config = _ds_config(stage, ep_size, **(BALANCING if deepseek else {}))
+    model = hf.convert_from_config(_tiny(seed, **(DEEPSEEK if deepseek else {})), config)
     assert hf.converted_blocks(model)[0][1].moe.ep_size == ep_size
     if two_lrs:
         config.pop("scheduler")
@@ -67,6 +76,7 @@ def _engine(seed: int, stage: int, ep_size: int, two_lrs: bool = False):
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": list(model.parameters()), "name": "params"})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    engine.train()  # from_config leaves the model in eval mode; balancing moves the bias in training only
     return engine
 
 
@@ -144,6 +154,22 @@ def _all_cases(rank: int, world_size: int, tmp: str) -> Dict[str, Any]:
         steps = engine.global_steps
         resumed = [_step(engine, step, rank) for step in range(SAVE_AT + 1, STEPS + 1)]
         out["ep_change"][(saved_ep, load_ep)] = (logits_diff, steps, first[0], resumed)
+
+    # DeepSeek-V3 with balancing: the moved correction bias (a gate buffer beside the experts) saves and loads with
+    # the model, at the same and at another layout.
+    engine = _engine(0, 1, 2, deepseek=True)
+    _step(engine, 1, rank)  # (a second step's loads happen to move the bias back to 0 here)
+    (_, block), = hf.converted_blocks(engine.module)
+    saved_bias_E = block.moe_gate.selection_bias.clone()
+    hf.save_checkpoint(engine, os.path.join(tmp, "deepseek"))
+    deepseek_logits = _logits(engine)
+    out["deepseek"] = {"bias_moved": saved_bias_E.abs().max().item()}
+    for load_ep in (2, 1):
+        engine = _engine(1, 1, load_ep, deepseek=True)
+        hf.load_checkpoint(engine, os.path.join(tmp, "deepseek"))
+        (_, block), = hf.converted_blocks(engine.module)
+        out["deepseek"][load_ep] = ((block.moe_gate.selection_bias - saved_bias_E).abs().max().item(),
+                                    (_logits(engine) - deepseek_logits).abs().max().item())
 
     # module_only=True: the weights alone, the optimizer untouched; a ZeRO 0 checkpoint (its optimizer state in
     # DeepSpeed's own per-rank files) is refused at another layout without it, on every rank before any collective.
@@ -234,6 +260,9 @@ def test_checkpoints_resume_reshard_and_save_pretrained_through_the_engine(tmp_p
         for case, (logits_diff, steps, uninterrupted, resumed) in result["ep_change"].items():
             assert logits_diff < 1e-5 and steps == SAVE_AT, (rank, case, logits_diff, steps)
             assert resumed == pytest.approx(uninterrupted, abs=1e-5), (rank, case)  # fp32 rounding of the layouts
+        deepseek = result["deepseek"]
+        assert deepseek["bias_moved"] > 0 and deepseek[2] == (0.0, 0.0), deepseek
+        assert deepseek[1][0] == 0.0 and deepseek[1][1] < 1e-5, deepseek
         logits_diff, optimizer_states, steps = result["module_only"]
         assert logits_diff < 1e-5 and optimizer_states == 0 and steps == 0, result["module_only"]
     assert results[0]["pretrained"] < 1e-5

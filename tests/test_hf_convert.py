@@ -316,9 +316,9 @@ def test_routing_rules_and_biases_reach_the_gate():
     assert (opts.routing_rule, opts.n_group, opts.topk_group, opts.routed_scaling_factor, opts.normalize_gate) == (
         "sigmoid_group_topk", 4, 2, 2.5, True)
     hf_bias_E = original.get_submodule(name).gate.e_score_correction_bias
-    assert hf_bias_E.abs().max() > 0 and torch.equal(gate.expert_bias, hf_bias_E)
-    assert f"{name}.moe.deepspeed_moe.gate.expert_bias" in converted.state_dict()
-    assert block.router_logits.e_score_correction_bias is gate.expert_bias
+    assert hf_bias_E.abs().max() > 0 and torch.equal(gate.selection_bias, hf_bias_E)
+    assert f"{name}.moe.deepspeed_moe.gate.selection_bias" in converted.state_dict()
+    assert block.router_logits.e_score_correction_bias is gate.selection_bias
     assert torch.equal(hf.export_state_dict(converted)[f"{name}.gate.e_score_correction_bias"], hf_bias_E)
     assert not opts.expert_bias  # balancing updates are off unless asked for
 
@@ -327,7 +327,7 @@ def test_routing_rules_and_biases_reach_the_gate():
     gate = block.moe.deepspeed_moe.gate
     assert gate.options.routing_rule == "topk_softmax" and block.router_logits.bias is gate.wg.bias
     assert [n for n, _ in gate.named_parameters()] == ["wg.weight", "wg.bias"]
-    assert not hasattr(gate, "expert_bias")
+    assert not hasattr(gate, "selection_bias")
     assert [n for n, _ in block.local_experts().named_parameters()] == [
         f"{p}_proj.{w}" for p in ("gate_up", "down") for w in ("weight", "bias")]
 
@@ -358,17 +358,17 @@ def test_aux_loss_free_balancing_moves_the_correction_bias(case):
     ids_BT = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
     (name, block), = hf.converted_blocks(converted)
     gate = block.moe.deepspeed_moe.gate
-    before_E = gate.expert_bias.clone()
+    before_E = gate.selection_bias.clone()
     ref, got = run(original, ids_BT), run(converted, ids_BT)
     assert max_diff(ref.logits, got.logits) < ATOL
     load_E = block.moe.deepspeed_moe.exp_counts.float()
     assert load_E.sum() == B * T * overrides.get("num_experts_per_tok", 2)
     expected_E = before_E + rate * torch.sign(load_E.mean() - load_E)
-    assert torch.equal(gate.expert_bias, expected_E) and not torch.equal(expected_E, before_E)
+    assert torch.equal(gate.selection_bias, expected_E) and not torch.equal(expected_E, before_E)
     converted.eval()
     with torch.no_grad():
         converted(input_ids=ids_BT)
-    assert torch.equal(gate.expert_bias, expected_E)
+    assert torch.equal(gate.selection_bias, expected_E)
     assert torch.equal(hf.export_state_dict(converted)[f"{name}.gate.e_score_correction_bias"], expected_E)
 
 
@@ -376,9 +376,9 @@ def test_balancing_off_by_default_leaves_the_bias():
     model_type, overrides = CASES["deepseek_v3"]
     converted = hf.convert(tiny_model(model_type, **overrides))
     gate = hf.converted_blocks(converted)[0][1].moe.deepspeed_moe.gate
-    before_E = gate.expert_bias.clone()
+    before_E = gate.selection_bias.clone()
     run(converted, torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(1)))
-    assert torch.equal(gate.expert_bias, before_E)
+    assert torch.equal(gate.selection_bias, before_E)
 
 
 def test_unsupported_model_type_names_the_supported_ones():

@@ -61,7 +61,7 @@ def test_router_and_experts_reach_the_layer(case):
         opts = gate.options
         assert (opts.routing_rule, opts.router_bias, opts.expert_bias, opts.capacity_mode) == (
             "topk_softmax", False, False, "tutel")
-        assert [n for n, _ in gate.named_parameters()] == ["wg.weight"] and not hasattr(gate, "expert_bias")
+        assert [n for n, _ in gate.named_parameters()] == ["wg.weight"] and not hasattr(gate, "selection_bias")
         assert gate.k == hf_block.router.top_k == 2 and block.moe.num_experts == hf_block.router.num_experts == 8
         assert torch.equal(block.router_weight, hf_block.router.weight)
         router = block.router_logits

@@ -191,13 +191,13 @@ def _check_balancing(rank: int, world_size: int) -> Dict[str, float]:
     converted = hf.convert(_tiny_model(model_type, 0, **overrides), ep_size=world_size, expert_bias=True,
                            expert_bias_rate=rate)
     (_, block), = hf.converted_blocks(converted)
-    before_E = block.moe.deepspeed_moe.gate.expert_bias.clone()
+    before_E = block.moe.deepspeed_moe.gate.selection_bias.clone()
     T = 8 + 4 * rank
     _run(converted, torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(200 + rank)))
     load_E = block.moe.deepspeed_moe.exp_counts.float()  # this rank's tokens
     dist.all_reduce(load_E)
     expected_E = before_E + rate * torch.sign(load_E.mean() - load_E)
-    bias_E = block.moe.deepspeed_moe.gate.expert_bias
+    bias_E = block.moe.deepspeed_moe.gate.selection_bias
     everyone_W = [torch.empty_like(bias_E) for _ in range(world_size)]
     dist.all_gather(everyone_W, bias_E)
     return {"bias": _diff(bias_E, expected_E) + float(torch.equal(expected_E, before_E)),

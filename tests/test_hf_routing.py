@@ -271,7 +271,7 @@ def test_a_rule_never_goes_through_the_backend_router():
     x_SM = torch.randn(10, M)
     routing, _ = gate(x_SM, tutel_router=backend_router)
     params = rules.RuleParams.of(gate.options, gate.training)
-    expected = rules.choose("sigmoid_group_topk", gate.logits(x_SM), 2, params, gate.expert_bias)
+    expected = rules.choose("sigmoid_group_topk", gate.logits(x_SM), 2, params, gate.selection_bias)
     assert torch.equal(routing.indices_SK, expected.indices_SK) and torch.equal(routing.gates_SK, expected.gates_SK)
     with pytest.raises(AssertionError, match="backend"):
         Gate(M, 8, 2, options=RouterOptions(capacity_mode="tutel"))(x_SM, tutel_router=backend_router)
@@ -295,16 +295,16 @@ def test_router_bias_is_part_of_the_logits():
 
 def test_group_rule_always_has_its_selection_bias_but_moves_it_only_when_asked():
     gate = _rule_gate(routing_rule="sigmoid_group_topk", n_group=2, topk_group=1)
-    assert torch.equal(gate.expert_bias, torch.zeros(8))
+    assert torch.equal(gate.selection_bias, torch.zeros(8))
     gate.train()
     gate(torch.randn(12, M))
-    assert torch.equal(gate.expert_bias, torch.zeros(8))
+    assert torch.equal(gate.selection_bias, torch.zeros(8))
 
     gate = _rule_gate(routing_rule="sigmoid_group_topk", n_group=2, topk_group=1, expert_bias=True,
                       expert_bias_rate=0.5)
     routing, _ = gate(torch.randn(12, M))
     load_E = routing.counts_E.float()
-    assert torch.equal(gate.expert_bias, 0.5 * torch.sign(load_E.mean() - load_E))
+    assert torch.equal(gate.selection_bias, 0.5 * torch.sign(load_E.mean() - load_E))
 
 
 def test_checkpoint_recomputation_moves_no_bias():
@@ -321,10 +321,10 @@ def test_checkpoint_recomputation_moves_no_bias():
         return (gates_SK * torch.sin(2 * x_SM[:, :2])).sum()
 
     loss = checkpoint(gates_sum, x_SM, use_reentrant=False)
-    after_forward_E = gate.expert_bias.clone()
+    after_forward_E = gate.selection_bias.clone()
     assert not torch.equal(after_forward_E, torch.zeros(8))
     loss.backward()
-    assert torch.equal(gate.expert_bias, after_forward_E) and x_SM.grad is not None
+    assert torch.equal(gate.selection_bias, after_forward_E) and x_SM.grad is not None
 
 
 def test_public_route_takes_a_rule():
@@ -381,7 +381,7 @@ def test_the_layer_and_its_json_section_take_the_rule_options():
     layer(x_SM)
     gate = layer.deepspeed_moe.gate
     params = rules.RuleParams.of(gate.options, gate.training)
-    expected = rules.choose("sigmoid_group_topk", gate.logits(x_SM), 2, params, gate.expert_bias)
+    expected = rules.choose("sigmoid_group_topk", gate.logits(x_SM), 2, params, gate.selection_bias)
     routing = layer.deepspeed_moe.last_routing
     assert torch.equal(routing.indices_SK, expected.indices_SK)
     assert torch.allclose(routing.gates_SK, expected.gates_SK.detach(), atol=ATOL)

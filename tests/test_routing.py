@@ -1,4 +1,5 @@
 """Properties of ds_tutel.route and the Tutel routing features of the layer (issue: Tutel routing)."""
+import dataclasses
 import math
 
 import pytest
@@ -168,12 +169,34 @@ def test_expert_bias_moves_load_toward_balance():
         layer(x)
         imbalance.append(layer.routing_stats().imbalance)
     assert imbalance[0] > 2.0 and imbalance[-1] < 0.6 * imbalance[0]
-    bias = layer.deepspeed_moe.gate.expert_bias
+    bias = layer.deepspeed_moe.gate.selection_bias
     assert bias[0] < 0 and bool((bias[1:] > bias[0]).all())
     # The bias only steers selection: gates are still the unbiased softmax values of the chosen experts.
     r = layer.deepspeed_moe.last_routing
     torch.testing.assert_close(r.gates_SK, r.probs_SE.gather(1, r.indices_SK))
     assert not torch.equal(r.indices_SK[:, 0], r.probs_SE.argmax(dim=1))
+
+
+def test_selection_bias_stays_out_of_deepspeeds_expert_keys_and_loads_under_its_old_name():
+    """DeepSpeed's engine files every MoE state-dict key holding "expert" as an expert's (and cannot save one that
+    sits in no expert): every such key of a layer with all the gate's extras is an expert's. A state dict from
+    when the bias buffer was `expert_bias` loads into `selection_bias`."""
+    import re
+
+    layer = _layer(k=2, capacity_mode="tutel", expert_bias=True)
+    layer.deepspeed_moe.gate.configure(dataclasses.replace(layer.deepspeed_moe.gate.options, router_bias=True))
+    state = layer.state_dict()
+    assert "deepspeed_moe.gate.selection_bias" in state
+    for key in state:  # as the engine sees them: under the layer's module name
+        if "expert" in key and "moe.gate.wg.weight" not in key:
+            assert re.match(r".*\.deepspeed_moe\.experts\.deepspeed_experts\.[0-9]+\.", "moe." + key), key
+    with torch.no_grad():
+        state["deepspeed_moe.gate.selection_bias"] = torch.arange(4.0)
+    old = {("deepspeed_moe.gate.expert_bias" if k.endswith("selection_bias") else k): v for k, v in state.items()}
+    fresh = _layer(k=2, capacity_mode="tutel", expert_bias=True)
+    fresh.deepspeed_moe.gate.configure(dataclasses.replace(fresh.deepspeed_moe.gate.options, router_bias=True))
+    fresh.load_state_dict(old, strict=True)
+    assert torch.equal(fresh.deepspeed_moe.gate.selection_bias, torch.arange(4.0))
 
 
 def test_router_is_fp32_for_every_model_dtype():

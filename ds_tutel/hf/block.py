@@ -97,9 +97,9 @@ class RouterLogits(HFClassStandIn):
 
     @property
     def e_score_correction_bias(self) -> torch.Tensor:
-        if not hasattr(self._gate, "expert_bias"):
+        if not hasattr(self._gate, "selection_bias"):
             raise AttributeError("this router has no selection bias")
-        return self._gate.expert_bias
+        return self._gate.selection_bias
 
     def extra_repr(self) -> str:  # not the HF router's (a Linear's reads attributes this has not)
         return f"router logits at output {self.output_index}"
@@ -251,7 +251,7 @@ class HFMoEBlock(HFClassStandIn):
         if spec.router_bias:
             out[f"{spec.router}.bias"] = pick(gate.wg.bias)
         if spec.selection_bias is not None and buffers:
-            out[f"{spec.router}.{spec.selection_bias}"] = gate.expert_bias.detach().clone()
+            out[f"{spec.router}.{spec.selection_bias}"] = gate.selection_bias.detach().clone()
         local = self.local_experts()
         stacked = {name: pick(param) for name, param in local.named_parameters()}
         device = local.gate_up_proj.weight.device

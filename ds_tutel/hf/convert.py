@@ -134,7 +134,7 @@ def convert_block(spec: BlockSpec, block: nn.Module, ep_size: int, options: Dict
     moe.to(device=router.weight.device)  # anything else the layer holds (buffers)
     if spec.selection_bias is not None:
         with torch.no_grad():
-            gate.expert_bias.copy_(getattr(router, spec.selection_bias))
+            gate.selection_bias.copy_(getattr(router, spec.selection_bias))
     attributes = {name: getattr(router, name) for name in ROUTER_ATTRIBUTES if hasattr(router, name)}
     # A plain Linear router (transformers 4) is not what any recorder looks for: its stand-in needs no HF class.
     logits = router_logits_class(None if type(router) is nn.Linear else type(router))(

@@ -40,7 +40,7 @@ class BlockSpec:
       ("n_group", "num_group"); where the router has no such attribute, the one named as the option.
     router_bias: whether the router has a bias (GPT-OSS), kept as `deepspeed_moe.gate.wg.bias`.
     selection_bias: the name of the router's buffer holding a per-expert bias used for selection only
-      (DeepSeek-V3's e_score_correction_bias), kept as the gate's `expert_bias` buffer.
+      (DeepSeek-V3's e_score_correction_bias), kept as the gate's `selection_bias` buffer.
     expert_form: the experts' fused layout and function, a key of layouts.EXPERT_FORMS.
     returns_router_scores: the block returns (hidden_states, router_scores) rather than hidden_states (GPT-OSS;
       its decoder layer discards the scores).

@@ -7,7 +7,7 @@ Shape legend: S tokens, M model dim, E experts, K choices per token, C capacity.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -105,11 +105,15 @@ class Gate(nn.Module):
         self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
         self.options = RouterOptions()
         self.configure(options or self.options)
+        self._register_load_state_dict_pre_hook(_renamed_selection_bias)
 
     def configure(self, options: RouterOptions) -> None:
         """Takes `options` as this gate's routing options, adding what they need: a bias of `wg` (router_bias, zero
-        where new), the selection bias buffer `expert_bias` (zero where new). Neither is ever removed. Call it
-        before the gate is handed to an optimizer or engine (a new bias is a new parameter)."""
+        where new), the selection bias buffer `selection_bias` (zero where new). Neither is ever removed. Call it
+        before the gate is handed to an optimizer or engine (a new bias is a new parameter).
+
+        The buffer's name holds no "expert": DeepSpeed's engine takes every MoE state-dict key that does for an
+        expert's, and fails to save a checkpoint on one that sits in no expert."""
         if options.routing_rule == "sigmoid_group_topk":
             check_expert_groups(self.num_experts, self.k, options.n_group, options.topk_group)
         if options.routing_rule == "sparsemixer" and self.k != 2:
@@ -117,8 +121,8 @@ class Gate(nn.Module):
         weight = self.wg.weight
         if options.router_bias and self.wg.bias is None:
             self.wg.bias = nn.Parameter(torch.zeros(self.num_experts, device=weight.device, dtype=weight.dtype))
-        if options.has_selection_bias and not hasattr(self, "expert_bias"):
-            self.register_buffer("expert_bias", torch.zeros(self.num_experts, device=weight.device))
+        if options.has_selection_bias and not hasattr(self, "selection_bias"):
+            self.register_buffer("selection_bias", torch.zeros(self.num_experts, device=weight.device))
         self.options = options
 
 
@@ -215,7 +219,7 @@ class Gate(nn.Module):
                 if opts.routing_rule == "sigmoid_group_topk" and k != self.k:
                     check_expert_groups(self.num_experts, k, opts.n_group, opts.topk_group)
                 choices = rules.choose(opts.routing_rule, logits_SE, k, rules.RuleParams.of(opts, self.training),
-                                       getattr(self, "expert_bias", None),
+                                       getattr(self, "selection_bias", None),
                                        None if noisy_SE is logits_SE else noisy_SE)
                 routing = route_tutel(logits_SE, k=k, capacity_factor=capacity_factor,
                                       min_capacity=self.min_capacity,
@@ -226,7 +230,7 @@ class Gate(nn.Module):
                 if noisy_SE is not logits_SE or opts.expert_bias:
                     scores_SE = router_softmax(noisy_SE)
                     if opts.expert_bias:
-                        scores_SE = scores_SE + self.expert_bias
+                        scores_SE = scores_SE + self.selection_bias
                 routing = tutel_router(logits_SE, k=k, capacity_factor=capacity_factor,
                                       min_capacity=self.min_capacity,
                                       batch_prioritized_routing=opts.batch_prioritized_routing,
@@ -253,7 +257,13 @@ class Gate(nn.Module):
         load_E = counts_E.float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load_E)
-        self.expert_bias += self.options.expert_bias_rate * torch.sign(load_E.mean() - load_E)
+        self.selection_bias += self.options.expert_bias_rate * torch.sign(load_E.mean() - load_E)
+
+
+def _renamed_selection_bias(state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Loads a state dict saved when the selection bias buffer was called `expert_bias`."""
+    if prefix + "expert_bias" in state_dict and prefix + "selection_bias" not in state_dict:
+        state_dict[prefix + "selection_bias"] = state_dict.pop(prefix + "expert_bias")
 
 
 def _recomputing() -> bool:

@@ -20,8 +20,9 @@ from torch import nn
 
 from .model import check_parallel_layout
 
-# Per model type: the transformers config fields of a tiny model (2 layers, hidden 64, 4 experts, top-2) whose
-# steps take milliseconds on a CPU; --model KEY=VALUE overrides any of them (or any other config field).
+# Per model type (every type ds_tutel.hf converts): the transformers config fields of a tiny model (2 layers,
+# hidden 64, 4 experts, top-2) whose steps take milliseconds on a CPU; --model KEY=VALUE overrides any of them (or
+# any other config field).
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
               tie_word_embeddings=False)
@@ -30,6 +31,16 @@ HF_PRESETS: Dict[str, Dict[str, Any]] = {
     "mixtral": dict(COMMON, num_local_experts=4),
     "olmoe": dict(COMMON, num_experts=4),
     "qwen2_moe": dict(COMMON, num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=64),
+    # 2 groups of 2 experts, the best group; the first layer dense. DeepSeek-V3's latent attention, tiny.
+    "deepseek_v3": dict(COMMON, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, n_group=2,
+                        topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16),
+    "glm4_moe": dict(COMMON, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, n_group=2,
+                     topk_group=1, first_k_dense_replace=1),
+    "gpt_oss": dict(COMMON, num_local_experts=4, head_dim=16),
+    "granitemoe": dict(COMMON, num_local_experts=4),
+    "granitemoeshared": dict(COMMON, num_local_experts=4, shared_intermediate_size=64),
+    "phimoe": dict(COMMON, num_local_experts=4),
 }
 JOB_FIELDS = ("seq_len", "ep_size")  # --model keys that belong to the job, not to the HF config
 
@@ -68,7 +79,10 @@ class HFJobConfig:
     @property
     def num_experts(self) -> int:
         config = self.hf_config()
-        return int(getattr(config, "num_experts", None) or config.num_local_experts)
+        for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if getattr(config, name, None):
+                return int(getattr(config, name))
+        raise ValueError(f"--hf {self.model_type}: the config names no expert count")
 
     def resolved(self, world_size: int) -> "HFJobConfig":
         """ep_size fixed for a job of `world_size` ranks, checked to divide evenly."""
@@ -129,9 +143,12 @@ class HFLanguageModel(nn.Module):
         return [block.moe for _, block in converted_blocks(self.hf)]
 
     def forward(self, idx_BT: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits_BTV, the model's load-balancing loss; 0 in eval mode)."""
+        """Returns (logits_BTV, the model's load-balancing loss; 0 in eval mode, and for models without one:
+        DeepSeek-V3 and GLM-4-MoE balance through their correction bias, Granite-MoE records no router logits)."""
         if idx_BT.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence length {idx_BT.shape[1]} exceeds the model's seq_len {self.cfg.seq_len}")
         out = self.hf(input_ids=idx_BT, output_router_logits=self.training, use_cache=False)
-        aux = out.aux_loss if self.training and out.aux_loss is not None else out.logits.new_zeros(())
+        aux = getattr(out, "aux_loss", None) if self.training else None
+        if not isinstance(aux, torch.Tensor):
+            aux = out.logits.new_zeros(())
         return out.logits, aux.float()
